@@ -1,0 +1,353 @@
+//! REPLAY: range replays, single-event replays, and the catch-up reads a
+//! lagging live subscriber falls back on.
+//!
+//! A range replay runs on a blocking thread in two passes over the same
+//! snapshot: the first counts matching events up to LIMIT (so the header's
+//! COUNT is exact), the second encodes them into chunks and hands them to
+//! the connection through a small bounded channel. A reader that stops
+//! reading stalls only its own replay thread, and a replay holds at most
+//! `REPLAY_CHUNKS_AHEAD` chunks in memory whatever its size.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use ensync_protocol::command::{Replay, ReplayEvent};
+use ensync_protocol::field::{ClientId, Limit, Pattern};
+use ensync_protocol::{ErrorCode, Marks, Pass, ReplayInfo, Reply};
+use tokio::sync::{mpsc, oneshot};
+use tracing::error;
+
+use super::{now_ms, Engine};
+use crate::config::{REPLAY_CHUNKS_AHEAD, REPLAY_CHUNK_BYTES};
+use crate::store::{EventLog, EventView, Resolved, Side, StoreError, Subscription};
+
+/// Encoded record lines, or why the stream broke off.
+pub type Chunk = Result<Bytes, String>;
+
+/// A replay's header and the records that follow it.
+#[derive(Debug)]
+pub struct ReplayStream {
+    /// `+PASS:REPLAY_STARTED...` or the `-FAIL` that ends the replay.
+    pub header: Reply,
+    /// Exactly COUNT records, in chunks, after a successful header.
+    pub chunks: Option<mpsc::Receiver<Chunk>>,
+}
+
+impl ReplayStream {
+    fn refused(header: Reply) -> Self {
+        Self {
+            header,
+            chunks: None,
+        }
+    }
+}
+
+fn internal(e: &StoreError) -> Reply {
+    error!(error = %e, "replay failed in the store");
+    Reply::fail(
+        ErrorCode::Internal,
+        "the event log could not be read; see the server log",
+    )
+}
+
+fn invalid_position() -> Reply {
+    Reply::fail(
+        ErrorCode::InvalidPosition,
+        "Invalid or expired position marker",
+    )
+}
+
+/// Accumulates record lines and hands them to the connection in chunks.
+struct ChunkWriter {
+    buf: BytesMut,
+    tx: mpsc::Sender<Chunk>,
+}
+
+impl ChunkWriter {
+    fn new(tx: mpsc::Sender<Chunk>) -> Self {
+        Self {
+            buf: BytesMut::with_capacity(REPLAY_CHUNK_BYTES * 2),
+            tx,
+        }
+    }
+
+    /// Writes one record; breaks when the connection has gone away.
+    fn write(&mut self, event: &EventView<'_>, marks: &Marks) -> ControlFlow<()> {
+        event.record.write_line(&mut self.buf, marks);
+        if self.buf.len() >= REPLAY_CHUNK_BYTES {
+            return self.send();
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn send(&mut self) -> ControlFlow<()> {
+        let chunk = std::mem::replace(
+            &mut self.buf,
+            BytesMut::with_capacity(REPLAY_CHUNK_BYTES * 2),
+        );
+        match self.tx.blocking_send(Ok(chunk.freeze())) {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(_) => ControlFlow::Break(()),
+        }
+    }
+
+    fn finish(mut self) {
+        if !self.buf.is_empty() {
+            let _ = self.send();
+        }
+    }
+
+    fn fail(self, message: String) {
+        let _ = self.tx.blocking_send(Err(message));
+    }
+}
+
+/// The request as the replay thread needs it.
+struct RangeJob {
+    pattern: Pattern,
+    from: ensync_protocol::field::Position,
+    to: Option<ensync_protocol::field::Position>,
+    snapshot: u64,
+    limit: u64,
+    identities: Vec<String>,
+    marks: Marks,
+}
+
+/// Starts a range replay for `client`.
+pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStream {
+    let max = engine.config.max_replay_limit;
+    let limit = req.limit.unwrap_or(Limit::DEFAULT).get();
+    if limit > max {
+        return ReplayStream::refused(Reply::fail(
+            ErrorCode::InvalidParameters,
+            format!("LIMIT must be an integer from 1 to {max}"),
+        ));
+    }
+    if req.only_unacked == Some(true) {
+        return ReplayStream::refused(Reply::fail(
+            ErrorCode::NotImplemented,
+            "ONLY_UNACKED=true needs acknowledgement tracking, which this release does not have yet",
+        ));
+    }
+    if !engine.subs.covers(client, &req.event_name) {
+        return ReplayStream::refused(not_subscribed(client, &req.event_name));
+    }
+    let job = RangeJob {
+        snapshot: engine.commit.head(),
+        limit: u64::from(limit),
+        identities: engine.identities(client),
+        marks: Marks {
+            include_payload: req.include_payloads.unwrap_or(true),
+            replay: Some(ReplayInfo {
+                replay_timestamp: now_ms(),
+                was_acknowledged: false,
+            }),
+        },
+        pattern: req.event_name.clone(),
+        from: req.from_position,
+        to: req.to_position,
+    };
+    let (header_tx, header_rx) = oneshot::channel();
+    let (tx, rx) = mpsc::channel(REPLAY_CHUNKS_AHEAD);
+    let store = Arc::clone(&engine.store);
+    engine
+        .tracker
+        .spawn_blocking(move || run_range(store.as_ref(), &job, header_tx, tx));
+    match header_rx.await {
+        Ok(Ok(count)) => ReplayStream {
+            header: Reply::Pass(Pass::ReplayStarted {
+                event_name: req.event_name.to_string(),
+                count,
+            }),
+            chunks: (count > 0).then_some(rx),
+        },
+        Ok(Err(reply)) => ReplayStream::refused(reply),
+        Err(_) => ReplayStream::refused(Reply::fail(
+            ErrorCode::Internal,
+            "the replay stopped before it started; see the server log",
+        )),
+    }
+}
+
+fn not_subscribed(client: &ClientId, pattern: &Pattern) -> Reply {
+    Reply::fail(
+        ErrorCode::NotSubscribed,
+        format!("{client} has no subscription covering {pattern} (subscribe with SUB first)"),
+    )
+}
+
+/// The first and last sequence numbers a replay covers, or the reply that
+/// refuses it.
+fn bounds(store: &dyn EventLog, job: &RangeJob) -> Result<Option<(u64, u64)>, Reply> {
+    let start = match store.resolve(&job.from, Side::Start) {
+        Ok(Ok(Resolved::Seq(seq))) => seq,
+        Ok(Ok(Resolved::Nothing)) => return Ok(None),
+        Ok(Err(_)) => return Err(invalid_position()),
+        Err(e) => return Err(internal(&e)),
+    };
+    let end = match &job.to {
+        None => job.snapshot,
+        Some(to) => match store.resolve(to, Side::End) {
+            Ok(Ok(Resolved::Seq(seq))) => seq.min(job.snapshot),
+            Ok(Ok(Resolved::Nothing)) => return Ok(None),
+            Ok(Err(_)) => return Err(invalid_position()),
+            Err(e) => return Err(internal(&e)),
+        },
+    };
+    Ok((start <= end).then_some((start, end)))
+}
+
+fn run_range(
+    store: &dyn EventLog,
+    job: &RangeJob,
+    header: oneshot::Sender<Result<u64, Reply>>,
+    tx: mpsc::Sender<Chunk>,
+) {
+    let (start, end) = match bounds(store, job) {
+        Ok(Some(range)) => range,
+        Ok(None) => {
+            let _ = header.send(Ok(0));
+            return;
+        }
+        Err(reply) => {
+            let _ = header.send(Err(reply));
+            return;
+        }
+    };
+    let ids: Vec<&str> = job.identities.iter().map(String::as_str).collect();
+    let (mut count, mut last) = (0u64, start);
+    let counted = store.scan(&job.pattern, start..=end, &mut |event| {
+        if event.is_addressed_to(&ids) {
+            count += 1;
+            last = event.seq;
+            if count == job.limit {
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    });
+    if let Err(e) = counted {
+        let _ = header.send(Err(internal(&e)));
+        return;
+    }
+    if header.send(Ok(count)).is_err() || count == 0 {
+        return;
+    }
+    let mut out = ChunkWriter::new(tx);
+    let mut sent = 0u64;
+    let streamed = store.scan(&job.pattern, start..=last, &mut |event| {
+        if !event.is_addressed_to(&ids) {
+            return ControlFlow::Continue(());
+        }
+        sent += 1;
+        out.write(&event, &job.marks)
+    });
+    match streamed {
+        Ok(()) if sent == count => out.finish(),
+        Ok(()) => out.fail(format!(
+            "replay found {sent} of the {count} events it announced"
+        )),
+        Err(e) => out.fail(format!("replay broke off: {e}")),
+    }
+}
+
+/// Replays one event to `client` as `+REPLAY:{record}`.
+pub async fn event(engine: &Engine, client: &ClientId, req: ReplayEvent) -> Reply {
+    let store = Arc::clone(&engine.store);
+    let id = req.event_idem.clone();
+    let found = engine
+        .tracker
+        .spawn_blocking(move || store.event(&id))
+        .await;
+    let not_found = || {
+        Reply::fail(
+            ErrorCode::NotFound,
+            format!("no event {} addressed to {client}", req.event_idem),
+        )
+    };
+    let owned = match found {
+        Ok(Ok(Some(owned))) => owned,
+        Ok(Ok(None)) => return not_found(),
+        Ok(Err(e)) => return internal(&e),
+        Err(_) => {
+            return Reply::fail(
+                ErrorCode::Internal,
+                "the event lookup failed; see the server log",
+            )
+        }
+    };
+    let view = match owned.view() {
+        Ok(view) => view,
+        Err(e) => return internal(&e),
+    };
+    let identities = engine.identities(client);
+    let ids: Vec<&str> = identities.iter().map(String::as_str).collect();
+    let name_differs = req
+        .event_name
+        .as_ref()
+        .is_some_and(|name| name.as_str() != view.name);
+    if name_differs || !view.is_addressed_to(&ids) {
+        return not_found();
+    }
+    let name: Pattern = match view.name.parse() {
+        Ok(pattern) => pattern,
+        Err(_) => return not_found(),
+    };
+    if !engine.subs.covers(client, &name) {
+        return not_subscribed(client, &name);
+    }
+    let mut buf = BytesMut::new();
+    view.record.write(
+        &mut buf,
+        &Marks {
+            include_payload: true,
+            replay: Some(ReplayInfo {
+                replay_timestamp: now_ms(),
+                was_acknowledged: false,
+            }),
+        },
+    );
+    Reply::Event(buf.freeze())
+}
+
+/// Whether `subs` deliver the event `seq` of `name` live.
+pub fn delivers(subs: &[Subscription], name: &str, seq: u64) -> bool {
+    subs.iter()
+        .any(|s| seq > s.since && s.pattern.matches(name))
+}
+
+/// Streams, as live records, the events after `after` up to `until` that
+/// `client`'s subscriptions deliver: for a live subscriber that fell
+/// behind the in-memory feed.
+pub fn catch_up(
+    engine: &Engine,
+    client: &ClientId,
+    after: u64,
+    until: u64,
+) -> mpsc::Receiver<Chunk> {
+    let (tx, rx) = mpsc::channel(REPLAY_CHUNKS_AHEAD);
+    let store = Arc::clone(&engine.store);
+    let subs = engine.subs.of(client);
+    let identities = engine.identities(client);
+    engine.tracker.spawn_blocking(move || {
+        let ids: Vec<&str> = identities.iter().map(String::as_str).collect();
+        let mut out = ChunkWriter::new(tx);
+        let scanned = store.scan(
+            &Pattern::All,
+            after.saturating_add(1)..=until,
+            &mut |event| {
+                if delivers(&subs, event.name, event.seq) && event.is_addressed_to(&ids) {
+                    out.write(&event, &Marks::LIVE)
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+        );
+        match scanned {
+            Ok(()) => out.finish(),
+            Err(e) => out.fail(format!("catch-up broke off: {e}")),
+        }
+    });
+    rx
+}
