@@ -24,11 +24,18 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const MAX_IN_FLIGHT: usize = 1024;
 /// Publishes and subscription changes waiting for the commit thread.
 pub const COMMIT_QUEUE: usize = 16 * 1024;
+/// Bytes of events waiting for the commit thread, across all connections.
+/// Publishers past it wait (and so stop reading their sockets): this, not
+/// the number of connections, bounds what pending publishes hold.
+pub const COMMIT_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 /// Most operations in one group commit.
 pub const MAX_COMMIT_BATCH: usize = 4096;
+/// Most event bytes in one group commit; one batch is one live-feed entry.
+pub const MAX_COMMIT_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Committed batches kept for live delivery; a connection that falls
-/// further behind catches up from the store instead.
-pub const LIVE_BATCHES: usize = 64;
+/// further behind catches up from the store instead. With
+/// `MAX_COMMIT_BATCH_BYTES` this bounds the feed at about 64 MiB.
+pub const LIVE_BATCHES: usize = 16;
 /// Bytes a replay encodes before handing a chunk to the connection.
 pub const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
 /// Chunks a replay may have encoded ahead of the socket: with

@@ -60,7 +60,8 @@ fn payload() -> impl Strategy<Value = String> {
     prop_oneof![
         // Only objects and arrays are bracket-matched: a bare JSON string
         // runs to the next ';' like any other value (SPEC.md, "Grammar").
-        json_text().prop_filter("a bare JSON string holds no ';'", |j| !(j.starts_with('"') && j.contains(';'))),
+        json_text().prop_filter("a bare JSON string holds no ';'", |j| !(j.starts_with('"')
+            && j.contains(';'))),
         prop::collection::vec(any::<u8>(), 1..48)
             .prop_map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
     ]

@@ -10,11 +10,13 @@
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{error, info};
 
 use super::subs::Registry;
-use crate::config::{COMMIT_QUEUE, LIVE_BATCHES, MAX_COMMIT_BATCH};
+use crate::config::{
+    COMMIT_BYTES_IN_FLIGHT, COMMIT_QUEUE, LIVE_BATCHES, MAX_COMMIT_BATCH, MAX_COMMIT_BATCH_BYTES,
+};
 use crate::store::{Appended, Applied, EventLog, WriteOp};
 
 /// What an operation comes back with: its result, or why the store failed.
@@ -26,6 +28,9 @@ pub type LiveBatch = Arc<[Appended]>;
 struct Job {
     op: WriteOp,
     done: oneshot::Sender<Committed>,
+    /// This job's share of `COMMIT_BYTES_IN_FLIGHT`, given back once it is
+    /// committed.
+    budget: OwnedSemaphorePermit,
 }
 
 /// The handle connections commit through.
@@ -34,6 +39,7 @@ pub struct Committer {
     queue: mpsc::Sender<Option<Job>>,
     head: watch::Receiver<u64>,
     live: broadcast::Sender<LiveBatch>,
+    budget: Arc<Semaphore>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -59,6 +65,7 @@ impl Committer {
             queue,
             head,
             live,
+            budget: Arc::new(Semaphore::new(COMMIT_BYTES_IN_FLIGHT)),
             thread: std::sync::Mutex::new(Some(thread)),
         })
     }
@@ -68,9 +75,15 @@ impl Committer {
     /// # Errors
     /// [`Stopped`] when the commit thread is gone.
     pub async fn submit(&self, op: WriteOp) -> Result<oneshot::Receiver<Committed>, Stopped> {
+        let weight = op.weight().min(COMMIT_BYTES_IN_FLIGHT);
+        let weight = u32::try_from(weight).expect("the budget fits in u32");
+        let budget = Arc::clone(&self.budget)
+            .acquire_many_owned(weight)
+            .await
+            .map_err(|_| Stopped)?;
         let (done, rx) = oneshot::channel();
         self.queue
-            .send(Some(Job { op, done }))
+            .send(Some(Job { op, done, budget }))
             .await
             .map_err(|_| Stopped)?;
         Ok(rx)
@@ -114,18 +127,18 @@ fn run(
     let mut waiters = Vec::with_capacity(MAX_COMMIT_BATCH);
     let mut stopping = false;
     while !stopping {
-        match jobs.blocking_recv().flatten() {
-            Some(first) => {
-                ops.push(first.op);
-                waiters.push(first.done);
-            }
-            None => break,
-        }
-        while ops.len() < MAX_COMMIT_BATCH {
+        let Some(first) = jobs.blocking_recv().flatten() else {
+            break;
+        };
+        let mut bytes = first.op.weight();
+        ops.push(first.op);
+        waiters.push((first.done, first.budget));
+        while ops.len() < MAX_COMMIT_BATCH && bytes < MAX_COMMIT_BATCH_BYTES {
             match jobs.try_recv() {
                 Ok(Some(job)) => {
+                    bytes += job.op.weight();
                     ops.push(job.op);
-                    waiters.push(job.done);
+                    waiters.push((job.done, job.budget));
                 }
                 Ok(None) => {
                     stopping = true;
@@ -153,13 +166,13 @@ fn run(
                         let _ = live.send(events.into());
                     }
                 }
-                for (done, item) in waiters.drain(..).zip(applied) {
+                for ((done, _budget), item) in waiters.drain(..).zip(applied) {
                     let _ = done.send(Ok(item));
                 }
             }
             Err(e) => {
                 error!(error = %e, "commit failed; its operations are answered with an error");
-                for done in waiters.drain(..) {
+                for (done, _budget) in waiters.drain(..) {
                     let _ = done.send(Err(e.to_string()));
                 }
             }

@@ -55,6 +55,21 @@ pub enum WriteOp {
     },
 }
 
+impl WriteOp {
+    /// Roughly the bytes this operation holds while it waits.
+    pub fn weight(&self) -> usize {
+        match self {
+            WriteOp::Publish(event) => {
+                128 + event.payload.as_str().len()
+                    + event.metadata.as_ref().map_or(0, |m| m.as_str().len())
+                    + event.name.as_str().len()
+                    + event.recipients.len() * 32
+            }
+            WriteOp::Subscribe { .. } => 128,
+        }
+    }
+}
+
 /// What applying one [`WriteOp`] produced.
 #[derive(Debug, Clone)]
 pub enum Applied {

@@ -1,0 +1,115 @@
+//! A replay streams at the pace its client reads: a client that stops
+//! reading in the middle of a large replay holds up only itself, and when
+//! it reads again it gets exactly the records announced.
+
+use std::time::{Duration, Instant};
+
+mod common;
+
+use common::{start_server, Client};
+
+const EVENTS: usize = 100_000;
+
+/// Publishes `n` events in pipelined batches and checks every reply.
+async fn publish_many(client: &mut Client, id: &str, name: &str, n: usize) {
+    const BATCH: usize = 2_000;
+    let mut done = 0;
+    while done < n {
+        let batch = BATCH.min(n - done);
+        let mut bytes = Vec::with_capacity(batch * 120);
+        for i in done..done + batch {
+            bytes.extend_from_slice(
+                format!("PUB;CLIENT_ID={id};EVENT_NAME={name};PAYLOAD={{\"n\":{i},\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}};DELIVERY_TO=*\n")
+                    .as_bytes(),
+            );
+        }
+        client.send_raw(&bytes).await;
+        for _ in 0..batch {
+            let reply = client.line().await;
+            assert!(reply.starts_with("+PASS:PUBLISHED;"), "{reply}");
+        }
+        done += batch;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_reader_holds_up_only_its_own_replay() {
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = start_server(data.path()).await;
+
+    // The publisher is not subscribed, so it gets no live copies.
+    let mut publisher = server.client().await;
+    publisher.conn("loader").await;
+    publish_many(&mut publisher, "loader", "bulk/item/added", EVENTS).await;
+
+    let mut slow = server.client().await;
+    slow.conn("slow").await;
+    slow.expect(
+        "SUB;CLIENT_ID=slow;EVENT_NAME=bulk/*",
+        "+PASS:SUBSCRIBED;EVENT_NAME=bulk/*",
+    )
+    .await;
+    // Ask for everything, then read nothing: ~12 MB of records back up in
+    // the socket buffers and the server must stop producing, not buffer.
+    slow.send(&format!(
+        "REPLAY;CLIENT_ID=slow;EVENT_NAME=bulk/item/added;FROM_POSITION=earliest;LIMIT={EVENTS}"
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Meanwhile another client publishes, replays and is answered promptly.
+    let mut other = server.client().await;
+    other.conn("other").await;
+    other
+        .expect(
+            "SUB;CLIENT_ID=other;EVENT_NAME=bulk/*",
+            "+PASS:SUBSCRIBED;EVENT_NAME=bulk/*",
+        )
+        .await;
+    let started = Instant::now();
+    let published = other
+        .expect_prefix(
+            "PUB;CLIENT_ID=other;EVENT_NAME=bulk/item/added;PAYLOAD={};DELIVERY_TO=other",
+            "+PASS:PUBLISHED;",
+        )
+        .await;
+    let live = other.line().await;
+    assert!(live.starts_with("+RECORD:"), "{live}");
+    other
+        .expect(
+            "REPLAY;CLIENT_ID=other;EVENT_NAME=bulk/*;FROM_POSITION=earliest;LIMIT=3",
+            "+PASS:REPLAY_STARTED;EVENT_NAME=bulk/*;COUNT=3",
+        )
+        .await;
+    for _ in 0..3 {
+        assert!(other.line().await.starts_with("+RECORD:"));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "other clients waited {:?} behind a stalled replay",
+        started.elapsed()
+    );
+    assert!(published.contains("IDEM=evt_"));
+
+    // The stalled client now reads: the header, then exactly what it
+    // announced, in order, and nothing published after the REPLAY.
+    let header = slow.line().await;
+    assert_eq!(
+        header,
+        format!("+PASS:REPLAY_STARTED;EVENT_NAME=bulk/item/added;COUNT={EVENTS}")
+    );
+    let mut last_block = 0;
+    for i in 0..EVENTS {
+        let line = slow.line().await;
+        let record = common::parse_record(&line);
+        let block = common::block_of(&record);
+        assert!(block > last_block, "record {i} out of order");
+        assert_eq!(record["payload"]["n"], i, "record {i}");
+        last_block = block;
+    }
+    // Its reply to the next command comes right after the last record.
+    slow.expect("PING", "+PASS:PONG").await;
+
+    drop((publisher, slow, other));
+    server.stop().await;
+}
