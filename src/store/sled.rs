@@ -4,22 +4,29 @@
 //! Keys start with a table byte; numbers are big-endian so byte order is
 //! numeric order:
 //!
-//! | key                               | value                         |
-//! |-----------------------------------|-------------------------------|
-//! | `e` name `\0` seq                 | recipients + stored record    |
-//! | `s` seq                           | name (id lookups, oldest)     |
-//! | `t` loggedAt                      | first seq logged at that ms   |
-//! | `n` name                          | empty (the names in the log)  |
-//! | `u` client `\0` pattern           | `since` seq                   |
-//! | `m` `epoch`                       | store epoch (`u32`)           |
+//! | key                         | value                                    |
+//! |-----------------------------|------------------------------------------|
+//! | `e` name `\0` first seq     | chunk: events of one name, in seq order  |
+//! | `b` first seq               | the commit's chunks: (first seq, name)*  |
+//! | `t` loggedAt                | first seq logged at that millisecond     |
+//! | `n` name                    | empty (the names in the log)             |
+//! | `u` client `\0` pattern     | `since` seq                              |
+//! | `m` `epoch` / `m` `last`    | store epoch (`u32`) / last seq (`u64`)   |
 //!
-//! Events of one name are contiguous and in sequence order, so a replay of
-//! a name is one seek and an in-order scan; a pattern merges the scans of
-//! its names. `loggedAt` never decreases along the log, which makes the
-//! `t` table a seek from any timestamp to a sequence number.
+//! A group commit stores its events of one name as one chunk (split at
+//! `MAX_CHUNK_BYTES`): sled copies a leaf on every insert, so one insert
+//! per name per commit instead of one per event is what lets ingest keep
+//! up, and a scan reads many records per value. A chunk is a run of
+//! entries `seq: u64 BE, len: u32 LE, value`, where value is the encoded
+//! recipients followed by the stored record.
+//!
+//! A replay of a name seeks to the chunk holding its start and reads
+//! forward; a pattern merges the scans of its names by seq. `loggedAt`
+//! never decreases along the log, which makes the `t` table a seek from any
+//! timestamp to a seq; the `b` table finds the chunk holding any seq.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashSet};
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::ops::{ControlFlow, RangeInclusive};
 use std::path::Path;
 use std::sync::Mutex;
@@ -34,12 +41,19 @@ use super::{
     StoreError, Subscription, UnknownPosition, WriteOp,
 };
 
-const EVENT: u8 = b'e';
-const SEQ: u8 = b's';
+const CHUNK: u8 = b'e';
+const COMMIT: u8 = b'b';
 const TIME: u8 = b't';
 const NAME: u8 = b'n';
 const SUB: u8 = b'u';
 const EPOCH_KEY: &[u8] = b"mepoch";
+const LAST_KEY: &[u8] = b"mlast";
+/// A chunk is closed once it holds this many bytes: large enough that a
+/// scan reads many records per value, small enough that finding one event
+/// in it (by id) stays cheap.
+const MAX_CHUNK_BYTES: usize = 64 * 1024;
+/// Bytes before each value in a chunk: seq and length.
+const ENTRY_HEAD: usize = 12;
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -64,12 +78,12 @@ pub struct SledLog {
     tail: Mutex<Tail>,
 }
 
-fn event_key(name: &str, seq: u64) -> Vec<u8> {
+fn chunk_key(name: &str, first_seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(name.len() + 10);
-    key.push(EVENT);
+    key.push(CHUNK);
     key.extend_from_slice(name.as_bytes());
     key.push(0);
-    key.extend_from_slice(&seq.to_be_bytes());
+    key.extend_from_slice(&first_seq.to_be_bytes());
     key
 }
 
@@ -90,6 +104,42 @@ fn utf8(bytes: &[u8]) -> Result<&str> {
     std::str::from_utf8(bytes).map_err(|_| StoreError::Damaged("a name is not UTF-8".into()))
 }
 
+/// The entry of `chunk` at `pos`: its seq, its value, and where the next
+/// entry starts.
+fn entry_at(chunk: &[u8], pos: usize) -> Result<(u64, &[u8], usize)> {
+    let damaged = || StoreError::Damaged(format!("chunk entry at byte {pos} is cut short"));
+    let head = chunk.get(pos..pos + ENTRY_HEAD).ok_or_else(damaged)?;
+    let seq = be_u64(&head[..8])?;
+    let len = u32::from_le_bytes(head[8..].try_into().map_err(|_| damaged())?) as usize;
+    let start = pos + ENTRY_HEAD;
+    let value = chunk.get(start..start + len).ok_or_else(damaged)?;
+    Ok((seq, value, start + len))
+}
+
+fn put_entry(chunk: &mut Vec<u8>, seq: u64, value: &[u8]) {
+    chunk.extend_from_slice(&seq.to_be_bytes());
+    // Values are bounded by the line length limit, far below 4 GiB.
+    let len = u32::try_from(value.len()).unwrap_or(u32::MAX);
+    chunk.extend_from_slice(&len.to_le_bytes());
+    chunk.extend_from_slice(value);
+}
+
+/// The chunks one commit wrote: `(first seq, name)` pairs.
+fn decode_commit(value: &[u8]) -> Result<Vec<(u64, &str)>> {
+    let mut chunks = Vec::new();
+    let mut pos = 0;
+    while pos < value.len() {
+        let damaged = || StoreError::Damaged("commit index entry is cut short".into());
+        let first = be_u64(value.get(pos..pos + 8).ok_or_else(damaged)?)?;
+        let len_bytes = value.get(pos + 8..pos + 10).ok_or_else(damaged)?;
+        let len = u16::from_le_bytes([len_bytes[0], len_bytes[1]]) as usize;
+        let name = utf8(value.get(pos + 10..pos + 10 + len).ok_or_else(damaged)?)?;
+        chunks.push((first, name));
+        pos += 10 + len;
+    }
+    Ok(chunks)
+}
+
 /// A fresh store's epoch: makes ids of a wiped and recreated store differ
 /// from the old ones.
 fn new_epoch() -> u32 {
@@ -98,6 +148,123 @@ fn new_epoch() -> u32 {
         .map_or(0, |d| d.as_nanos());
     let mixed = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
     (mixed ^ (mixed >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15) as u32
+}
+
+/// One group commit's chunks, being built.
+#[derive(Default)]
+struct Chunks {
+    /// (name, first seq, entries), in the order opened.
+    built: Vec<(String, u64, Vec<u8>)>,
+    /// The open chunk of each name.
+    open: HashMap<String, usize>,
+}
+
+impl Chunks {
+    fn push(&mut self, name: &str, seq: u64, value: &[u8]) {
+        let slot = match self.open.get(name) {
+            Some(&i) if self.built[i].2.len() + value.len() <= MAX_CHUNK_BYTES => i,
+            _ => {
+                self.built
+                    .push((name.to_owned(), seq, Vec::with_capacity(4096)));
+                let i = self.built.len() - 1;
+                self.open.insert(name.to_owned(), i);
+                i
+            }
+        };
+        put_entry(&mut self.built[slot].2, seq, value);
+    }
+
+    /// Moves the chunks into `batch`, with the commit's index entry.
+    fn write(self, batch: &mut Batch) {
+        let Some(commit_first) = self.built.iter().map(|c| c.1).min() else {
+            return;
+        };
+        let mut index = Vec::new();
+        for (name, first, entries) in self.built {
+            index.extend_from_slice(&first.to_be_bytes());
+            let len = u16::try_from(name.len()).expect("names are at most 255 bytes");
+            index.extend_from_slice(&len.to_le_bytes());
+            index.extend_from_slice(name.as_bytes());
+            batch.insert(chunk_key(&name, first), entries);
+        }
+        batch.insert(&num_key(COMMIT, commit_first), index);
+    }
+}
+
+/// Reads the events of one name in seq order, chunk by chunk.
+struct Cursor<'n> {
+    name: &'n str,
+    chunks: sled::Iter,
+    chunk: IVec,
+    pos: usize,
+    start: u64,
+    end: u64,
+}
+
+impl<'n> Cursor<'n> {
+    /// A cursor at the first event of `name` with seq in `seqs`.
+    fn new(tree: &Tree, name: &'n str, seqs: &RangeInclusive<u64>) -> Result<Self> {
+        let (start, end) = (*seqs.start(), *seqs.end());
+        // The chunk holding `start` is the last one opened at or before it.
+        let from = match tree
+            .range(chunk_key(name, 0)..=chunk_key(name, start))
+            .next_back()
+        {
+            Some(entry) => entry?.0.to_vec(),
+            None => chunk_key(name, start),
+        };
+        let mut cursor = Self {
+            name,
+            chunks: tree.range(from..=chunk_key(name, end)),
+            chunk: IVec::default(),
+            pos: 0,
+            start,
+            end,
+        };
+        cursor.settle()?;
+        Ok(cursor)
+    }
+
+    /// Moves to the next entry with seq >= start, loading chunks as needed.
+    fn settle(&mut self) -> Result<()> {
+        loop {
+            while self.pos < self.chunk.len() {
+                let (seq, _, next) = entry_at(&self.chunk, self.pos)?;
+                if seq >= self.start {
+                    return Ok(());
+                }
+                self.pos = next;
+            }
+            match self.chunks.next() {
+                Some(entry) => {
+                    self.chunk = entry?.1;
+                    self.pos = 0;
+                }
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// The seq of the current entry, if one is left in range.
+    fn seq(&self) -> Result<Option<u64>> {
+        if self.pos >= self.chunk.len() {
+            return Ok(None);
+        }
+        let (seq, _, _) = entry_at(&self.chunk, self.pos)?;
+        Ok((seq <= self.end).then_some(seq))
+    }
+
+    /// Hands the current entry to `visit` and moves past it.
+    fn visit(
+        &mut self,
+        visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>> {
+        let (seq, value, next) = entry_at(&self.chunk, self.pos)?;
+        let flow = visit(EventView::decode(seq, self.name, value)?);
+        self.pos = next;
+        self.settle()?;
+        Ok(flow)
+    }
 }
 
 impl SledLog {
@@ -126,8 +293,8 @@ impl SledLog {
                 epoch
             }
         };
-        let last_seq = match tree.scan_prefix([SEQ]).next_back() {
-            Some(entry) => be_u64(&entry?.0[1..])?,
+        let last_seq = match tree.get(LAST_KEY)? {
+            Some(v) => be_u64(&v)?,
             None => 0,
         };
         let last_ts = match tree.scan_prefix([TIME]).next_back() {
@@ -154,7 +321,7 @@ impl SledLog {
         format!("evt_{:08x}{seq:016x}", self.epoch)
     }
 
-    /// The sequence number an id of this store names.
+    /// The seq an id of this store names.
     fn seq_of(&self, id: &EventId) -> Option<u64> {
         let hex = id.as_str().strip_prefix("evt_")?;
         if hex.len() != 24 {
@@ -166,10 +333,42 @@ impl SledLog {
     }
 
     fn oldest_seq(&self) -> Result<Option<u64>> {
-        match self.tree.scan_prefix([SEQ]).next() {
+        match self.tree.scan_prefix([COMMIT]).next() {
             Some(entry) => Ok(Some(be_u64(&entry?.0[1..])?)),
             None => Ok(None),
         }
+    }
+
+    /// Finds the stored event `seq`: its name and value.
+    fn locate(&self, seq: u64) -> Result<Option<(String, Vec<u8>)>> {
+        let Some(entry) = self
+            .tree
+            .range(num_key(COMMIT, 0)..=num_key(COMMIT, seq))
+            .next_back()
+        else {
+            return Ok(None);
+        };
+        let (_, index) = entry?;
+        for (first, name) in decode_commit(&index)? {
+            if first > seq {
+                continue;
+            }
+            let Some(chunk) = self.tree.get(chunk_key(name, first))? else {
+                continue;
+            };
+            let mut pos = 0;
+            while pos < chunk.len() {
+                let (at, value, next) = entry_at(&chunk, pos)?;
+                if at == seq {
+                    return Ok(Some((name.to_owned(), value.to_vec())));
+                }
+                if at > seq {
+                    break;
+                }
+                pos = next;
+            }
+        }
+        Ok(None)
     }
 
     /// The names `pattern` matches.
@@ -188,25 +387,6 @@ impl SledLog {
         }
         Ok(names)
     }
-
-    fn name_range(
-        &self,
-        name: &str,
-        seqs: &RangeInclusive<u64>,
-    ) -> impl Iterator<Item = sled::Result<(IVec, IVec)>> {
-        self.tree
-            .range(event_key(name, *seqs.start())..=event_key(name, *seqs.end()))
-    }
-}
-
-fn visit_entry(
-    name: &str,
-    entry: sled::Result<(IVec, IVec)>,
-    visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
-) -> Result<ControlFlow<()>> {
-    let (key, value) = entry?;
-    let seq = be_u64(&key[key.len() - 8..])?;
-    Ok(visit(EventView::decode(seq, name, &value)?))
 }
 
 impl EventLog for SledLog {
@@ -220,8 +400,10 @@ impl EventLog for SledLog {
     fn apply(&self, ops: &[WriteOp], now_ms: u64) -> Result<Vec<Applied>> {
         let mut tail = self.tail.lock().expect("tail lock is never poisoned");
         let (mut seq, mut ts) = (tail.last_seq, tail.last_ts);
-        let mut new_names = Vec::new();
+        let mut new_names: Vec<&str> = Vec::new();
         let mut batch = Batch::default();
+        let mut chunks = Chunks::default();
+        let mut value = Vec::new();
         let mut applied = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
@@ -234,8 +416,8 @@ impl EventLog for SledLog {
                         batch.insert(&num_key(TIME, ts), &seq.to_be_bytes());
                     }
                     let name = event.name.as_str();
-                    if !tail.names.contains(name) && !new_names.iter().any(|n: &String| n == name) {
-                        new_names.push(name.to_owned());
+                    if !tail.names.contains(name) && !new_names.contains(&name) {
+                        new_names.push(name);
                         let mut key = vec![NAME];
                         key.extend_from_slice(name.as_bytes());
                         batch.insert(key, &[]);
@@ -250,11 +432,10 @@ impl EventLog for SledLog {
                         payload: &event.payload,
                         metadata: event.metadata.as_ref(),
                     });
-                    let mut value = Vec::with_capacity(record.len() + 64);
+                    value.clear();
                     encode_recipients(&event.recipients, &mut value);
                     value.extend_from_slice(&record);
-                    batch.insert(event_key(name, seq), value);
-                    batch.insert(&num_key(SEQ, seq), name.as_bytes());
+                    chunks.push(name, seq, &value);
                     applied.push(Applied::Published(Appended {
                         seq,
                         idem,
@@ -281,9 +462,14 @@ impl EventLog for SledLog {
                 }
             }
         }
+        chunks.write(&mut batch);
+        if seq != tail.last_seq {
+            batch.insert(LAST_KEY, &seq.to_be_bytes());
+        }
         self.tree.apply_batch(batch)?;
         tail.last_seq = seq;
         tail.last_ts = ts;
+        let new_names: Vec<String> = new_names.into_iter().map(str::to_owned).collect();
         tail.names.extend(new_names);
         Ok(applied)
     }
@@ -308,7 +494,7 @@ impl EventLog for SledLog {
         let first_at_or_after = |ms: u64| -> Result<Option<u64>> {
             match self
                 .tree
-                .range(num_key(TIME, ms)..num_key(TIME, u64::MAX))
+                .range(num_key(TIME, ms)..=num_key(TIME, u64::MAX))
                 .next()
             {
                 Some(entry) => Ok(Some(be_u64(&entry?.1)?)),
@@ -333,7 +519,9 @@ impl EventLog for SledLog {
                 }
             }
             (Position::Event(id), _) => match self.seq_of(id) {
-                Some(seq) if self.tree.contains_key(num_key(SEQ, seq))? => Resolved::Seq(seq),
+                Some(seq) if (oldest..=last).contains(&seq) && self.locate(seq)?.is_some() => {
+                    Resolved::Seq(seq)
+                }
                 _ => return Ok(Err(UnknownPosition)),
             },
         };
@@ -350,34 +538,32 @@ impl EventLog for SledLog {
             return Ok(());
         }
         let names = self.names(pattern)?;
-        if let [name] = names.as_slice() {
-            for entry in self.name_range(name, &seqs) {
-                if visit_entry(name, entry, visit)?.is_break() {
+        let mut cursors = names
+            .iter()
+            .map(|name| Cursor::new(&self.tree, name, &seqs))
+            .collect::<Result<Vec<_>>>()?;
+        if let [cursor] = cursors.as_mut_slice() {
+            while cursor.seq()?.is_some() {
+                if cursor.visit(visit)?.is_break() {
                     break;
                 }
             }
             return Ok(());
         }
-        // Merge the names' runs by sequence number: a heap of each run's
-        // next entry.
-        let mut runs: Vec<_> = names.iter().map(|n| self.name_range(n, &seqs)).collect();
-        let mut heads: Vec<Option<(IVec, IVec)>> = Vec::with_capacity(runs.len());
-        let mut heap = BinaryHeap::with_capacity(runs.len());
-        for (i, run) in runs.iter_mut().enumerate() {
-            let head = run.next().transpose()?;
-            if let Some((key, _)) = &head {
-                heap.push(Reverse((be_u64(&key[key.len() - 8..])?, i)));
+        // Merge the names by seq: a heap of each cursor's next seq.
+        let mut heap = BinaryHeap::with_capacity(cursors.len());
+        for (i, cursor) in cursors.iter().enumerate() {
+            if let Some(seq) = cursor.seq()? {
+                heap.push(Reverse((seq, i)));
             }
-            heads.push(head);
         }
         while let Some(Reverse((_, i))) = heap.pop() {
-            let entry = heads[i].take().expect("a heap entry has a head");
-            if visit_entry(&names[i], Ok(entry), visit)?.is_break() {
+            let cursor = &mut cursors[i];
+            if cursor.visit(visit)?.is_break() {
                 break;
             }
-            if let Some((key, value)) = runs[i].next().transpose()? {
-                heap.push(Reverse((be_u64(&key[key.len() - 8..])?, i)));
-                heads[i] = Some((key, value));
+            if let Some(seq) = cursor.seq()? {
+                heap.push(Reverse((seq, i)));
             }
         }
         Ok(())
@@ -387,18 +573,9 @@ impl EventLog for SledLog {
         let Some(seq) = self.seq_of(id) else {
             return Ok(None);
         };
-        let Some(name) = self.tree.get(num_key(SEQ, seq))? else {
-            return Ok(None);
-        };
-        let name = utf8(&name)?.to_owned();
         Ok(self
-            .tree
-            .get(event_key(&name, seq))?
-            .map(|value| OwnedEvent {
-                seq,
-                name,
-                value: value.to_vec(),
-            }))
+            .locate(seq)?
+            .map(|(name, value)| OwnedEvent { seq, name, value }))
     }
 
     fn subscriptions(&self) -> Result<Vec<Subscription>> {
@@ -426,4 +603,129 @@ fn sub_key(client: &ClientId, pattern: &Pattern) -> Vec<u8> {
     key.push(0);
     key.extend_from_slice(pattern.to_string().as_bytes());
     key
+}
+
+#[cfg(test)]
+mod chunked_log {
+    use super::*;
+    use ensync_protocol::field::{Payload, Recipient};
+
+    use crate::store::NewEvent;
+
+    fn event(name: &str, n: usize) -> WriteOp {
+        let payload: Payload = format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(900))
+            .parse()
+            .expect("json");
+        WriteOp::Publish(NewEvent {
+            name: name.parse().expect("name"),
+            sender: "tester".parse().expect("id"),
+            payload,
+            metadata: None,
+            recipients: vec![Recipient::All],
+        })
+    }
+
+    fn seqs(log: &SledLog, pattern: &str, range: RangeInclusive<u64>) -> Vec<u64> {
+        let mut out = Vec::new();
+        log.scan(&pattern.parse().expect("pattern"), range, &mut |e| {
+            out.push(e.seq);
+            ControlFlow::Continue(())
+        })
+        .expect("scan");
+        out
+    }
+
+    /// 300 events of ~1 KiB over two names in one commit and two more
+    /// commits: many chunks per name, chunks interleaved in seq space.
+    fn fill(log: &SledLog) {
+        let ops: Vec<WriteOp> = (0..300)
+            .map(|i| event(if i % 3 == 0 { "a/x" } else { "b/y" }, i))
+            .collect();
+        log.apply(&ops, 1_000).expect("apply");
+        log.apply(&[event("a/x", 300)], 1_000).expect("apply");
+        log.apply(&[event("b/y", 301), event("a/x", 302)], 2_000)
+            .expect("apply");
+        log.flush().expect("flush");
+    }
+
+    #[test]
+    fn every_event_is_found_by_id_and_scans_start_mid_chunk() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = SledLog::open(dir.path())?;
+        fill(&log);
+        assert_eq!(log.last_seq(), 303);
+        for seq in 1..=303 {
+            let id: EventId = log.idem(seq).parse().expect("id");
+            let owned = log.event(&id)?.expect("stored");
+            let expected = if seq <= 300 {
+                if (seq - 1) % 3 == 0 {
+                    "a/x"
+                } else {
+                    "b/y"
+                }
+            } else if seq == 302 {
+                "b/y"
+            } else {
+                "a/x"
+            };
+            assert_eq!((owned.seq, owned.name.as_str()), (seq, expected));
+            assert_eq!(
+                log.resolve(&Position::Event(id), Side::Start)?,
+                Ok(Resolved::Seq(seq))
+            );
+        }
+        let a: Vec<u64> = (1..=303)
+            .filter(|s| (s - 1) % 3 == 0 && *s <= 300 || *s == 301 || *s == 303)
+            .collect();
+        assert_eq!(seqs(&log, "a/x", 1..=303), a);
+        for start in [1, 2, 100, 151, 299, 301, 303] {
+            let expected: Vec<u64> = a
+                .iter()
+                .copied()
+                .filter(|s| *s >= start && *s <= 302)
+                .collect();
+            assert_eq!(seqs(&log, "a/x", start..=302), expected, "from {start}");
+        }
+        assert_eq!(seqs(&log, "*", 1..=303), (1..=303).collect::<Vec<_>>());
+        assert_eq!(seqs(&log, "*", 150..=160), (150..=160).collect::<Vec<_>>());
+        Ok(())
+    }
+
+    #[test]
+    fn reopened_log_keeps_seq_time_and_ids() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let epoch = {
+            let log = SledLog::open(dir.path())?;
+            fill(&log);
+            log.epoch
+        };
+        let log = SledLog::open(dir.path())?;
+        assert_eq!((log.epoch, log.last_seq()), (epoch, 303));
+        assert_eq!(
+            log.resolve(&Position::Timestamp(1_500), Side::Start)?,
+            Ok(Resolved::Seq(302))
+        );
+        assert_eq!(
+            log.resolve(&Position::Timestamp(1_500), Side::End)?,
+            Ok(Resolved::Seq(301))
+        );
+        assert_eq!(
+            log.resolve(&Position::Earliest, Side::Start)?,
+            Ok(Resolved::Seq(1))
+        );
+        log.apply(&[event("a/x", 304)], 500)?;
+        // A clock behind the log keeps loggedAt from going back.
+        assert_eq!(
+            log.resolve(&Position::Timestamp(2_000), Side::End)?,
+            Ok(Resolved::Seq(304))
+        );
+        let unknown: EventId = format!("evt_{:08x}{:016x}", epoch, 999)
+            .parse()
+            .expect("id");
+        assert_eq!(
+            log.resolve(&Position::Event(unknown), Side::Start)?,
+            Err(UnknownPosition)
+        );
+        Ok(())
+    }
 }
