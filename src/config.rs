@@ -147,3 +147,36 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod config_file {
+    use super::*;
+
+    #[test]
+    fn example_file_holds_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ensync.example.toml");
+        let config = Config::from_file(&path).expect("example parses");
+        let default = Config::default();
+        assert_eq!(config.listen, default.listen);
+        assert_eq!(config.http_listen, default.http_listen);
+        assert_eq!(config.data_dir, default.data_dir);
+        assert_eq!(config.max_line_len, default.max_line_len);
+        assert_eq!(config.max_replay_limit, default.max_replay_limit);
+        assert_eq!(config.max_connections, default.max_connections);
+    }
+
+    #[test]
+    fn errors_name_the_file_the_line_and_the_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "listen = \"127.0.0.1:1\"\nmax_replay_limt = 5\n").expect("write");
+        let message = Config::from_file(&path).expect_err("unknown key").to_string();
+        assert!(message.contains("bad.toml"), "{message}");
+        assert!(message.contains("line 2"), "{message}");
+        assert!(message.contains("max_replay_limt"), "{message}");
+
+        std::fs::write(&path, "max_line_len = 10\n").expect("write");
+        let message = Config::from_file(&path).expect_err("too small").to_string();
+        assert!(message.contains("max_line_len is 10"), "{message}");
+    }
+}
