@@ -170,7 +170,9 @@ mod config_file {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "listen = \"127.0.0.1:1\"\nmax_replay_limt = 5\n").expect("write");
-        let message = Config::from_file(&path).expect_err("unknown key").to_string();
+        let message = Config::from_file(&path)
+            .expect_err("unknown key")
+            .to_string();
         assert!(message.contains("bad.toml"), "{message}");
         assert!(message.contains("line 2"), "{message}");
         assert!(message.contains("max_replay_limt"), "{message}");

@@ -490,6 +490,14 @@ impl Client {
             .collect()
     }
 
+    /// Subscribes `id` to `event_name` and asserts that nothing is stored
+    /// under it (`why` says what must not have published).
+    pub async fn assert_nothing_stored(&mut self, id: &str, event_name: &str, why: &str) {
+        self.sub(id, event_name).await;
+        let rep = self.replay(id, event_name, "FROM_POSITION=earliest").await;
+        assert_eq!(rep.count, 0, "{why}");
+    }
+
     /// Sends a range REPLAY and reads its header and records; panics if the
     /// reply is not a REPLAY_STARTED for `event_name`. `rest` holds the
     /// other keys, e.g. `FROM_POSITION=earliest;LIMIT=10`.
