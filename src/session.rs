@@ -284,7 +284,10 @@ where
             debug!(missed, "live feed lagged; catching up from the log");
             let chunks = engine.catch_up(&state.client, state.cursor, until);
             state.cursor = until;
-            forward(chunks, sink).await
+            match chunks {
+                Some(chunks) => forward(chunks, sink).await,
+                None => Ok(()),
+            }
         }
         Err(broadcast::error::RecvError::Closed) => {
             *live = None;

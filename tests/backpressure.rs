@@ -10,8 +10,10 @@ use common::{start_server, Client};
 
 const EVENTS: usize = 100_000;
 
-/// Publishes `n` events in pipelined batches and checks every reply.
-async fn publish_many(client: &mut Client, id: &str, name: &str, n: usize) {
+/// Publishes `n` events of about `pad + 60` bytes in pipelined batches,
+/// addressed to everyone, and checks every reply.
+async fn publish_many(client: &mut Client, id: &str, name: &str, n: usize, pad: usize) {
+    let pad = "x".repeat(pad);
     const BATCH: usize = 2_000;
     let mut done = 0;
     while done < n {
@@ -19,7 +21,7 @@ async fn publish_many(client: &mut Client, id: &str, name: &str, n: usize) {
         let mut bytes = Vec::with_capacity(batch * 120);
         for i in done..done + batch {
             bytes.extend_from_slice(
-                format!("PUB;CLIENT_ID={id};EVENT_NAME={name};PAYLOAD={{\"n\":{i},\"pad\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\"}};DELIVERY_TO=*\n")
+                format!("PUB;CLIENT_ID={id};EVENT_NAME={name};PAYLOAD={{\"n\":{i},\"pad\":\"{pad}\"}};DELIVERY_TO=*\n")
                     .as_bytes(),
             );
         }
@@ -40,7 +42,7 @@ async fn stalled_reader_holds_up_only_its_own_replay() {
     // The publisher is not subscribed, so it gets no live copies.
     let mut publisher = server.client().await;
     publisher.conn("loader").await;
-    publish_many(&mut publisher, "loader", "bulk/item/added", EVENTS).await;
+    publish_many(&mut publisher, "loader", "bulk/item/added", EVENTS, 40).await;
 
     let mut slow = server.client().await;
     slow.conn("slow").await;
@@ -111,5 +113,42 @@ async fn stalled_reader_holds_up_only_its_own_replay() {
     slow.expect("PING", "+PASS:PONG").await;
 
     drop((publisher, slow, other));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_that_falls_behind_still_gets_every_event_once_in_order() {
+    // ~30 MB of live records: far more than socket buffers and the
+    // in-memory live feed hold, so the subscriber's connection must catch
+    // up from the log.
+    const LIVE: usize = 30_000;
+    let data = tempfile::tempdir().expect("temp dir");
+    let server = start_server(data.path()).await;
+
+    let mut subscriber = server.client().await;
+    subscriber.conn("lagger").await;
+    subscriber
+        .expect(
+            "SUB;CLIENT_ID=lagger;EVENT_NAME=feed/*",
+            "+PASS:SUBSCRIBED;EVENT_NAME=feed/*",
+        )
+        .await;
+
+    let mut publisher = server.client().await;
+    publisher.conn("firehose").await;
+    publish_many(&mut publisher, "firehose", "feed/tick/sent", LIVE, 1000).await;
+
+    let mut last_block = 0;
+    for i in 0..LIVE {
+        let record = common::parse_record(&subscriber.line().await);
+        assert_eq!(record["payload"]["n"], i, "live record {i}");
+        let block = common::block_of(&record);
+        assert!(block > last_block, "live record {i} out of order");
+        assert!(!common::is_replayed(&record));
+        last_block = block;
+    }
+    subscriber.expect("PING", "+PASS:PONG").await;
+
+    drop((publisher, subscriber));
     server.stop().await;
 }

@@ -237,13 +237,14 @@ impl Engine {
         (!buf.is_empty()).then(|| buf.freeze())
     }
 
-    /// Streams what `client` missed of the live feed after `after`.
+    /// Streams what `client` missed of the live feed after `after`, if it
+    /// subscribes to anything.
     pub fn catch_up(
         &self,
         client: &ClientId,
         after: u64,
         until: u64,
-    ) -> tokio::sync::mpsc::Receiver<Chunk> {
+    ) -> Option<tokio::sync::mpsc::Receiver<Chunk>> {
         replay::catch_up(self, client, after, until)
     }
 

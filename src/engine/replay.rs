@@ -319,35 +319,37 @@ pub fn delivers(subs: &[Subscription], name: &str, seq: u64) -> bool {
 
 /// Streams, as live records, the events after `after` up to `until` that
 /// `client`'s subscriptions deliver: for a live subscriber that fell
-/// behind the in-memory feed.
+/// behind the in-memory feed. `None` when it has nothing to catch up on.
 pub fn catch_up(
     engine: &Engine,
     client: &ClientId,
     after: u64,
     until: u64,
-) -> mpsc::Receiver<Chunk> {
+) -> Option<mpsc::Receiver<Chunk>> {
+    let subs = engine.subs.of(client);
+    // One subscription: scan just its names; several: every name, filtered.
+    let pattern = match &*subs {
+        [] => return None,
+        [only] => only.pattern.clone(),
+        _ => Pattern::All,
+    };
     let (tx, rx) = mpsc::channel(REPLAY_CHUNKS_AHEAD);
     let store = Arc::clone(&engine.store);
-    let subs = engine.subs.of(client);
     let identities = engine.identities(client);
     engine.tracker.spawn_blocking(move || {
         let ids: Vec<&str> = identities.iter().map(String::as_str).collect();
         let mut out = ChunkWriter::new(tx);
-        let scanned = store.scan(
-            &Pattern::All,
-            after.saturating_add(1)..=until,
-            &mut |event| {
-                if delivers(&subs, event.name, event.seq) && event.is_addressed_to(&ids) {
-                    out.write(&event, &Marks::LIVE)
-                } else {
-                    ControlFlow::Continue(())
-                }
-            },
-        );
+        let scanned = store.scan(&pattern, after.saturating_add(1)..=until, &mut |event| {
+            if delivers(&subs, event.name, event.seq) && event.is_addressed_to(&ids) {
+                out.write(&event, &Marks::LIVE)
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
         match scanned {
             Ok(()) => out.finish(),
             Err(e) => out.fail(format!("catch-up broke off: {e}")),
         }
     });
-    rx
+    Some(rx)
 }
