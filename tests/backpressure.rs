@@ -10,28 +10,16 @@ use common::{start_server, Client};
 
 const EVENTS: usize = 100_000;
 
-/// Publishes `n` events of about `pad + 60` bytes in pipelined batches,
-/// addressed to everyone, and checks every reply.
-async fn publish_many(client: &mut Client, id: &str, name: &str, n: usize, pad: usize) {
+/// Publishes `n` events named `name` of about `pad + 30` bytes each,
+/// pipelined and addressed to everyone.
+async fn publish_padded(client: &mut Client, id: &str, name: &str, n: usize, pad: usize) {
     let pad = "x".repeat(pad);
-    const BATCH: usize = 2_000;
-    let mut done = 0;
-    while done < n {
-        let batch = BATCH.min(n - done);
-        let mut bytes = Vec::with_capacity(batch * 120);
-        for i in done..done + batch {
-            bytes.extend_from_slice(
-                format!("PUB;CLIENT_ID={id};EVENT_NAME={name};PAYLOAD={{\"n\":{i},\"pad\":\"{pad}\"}};DELIVERY_TO=*\n")
-                    .as_bytes(),
-            );
-        }
-        client.send_raw(&bytes).await;
-        for _ in 0..batch {
-            let reply = client.line().await;
-            assert!(reply.starts_with("+PASS:PUBLISHED;"), "{reply}");
-        }
-        done += batch;
-    }
+    let published = client
+        .publish_many(id, n, |i| {
+            (name.to_owned(), format!("{{\"n\":{i},\"pad\":\"{pad}\"}}"))
+        })
+        .await;
+    assert_eq!(published.len(), n);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,7 +30,7 @@ async fn stalled_reader_holds_up_only_its_own_replay() {
     // The publisher is not subscribed, so it gets no live copies.
     let mut publisher = server.client().await;
     publisher.conn("loader").await;
-    publish_many(&mut publisher, "loader", "bulk/item/added", EVENTS, 40).await;
+    publish_padded(&mut publisher, "loader", "bulk/item/added", EVENTS, 40).await;
 
     let mut slow = server.client().await;
     slow.conn("slow").await;
@@ -136,7 +124,7 @@ async fn subscriber_that_falls_behind_still_gets_every_event_once_in_order() {
 
     let mut publisher = server.client().await;
     publisher.conn("firehose").await;
-    publish_many(&mut publisher, "firehose", "feed/tick/sent", LIVE, 1000).await;
+    publish_padded(&mut publisher, "firehose", "feed/tick/sent", LIVE, 1000).await;
 
     let mut last_block = 0;
     for i in 0..LIVE {
