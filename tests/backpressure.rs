@@ -50,12 +50,7 @@ async fn stalled_reader_holds_up_only_its_own_replay() {
     // Meanwhile another client publishes, replays and is answered promptly.
     let mut other = server.client().await;
     other.conn("other").await;
-    other
-        .expect(
-            "SUB;CLIENT_ID=other;EVENT_NAME=bulk/*",
-            "+PASS:SUBSCRIBED;EVENT_NAME=bulk/*",
-        )
-        .await;
+    other.sub("other", "bulk/*").await;
     let started = Instant::now();
     let published = other
         .expect_prefix(
@@ -115,12 +110,7 @@ async fn subscriber_that_falls_behind_still_gets_every_event_once_in_order() {
 
     let mut subscriber = server.client().await;
     subscriber.conn("lagger").await;
-    subscriber
-        .expect(
-            "SUB;CLIENT_ID=lagger;EVENT_NAME=feed/*",
-            "+PASS:SUBSCRIBED;EVENT_NAME=feed/*",
-        )
-        .await;
+    subscriber.sub("lagger", "feed/*").await;
 
     let mut publisher = server.client().await;
     publisher.conn("firehose").await;

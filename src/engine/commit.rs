@@ -130,13 +130,14 @@ fn run(
         let Some(first) = jobs.blocking_recv().flatten() else {
             break;
         };
-        let mut bytes = first.op.weight();
+        // The budget permit already holds each job's weight.
+        let mut bytes = first.budget.num_permits();
         ops.push(first.op);
         waiters.push((first.done, first.budget));
         while ops.len() < MAX_COMMIT_BATCH && bytes < MAX_COMMIT_BATCH_BYTES {
             match jobs.try_recv() {
                 Ok(Some(job)) => {
-                    bytes += job.op.weight();
+                    bytes += job.budget.num_permits();
                     ops.push(job.op);
                     waiters.push((job.done, job.budget));
                 }

@@ -196,7 +196,9 @@ struct Cursor<'n> {
     name: &'n str,
     chunks: sled::Iter,
     chunk: IVec,
-    pos: usize,
+    /// The current entry, decoded once: its seq, where its value lies in
+    /// `chunk`, and where the next entry starts.
+    current: Option<(u64, std::ops::Range<usize>, usize)>,
     start: u64,
     end: u64,
 }
@@ -217,41 +219,46 @@ impl<'n> Cursor<'n> {
             name,
             chunks: tree.range(from..=chunk_key(name, end)),
             chunk: IVec::default(),
-            pos: 0,
+            current: None,
             start,
             end,
         };
-        cursor.settle()?;
+        cursor.settle(0)?;
         Ok(cursor)
     }
 
-    /// Moves to the next entry with seq >= start, loading chunks as needed.
-    fn settle(&mut self) -> Result<()> {
+    /// Moves to the first entry at or after byte `pos` with seq >= start,
+    /// loading chunks as needed.
+    fn settle(&mut self, mut pos: usize) -> Result<()> {
         loop {
-            while self.pos < self.chunk.len() {
-                let (seq, _, next) = entry_at(&self.chunk, self.pos)?;
+            while pos < self.chunk.len() {
+                let (seq, value, next) = entry_at(&self.chunk, pos)?;
                 if seq >= self.start {
+                    let value_start = next - value.len();
+                    self.current = Some((seq, value_start..next, next));
                     return Ok(());
                 }
-                self.pos = next;
+                pos = next;
             }
             match self.chunks.next() {
                 Some(entry) => {
                     self.chunk = entry?.1;
-                    self.pos = 0;
+                    pos = 0;
                 }
-                None => return Ok(()),
+                None => {
+                    self.current = None;
+                    return Ok(());
+                }
             }
         }
     }
 
     /// The seq of the current entry, if one is left in range.
-    fn seq(&self) -> Result<Option<u64>> {
-        if self.pos >= self.chunk.len() {
-            return Ok(None);
-        }
-        let (seq, _, _) = entry_at(&self.chunk, self.pos)?;
-        Ok((seq <= self.end).then_some(seq))
+    fn seq(&self) -> Option<u64> {
+        self.current
+            .as_ref()
+            .map(|(seq, _, _)| *seq)
+            .filter(|seq| *seq <= self.end)
     }
 
     /// Hands the current entry to `visit` and moves past it.
@@ -259,10 +266,11 @@ impl<'n> Cursor<'n> {
         &mut self,
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
     ) -> Result<ControlFlow<()>> {
-        let (seq, value, next) = entry_at(&self.chunk, self.pos)?;
-        let flow = visit(EventView::decode(seq, self.name, value)?);
-        self.pos = next;
-        self.settle()?;
+        let Some((seq, value, next)) = self.current.clone() else {
+            return Ok(ControlFlow::Break(()));
+        };
+        let flow = visit(EventView::decode(seq, self.name, &self.chunk[value])?);
+        self.settle(next)?;
         Ok(flow)
     }
 }
@@ -543,7 +551,7 @@ impl EventLog for SledLog {
             .map(|name| Cursor::new(&self.tree, name, &seqs))
             .collect::<Result<Vec<_>>>()?;
         if let [cursor] = cursors.as_mut_slice() {
-            while cursor.seq()?.is_some() {
+            while cursor.seq().is_some() {
                 if cursor.visit(visit)?.is_break() {
                     break;
                 }
@@ -553,7 +561,7 @@ impl EventLog for SledLog {
         // Merge the names by seq: a heap of each cursor's next seq.
         let mut heap = BinaryHeap::with_capacity(cursors.len());
         for (i, cursor) in cursors.iter().enumerate() {
-            if let Some(seq) = cursor.seq()? {
+            if let Some(seq) = cursor.seq() {
                 heap.push(Reverse((seq, i)));
             }
         }
@@ -562,7 +570,7 @@ impl EventLog for SledLog {
             if cursor.visit(visit)?.is_break() {
                 break;
             }
-            if let Some(seq) = cursor.seq()? {
+            if let Some(seq) = cursor.seq() {
                 heap.push(Reverse((seq, i)));
             }
         }
