@@ -34,11 +34,7 @@ async fn stalled_reader_holds_up_only_its_own_replay() {
 
     let mut slow = server.client().await;
     slow.conn("slow").await;
-    slow.expect(
-        "SUB;CLIENT_ID=slow;EVENT_NAME=bulk/*",
-        "+PASS:SUBSCRIBED;EVENT_NAME=bulk/*",
-    )
-    .await;
+    slow.sub("slow", "bulk/*").await;
     // Ask for everything, then read nothing: ~12 MB of records back up in
     // the socket buffers and the server must stop producing, not buffer.
     slow.send(&format!(
