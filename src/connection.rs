@@ -29,6 +29,7 @@ impl Encoder<Outbound> for LineEncoder {
                 dst.put_u8(b'\n');
             }
             Outbound::Lines(lines) => dst.extend_from_slice(&lines),
+            Outbound::Ping => dst.extend_from_slice(b"PING\n"),
         }
         Ok(())
     }

@@ -56,6 +56,7 @@ pub async fn run(
     info!(data_dir = %config.data_dir.display(), head = engine.head(), "event log open");
 
     let cancel = CancellationToken::new();
+    tracker.spawn(engine.retention(cancel.child_token()));
     let permits = Arc::new(Semaphore::new(config.max_connections));
     let mut backoff = ACCEPT_BACKOFF;
     tokio::pin!(shutdown);

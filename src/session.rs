@@ -10,34 +10,65 @@
 //! command gets exactly one reply, in the order sent.
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use ensync_protocol::field::ClientId;
 use ensync_protocol::{parse_command, Command, ErrorCode, Frame, Pass, Reply};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::MAX_IN_FLIGHT;
-use crate::engine::{Chunk, Engine, LiveBatch, Outcome};
+use crate::engine::{Attachment, Chunk, Engine, Outcome};
 
-/// What a session writes: a reply, or pre-encoded record lines (each
-/// ending in LF; a WebSocket transport sends one frame per line).
+/// What a session writes: a reply, pre-encoded record lines (each ending
+/// in LF; a WebSocket transport sends one frame per line), or a heartbeat.
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// One reply line.
     Reply(Reply),
     /// Record lines.
     Lines(Bytes),
+    /// The server's `PING`.
+    Ping,
 }
 
 /// An answer owed to the client, in command order.
 enum Pending {
     Ready(Reply),
-    Connected { client: ClientId, reply: Reply },
+    Connected {
+        attachment: Box<Attachment>,
+        reply: Reply,
+    },
     Outcome(Outcome),
+}
+
+/// When the client last sent anything, in ms since the session started.
+struct LastSeen {
+    start: Instant,
+    ms: AtomicU64,
+}
+
+impl LastSeen {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Instant {
+        self.start + std::time::Duration::from_millis(self.ms.load(Ordering::Relaxed))
+    }
 }
 
 /// Serves one session until the client leaves, the transport fails, or
@@ -56,8 +87,16 @@ where
     W: Sink<Outbound, Error = io::Error> + Unpin,
 {
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
-    let reader = read_loop(&engine, frames, tx, &cancel);
-    let writer = write_loop(&engine, rx, sink);
+    let seen = LastSeen::new();
+    // Stops the reader when the writer ends (the transport failed, or the
+    // client did not answer a heartbeat).
+    let stop = cancel.child_token();
+    let reader = read_loop(&engine, frames, tx, &stop, &seen);
+    let writer = async {
+        let result = write_loop(&engine, rx, sink, &seen).await;
+        stop.cancel();
+        result
+    };
     let (read, write) = tokio::join!(reader, writer);
     read.and(write)
 }
@@ -67,6 +106,7 @@ async fn read_loop<R>(
     mut frames: R,
     tx: mpsc::Sender<Pending>,
     cancel: &CancellationToken,
+    seen: &LastSeen,
 ) -> io::Result<()>
 where
     R: Stream<Item = io::Result<Frame>> + Unpin,
@@ -77,6 +117,7 @@ where
             () = cancel.cancelled() => return Ok(()),
             frame = frames.next() => frame,
         };
+        seen.touch();
         let pending = match frame {
             None => return Ok(()),
             Some(Err(e)) => return Err(e),
@@ -127,8 +168,9 @@ async fn handle_line(
                 )),
                 None => {
                     tracing::Span::current().record("client_id", id.as_str());
-                    *client = Some(id.clone());
-                    Pending::Connected { client: id, reply }
+                    let attachment = Box::new(engine.attach(&id));
+                    *client = Some(id);
+                    Pending::Connected { attachment, reply }
                 }
             },
         }),
@@ -150,18 +192,9 @@ async fn handle_line(
     }
 }
 
-/// The live feed of a connected client.
-struct Live {
-    client: ClientId,
-    feed: broadcast::Receiver<LiveBatch>,
-    /// Events up to here have been delivered (or were before the client
-    /// connected).
-    cursor: u64,
-}
-
-async fn next_batch(live: &mut Option<Live>) -> Result<LiveBatch, broadcast::error::RecvError> {
-    match live {
-        Some(live) => live.feed.recv().await,
+async fn next_delivery(attachment: Option<&Attachment>) -> Bytes {
+    match attachment {
+        Some(attachment) => attachment.next().await,
         None => std::future::pending().await,
     }
 }
@@ -170,19 +203,41 @@ async fn write_loop<W>(
     engine: &Engine,
     mut rx: mpsc::Receiver<Pending>,
     mut sink: W,
+    seen: &LastSeen,
 ) -> io::Result<()>
 where
     W: Sink<Outbound, Error = io::Error> + Unpin,
 {
-    let mut live: Option<Live> = None;
+    let heartbeat = engine.config().heartbeat;
+    let mut attachment: Option<Box<Attachment>> = None;
+    let mut ping_sent: Option<Instant> = None;
     loop {
+        let check_at = match ping_sent {
+            Some(sent) => sent + heartbeat.timeout,
+            None => seen.get() + heartbeat.interval,
+        };
         tokio::select! {
             biased;
             pending = rx.recv() => match pending {
                 None => break,
-                Some(pending) => answer(engine, pending, &mut live, &mut sink).await?,
+                Some(pending) => answer(engine, pending, &mut attachment, &mut sink).await?,
             },
-            batch = next_batch(&mut live) => deliver(engine, batch, &mut live, &mut sink).await?,
+            lines = next_delivery(attachment.as_deref()) => sink.feed(Outbound::Lines(lines)).await?,
+            () = tokio::time::sleep_until(check_at) => {
+                let last = seen.get();
+                match ping_sent {
+                    Some(sent) if last >= sent => ping_sent = None,
+                    Some(_) => {
+                        info!(timeout = ?heartbeat.timeout, "no answer to PING; closing the connection");
+                        break;
+                    }
+                    None if last + heartbeat.interval <= Instant::now() => {
+                        sink.feed(Outbound::Ping).await?;
+                        ping_sent = Some(Instant::now());
+                    }
+                    None => {}
+                }
+            }
         }
         if rx.is_empty() {
             sink.flush().await?;
@@ -195,32 +250,29 @@ where
 async fn answer<W>(
     engine: &Engine,
     pending: Pending,
-    live: &mut Option<Live>,
+    attachment: &mut Option<Box<Attachment>>,
     sink: &mut W,
 ) -> io::Result<()>
 where
     W: Sink<Outbound, Error = io::Error> + Unpin,
 {
-    let client = live.as_ref().map(|l| l.client.clone());
     match pending {
         Pending::Ready(reply) => sink.feed(Outbound::Reply(reply)).await,
-        Pending::Connected { client, reply } => {
-            let (feed, cursor) = engine.follow();
-            *live = Some(Live {
-                client,
-                feed,
-                cursor,
-            });
+        Pending::Connected {
+            attachment: attached,
+            reply,
+        } => {
+            *attachment = Some(attached);
             sink.feed(Outbound::Reply(reply)).await
         }
         Pending::Outcome(outcome) => {
-            let client = client.expect("commands reach the engine only after CONN");
+            let client = attachment
+                .as_ref()
+                .map(|a| a.client().clone())
+                .expect("commands reach the engine only after CONN");
             match outcome {
                 Outcome::Reply(reply) => sink.feed(Outbound::Reply(reply)).await,
-                Outcome::Commit(done) => {
-                    sink.feed(Outbound::Reply(Engine::committed_reply(done.await)))
-                        .await
-                }
+                Outcome::Later(reply) => sink.feed(Outbound::Reply(reply.await)).await,
                 Outcome::ReplayEvent(req) => {
                     let reply = engine.replay_event(&client, req).await;
                     sink.feed(Outbound::Reply(reply)).await
@@ -255,43 +307,4 @@ where
         }
     }
     Ok(())
-}
-
-async fn deliver<W>(
-    engine: &Engine,
-    batch: Result<LiveBatch, broadcast::error::RecvError>,
-    live: &mut Option<Live>,
-    sink: &mut W,
-) -> io::Result<()>
-where
-    W: Sink<Outbound, Error = io::Error> + Unpin,
-{
-    let Some(state) = live.as_mut() else {
-        return Ok(());
-    };
-    match batch {
-        Ok(batch) => {
-            if let Some(lines) = engine.live_lines(&state.client, &batch, state.cursor) {
-                sink.feed(Outbound::Lines(lines)).await?;
-            }
-            if let Some(last) = batch.last() {
-                state.cursor = state.cursor.max(last.seq);
-            }
-            Ok(())
-        }
-        Err(broadcast::error::RecvError::Lagged(missed)) => {
-            let until = engine.head();
-            debug!(missed, "live feed lagged; catching up from the log");
-            let chunks = engine.catch_up(&state.client, state.cursor, until);
-            state.cursor = until;
-            match chunks {
-                Some(chunks) => forward(chunks, sink).await,
-                None => Ok(()),
-            }
-        }
-        Err(broadcast::error::RecvError::Closed) => {
-            *live = None;
-            Ok(())
-        }
-    }
 }

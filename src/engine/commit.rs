@@ -2,28 +2,27 @@
 //!
 //! Connections send operations over a bounded queue. The thread takes
 //! whatever has queued up (group commit), applies it as one batch, syncs
-//! it to disk once, then publishes the new head, hands the batch to live
-//! delivery, and answers each operation. A publish is therefore answered
-//! only once it is durable, and one sync serves every publisher that was
-//! waiting, so durability costs latency, not throughput.
+//! it to disk once, then publishes the new head, wakes delivery, and
+//! answers each operation. A publish is therefore answered only once it
+//! is durable, and one sync serves every publisher that was waiting, so
+//! durability costs latency, not throughput. A retention trim runs as a
+//! batch of its own, so it never removes what a running replay reads.
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use tokio::sync::{broadcast, mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
-use tracing::{error, info};
+use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tracing::{debug, error, info};
 
+use super::retention::Pins;
 use super::subs::Registry;
 use crate::config::{
-    COMMIT_BYTES_IN_FLIGHT, COMMIT_QUEUE, LIVE_BATCHES, MAX_COMMIT_BATCH, MAX_COMMIT_BATCH_BYTES,
+    COMMIT_BYTES_IN_FLIGHT, COMMIT_QUEUE, MAX_COMMIT_BATCH, MAX_COMMIT_BATCH_BYTES,
 };
-use crate::store::{Appended, Applied, EventLog, WriteOp};
+use crate::store::{Applied, EventLog, PauseRefused, WriteOp};
 
 /// What an operation comes back with: its result, or why the store failed.
 pub type Committed = Result<Applied, String>;
-
-/// Committed events, as live delivery sees them.
-pub type LiveBatch = Arc<[Appended]>;
 
 struct Job {
     op: WriteOp,
@@ -38,7 +37,7 @@ pub struct Committer {
     /// `None` asks the thread to stop once what came before is committed.
     queue: mpsc::Sender<Option<Job>>,
     head: watch::Receiver<u64>,
-    live: broadcast::Sender<LiveBatch>,
+    changes: watch::Receiver<u64>,
     budget: Arc<Semaphore>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -53,18 +52,25 @@ impl Committer {
     ///
     /// # Errors
     /// When the thread cannot be spawned.
-    pub fn start(store: Arc<dyn EventLog>, registry: Arc<Registry>) -> std::io::Result<Self> {
+    pub fn start(
+        store: Arc<dyn EventLog>,
+        registry: Arc<Registry>,
+        pins: Arc<Pins>,
+    ) -> std::io::Result<Self> {
         let (queue, jobs) = mpsc::channel(COMMIT_QUEUE);
         let (head_tx, head) = watch::channel(store.last_seq());
-        let (live, _) = broadcast::channel(LIVE_BATCHES);
-        let live_tx = live.clone();
+        let (changes_tx, changes) = watch::channel(0);
+        let signals = Signals {
+            head: head_tx,
+            changes: changes_tx,
+        };
         let thread = std::thread::Builder::new()
             .name("ensync-commit".into())
-            .spawn(move || run(store.as_ref(), jobs, &head_tx, &live_tx, &registry))?;
+            .spawn(move || run(store.as_ref(), jobs, &signals, &registry, &pins))?;
         Ok(Self {
             queue,
             head,
-            live,
+            changes,
             budget: Arc::new(Semaphore::new(COMMIT_BYTES_IN_FLIGHT)),
             thread: std::sync::Mutex::new(Some(thread)),
         })
@@ -89,14 +95,25 @@ impl Committer {
         Ok(rx)
     }
 
+    /// Queues `op` if there is room right now, without waiting for it:
+    /// for changes nobody waits on. Says whether it was queued.
+    pub fn try_submit(&self, op: WriteOp) -> bool {
+        let weight = u32::try_from(op.weight().min(COMMIT_BYTES_IN_FLIGHT)).unwrap_or(u32::MAX);
+        let Ok(budget) = Arc::clone(&self.budget).try_acquire_many_owned(weight) else {
+            return false;
+        };
+        let (done, _) = oneshot::channel();
+        self.queue.try_send(Some(Job { op, done, budget })).is_ok()
+    }
+
     /// The last durable sequence number: what a replay's snapshot covers.
     pub fn head(&self) -> u64 {
         *self.head.borrow()
     }
 
-    /// Committed batches from now on.
-    pub fn follow(&self) -> broadcast::Receiver<LiveBatch> {
-        self.live.subscribe()
+    /// A signal that changes after every commit.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.clone()
     }
 
     /// Commits what is queued, stops the thread and waits for its final
@@ -116,26 +133,43 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// What the commit thread tells the rest of the server.
+struct Signals {
+    head: watch::Sender<u64>,
+    changes: watch::Sender<u64>,
+}
+
 fn run(
     store: &dyn EventLog,
     mut jobs: mpsc::Receiver<Option<Job>>,
-    head: &watch::Sender<u64>,
-    live: &broadcast::Sender<LiveBatch>,
+    signals: &Signals,
     registry: &Registry,
+    pins: &Pins,
 ) {
     let mut ops = Vec::with_capacity(MAX_COMMIT_BATCH);
     let mut waiters = Vec::with_capacity(MAX_COMMIT_BATCH);
+    // A job taken from the queue that must start the next batch.
+    let mut carried: Option<Job> = None;
     let mut stopping = false;
     while !stopping {
-        let Some(first) = jobs.blocking_recv().flatten() else {
-            break;
+        let first = match carried.take() {
+            Some(job) => job,
+            None => match jobs.blocking_recv().flatten() {
+                Some(job) => job,
+                None => break,
+            },
         };
         // The budget permit already holds each job's weight.
         let mut bytes = first.budget.num_permits();
+        let alone = first.op.runs_alone();
         ops.push(first.op);
         waiters.push((first.done, first.budget));
-        while ops.len() < MAX_COMMIT_BATCH && bytes < MAX_COMMIT_BATCH_BYTES {
+        while !alone && ops.len() < MAX_COMMIT_BATCH && bytes < MAX_COMMIT_BATCH_BYTES {
             match jobs.try_recv() {
+                Ok(Some(job)) if job.op.runs_alone() => {
+                    carried = Some(job);
+                    break;
+                }
                 Ok(Some(job)) => {
                     bytes += job.budget.num_permits();
                     ops.push(job.op);
@@ -148,25 +182,26 @@ fn run(
                 Err(_) => break,
             }
         }
-        let result = store
-            .apply(&ops, now_ms())
-            .and_then(|applied| store.flush().map(|()| applied));
-        ops.clear();
+        let result = if alone {
+            trim(store, &mut ops, pins)
+        } else {
+            store
+                .apply(&ops, now_ms())
+                .and_then(|applied| store.flush().map(|()| applied))
+        };
         match result {
             Ok(applied) => {
-                let mut events = Vec::new();
-                for item in &applied {
-                    match item {
-                        Applied::Published(event) => events.push(event.clone()),
-                        Applied::Subscribed(sub) => registry.add(sub.clone()),
+                let mut last = None;
+                for (op, item) in ops.iter().zip(&applied) {
+                    share(op, item, registry);
+                    if let Applied::Published(event) = item {
+                        last = Some(event.seq);
                     }
                 }
-                if let Some(last) = events.last() {
-                    head.send_replace(last.seq);
-                    if live.receiver_count() > 0 {
-                        let _ = live.send(events.into());
-                    }
+                if let Some(last) = last {
+                    signals.head.send_replace(last);
                 }
+                signals.changes.send_modify(|n| *n = n.wrapping_add(1));
                 for ((done, _budget), item) in waiters.drain(..).zip(applied) {
                     let _ = done.send(Ok(item));
                 }
@@ -178,9 +213,53 @@ fn run(
                 }
             }
         }
+        ops.clear();
     }
     match store.flush() {
         Ok(()) => info!("commit thread stopped, store flushed"),
         Err(e) => error!(error = %e, "final flush failed"),
+    }
+}
+
+/// Applies a trim step, keeping what running replays read.
+fn trim(
+    store: &dyn EventLog,
+    ops: &mut [WriteOp],
+    pins: &Pins,
+) -> crate::store::Result<Vec<Applied>> {
+    let [WriteOp::Trim(step)] = ops else {
+        return Err(crate::store::StoreError::Backend(
+            "a trim must be applied on its own".into(),
+        ));
+    };
+    // Holding the pins while the trim applies: a replay that starts now
+    // waits, then resolves its start in the trimmed log.
+    let held = pins.hold();
+    step.keep_from = step.keep_from.min(held.lowest());
+    let applied = store.apply(ops, now_ms())?;
+    drop(held);
+    if let [Applied::Trimmed(done)] = applied.as_slice() {
+        if done.events > 0 {
+            debug!(
+                events = done.events,
+                bytes = done.bytes,
+                "retention removed old events"
+            );
+        }
+    }
+    Ok(applied)
+}
+
+/// Makes a committed change visible to the in-memory views.
+fn share(op: &WriteOp, applied: &Applied, registry: &Registry) {
+    match (op, applied) {
+        (_, Applied::Subscribed(sub) | Applied::PausedSet(Ok(sub))) => registry.put(sub.clone()),
+        (_, Applied::Unsubscribed(Some(sub))) => registry.remove(&sub.client, &sub.pattern),
+        (
+            WriteOp::Settle { client, floors, .. } | WriteOp::SetFloors { client, floors },
+            Applied::Stored,
+        ) if !floors.is_empty() => registry.raise_floors(client, floors),
+        (_, Applied::PausedSet(Err(PauseRefused::NotSubscribed | PauseRefused::NotPaused))) => {}
+        _ => {}
     }
 }

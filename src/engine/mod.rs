@@ -2,23 +2,32 @@
 //! client. It knows commands, events and clients; it never touches a
 //! socket, so TCP and WebSocket sessions share it unchanged.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
 use ensync_protocol::command::{ConnAuth, Replay, ReplayEvent};
-use ensync_protocol::field::ClientId;
-use ensync_protocol::{Command, ErrorCode, Marks, Pass, Reply, StoredRecord};
-use tokio::sync::{broadcast, oneshot};
+use ensync_protocol::field::{ClientId, EventId, Pattern};
+use ensync_protocol::{Command, ErrorCode, Pass, Reply};
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::error;
 
 use crate::config::Config;
-use crate::store::{self, Applied, EventLog, NewEvent, SledLog, StoreError, WriteOp};
+use crate::store::{
+    Applied, EventLog, NewEvent, PauseRefused, Settlement, SledLog, StoreError, WriteOp,
+};
 
 mod commit;
+pub mod delivery;
 pub mod replay;
+mod retention;
 mod subs;
 
-pub use commit::{Committed, LiveBatch};
+pub use commit::Committed;
+pub use delivery::Attachment;
 pub use replay::{Chunk, ReplayStream};
 use subs::Registry;
 
@@ -38,26 +47,43 @@ pub enum EngineError {
     Thread(#[from] std::io::Error),
 }
 
+/// A reply that is ready once something finishes (a commit).
+pub type Later = Pin<Box<dyn Future<Output = Reply> + Send>>;
+
 /// What a command turns into. Commands that read the log run when the
 /// connection reaches them in order, after the replies before them, so a
 /// client always reads its own writes.
-#[derive(Debug)]
 pub enum Outcome {
     /// Answered already.
     Reply(Reply),
-    /// Answered once the commit thread has made the change durable.
-    Commit(oneshot::Receiver<Committed>),
+    /// Answered once the change is durable.
+    Later(Later),
     /// A range replay to run in turn.
     Replay(Replay),
     /// A single-event replay to run in turn.
     ReplayEvent(ReplayEvent),
 }
 
+impl std::fmt::Debug for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Outcome::Reply(reply) => f.debug_tuple("Reply").field(reply).finish(),
+            Outcome::Later(_) => f.write_str("Later"),
+            Outcome::Replay(r) => f.debug_tuple("Replay").field(r).finish(),
+            Outcome::ReplayEvent(r) => f.debug_tuple("ReplayEvent").field(r).finish(),
+        }
+    }
+}
+
 /// The shared state behind every connection.
 pub struct Engine {
     store: Arc<dyn EventLog>,
-    commit: commit::Committer,
+    commit: Arc<commit::Committer>,
     subs: Arc<Registry>,
+    hub: Arc<delivery::Hub>,
+    pins: Arc<retention::Pins>,
+    /// Public keys by client id.
+    keys: HashMap<String, Vec<String>>,
     config: Config,
     tracker: TaskTracker,
 }
@@ -66,6 +92,21 @@ pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn internal(e: &StoreError) -> Reply {
+    error!(error = %e, "store failure");
+    Reply::fail(
+        ErrorCode::Internal,
+        "the event log could not be read; see the server log",
+    )
+}
+
+fn not_queued(client: &ClientId, id: &EventId) -> Reply {
+    Reply::fail(
+        ErrorCode::NotFound,
+        format!("{id} is not in the processing queue of {client} (never delivered to it, or already settled)"),
+    )
 }
 
 /// A stable, opaque 64-bit hash of a client id (FNV-1a), as CONN's
@@ -94,14 +135,48 @@ impl Engine {
         };
         let store: Arc<dyn EventLog> = Arc::new(SledLog::open(&config.data_dir).map_err(open_err)?);
         let subs = Arc::new(Registry::new(store.subscriptions().map_err(open_err)?));
-        let commit = commit::Committer::start(Arc::clone(&store), Arc::clone(&subs))?;
+        let pins = Arc::new(retention::Pins::default());
+        let commit = Arc::new(commit::Committer::start(
+            Arc::clone(&store),
+            Arc::clone(&subs),
+            Arc::clone(&pins),
+        )?);
+        let hub = Arc::new(delivery::Hub::new(
+            Arc::clone(&store),
+            Arc::clone(&subs),
+            Arc::clone(&commit),
+            delivery::Settings {
+                ack_wait: config.delivery.ack_wait,
+                max_unsettled: config.delivery.max_unsettled,
+            },
+        ));
+        let mut keys: HashMap<String, Vec<String>> = HashMap::new();
+        for client in &config.clients {
+            if let Some(key) = &client.public_key {
+                keys.entry(client.id.clone()).or_default().push(key.clone());
+            }
+        }
         Ok(Self {
             store,
             commit,
             subs,
+            hub,
+            pins,
+            keys,
             config,
             tracker,
         })
+    }
+
+    /// Runs retention until `cancel` fires (nothing to do when no limit is
+    /// configured).
+    pub fn retention(&self, cancel: CancellationToken) -> impl Future<Output = ()> + Send {
+        retention::run(Arc::clone(&self.commit), self.config.retention, cancel)
+    }
+
+    /// Attaches a connection of `client` to its deliveries.
+    pub fn attach(&self, client: &ClientId) -> Attachment {
+        self.hub.attach(client, self.identities(client))
     }
 
     /// The settings the engine runs with.
@@ -134,7 +209,11 @@ impl Engine {
 
     /// Every name an event may be addressed to this client by.
     fn identities(&self, client: &ClientId) -> Vec<String> {
-        vec![client.to_string()]
+        let mut ids = vec![client.to_string()];
+        if let Some(keys) = self.keys.get(client.as_str()) {
+            ids.extend(keys.iter().cloned());
+        }
+        ids
     }
 
     /// Carries out `cmd` for the connection's `client` (already checked to
@@ -143,55 +222,216 @@ impl Engine {
         match cmd {
             Command::Pub(p) => {
                 let recipients = p.delivery_to.recipients().to_vec();
-                self.commit_op(WriteOp::Publish(NewEvent {
+                let op = WriteOp::Publish(NewEvent {
                     name: p.event_name,
                     sender: p.client_id,
                     payload: p.payload,
                     metadata: p.metadata,
                     recipients,
-                }))
-                .await
-            }
-            Command::Sub(s) => {
-                self.commit_op(WriteOp::Subscribe {
-                    client: client.clone(),
-                    pattern: s.event_name,
+                });
+                self.commit_then(op, |applied| match applied {
+                    Applied::Published(event) => Reply::Pass(Pass::Published {
+                        idem: event.idem,
+                        timestamp: event.logged_at,
+                    }),
+                    other => unexpected(&other),
                 })
                 .await
             }
+            Command::Sub(s) => {
+                let op = WriteOp::Subscribe {
+                    client: client.clone(),
+                    pattern: s.event_name,
+                };
+                self.commit_then(op, |applied| match applied {
+                    Applied::Subscribed(sub) => Reply::Pass(Pass::Subscribed {
+                        event_name: sub.pattern.to_string(),
+                    }),
+                    other => unexpected(&other),
+                })
+                .await
+            }
+            Command::Unsub(u) => {
+                let (who, pattern) = (client.clone(), u.event_name.clone());
+                let op = WriteOp::Unsubscribe {
+                    client: client.clone(),
+                    pattern: u.event_name,
+                };
+                self.commit_then(op, move |applied| match applied {
+                    Applied::Unsubscribed(Some(sub)) => Reply::Pass(Pass::Unsubscribed {
+                        event_name: sub.pattern.to_string(),
+                        client_id: who.to_string(),
+                    }),
+                    Applied::Unsubscribed(None) => Reply::fail(
+                        ErrorCode::NotFound,
+                        format!("{who} has no subscription to {pattern}"),
+                    ),
+                    other => unexpected(&other),
+                })
+                .await
+            }
+            Command::Pause(p) => self.set_paused(client, p.event_name, true).await,
+            Command::Continue(c) => self.set_paused(client, c.event_name, false).await,
+            Command::Ack(a) => {
+                self.settle(client, &a.event_idem, a.block, Settlement::Acked)
+                    .await
+            }
+            Command::Discard(d) => {
+                let reason = d.reason.as_str().to_owned();
+                self.settle(client, &d.event_idem, None, Settlement::Discarded(reason))
+                    .await
+            }
+            Command::Defer(d) => {
+                let due = now_ms().saturating_add(d.delay.get());
+                self.hold(client, &d.event_idem, None, Some(due)).await
+            }
+            Command::Rollback(r) => self.hold(client, &r.event_idem, r.block, None).await,
             Command::Replay(r) => Outcome::Replay(r),
             Command::ReplayEvent(r) => Outcome::ReplayEvent(r),
             Command::Ping => Outcome::Reply(Reply::Pass(Pass::Pong)),
             other => Outcome::Reply(Reply::fail(
-                ErrorCode::NotImplemented,
-                format!("{} is not implemented yet", other.verb()),
+                ErrorCode::InvalidParameters,
+                format!(
+                    "{} is not a command a connected client sends here",
+                    other.verb()
+                ),
             )),
         }
     }
 
-    async fn commit_op(&self, op: WriteOp) -> Outcome {
+    /// Queues `op` for the commit thread; the reply, made by `reply`,
+    /// comes once it is durable.
+    async fn commit_then(
+        &self,
+        op: WriteOp,
+        reply: impl FnOnce(Applied) -> Reply + Send + 'static,
+    ) -> Outcome {
         match self.commit.submit(op).await {
-            Ok(rx) => Outcome::Commit(rx),
+            Ok(done) => Outcome::Later(Box::pin(async move { committed(done.await, reply) })),
             Err(stopped) => Outcome::Reply(Reply::fail(ErrorCode::Internal, stopped.to_string())),
         }
     }
 
-    /// The reply for a committed operation.
-    pub fn committed_reply(result: Result<Committed, oneshot::error::RecvError>) -> Reply {
-        match result {
-            Ok(Ok(Applied::Published(event))) => Reply::Pass(Pass::Published {
-                idem: event.idem,
-                timestamp: event.logged_at,
-            }),
-            Ok(Ok(Applied::Subscribed(sub))) => Reply::Pass(Pass::Subscribed {
+    async fn set_paused(&self, client: &ClientId, pattern: Pattern, paused: bool) -> Outcome {
+        let (who, name) = (client.clone(), pattern.clone());
+        let op = WriteOp::SetPaused {
+            client: client.clone(),
+            pattern,
+            paused,
+        };
+        self.commit_then(op, move |applied| match applied {
+            Applied::PausedSet(Ok(sub)) if paused => Reply::Pass(Pass::Paused {
                 event_name: sub.pattern.to_string(),
             }),
-            Ok(Err(_)) => Reply::fail(
-                ErrorCode::Internal,
-                "the change could not be stored and did not take effect; see the server log",
+            Applied::PausedSet(Ok(sub)) => Reply::Pass(Pass::Continued {
+                event_name: sub.pattern.to_string(),
+            }),
+            Applied::PausedSet(Err(PauseRefused::NotSubscribed)) => Reply::fail(
+                ErrorCode::NotSubscribed,
+                format!(
+                    "{who} has no subscription to {name} (give the pattern exactly as subscribed)"
+                ),
             ),
-            Err(_) => Reply::fail(ErrorCode::Internal, "the server is shutting down"),
+            Applied::PausedSet(Err(PauseRefused::NotPaused)) => Reply::fail(
+                ErrorCode::NotPaused,
+                format!("the subscription of {who} to {name} is not paused"),
+            ),
+            other => unexpected(&other),
+        })
+        .await
+    }
+
+    /// The seq an EVENT_IDEM (and BLOCK, when given) names, or the reply
+    /// refusing it.
+    fn queued_seq(
+        &self,
+        client: &ClientId,
+        id: &EventId,
+        block: Option<u64>,
+    ) -> Result<u64, Reply> {
+        let seq = self
+            .store
+            .seq_of(id)
+            .ok_or_else(|| not_queued(client, id))?;
+        match block {
+            Some(block) if block != seq => Err(Reply::fail(
+                ErrorCode::InvalidParameters,
+                format!("BLOCK={block} is not the block of {id} (it is {seq})"),
+            )),
+            _ => Ok(seq),
         }
+    }
+
+    /// ACK and DISCARD: settles an event of the processing queue for good.
+    async fn settle(
+        &self,
+        client: &ClientId,
+        id: &EventId,
+        block: Option<u64>,
+        settlement: Settlement,
+    ) -> Outcome {
+        let seq = match self.queued_seq(client, id, block) {
+            Ok(seq) => seq,
+            Err(reply) => return Outcome::Reply(reply),
+        };
+        let taken = match self.hub.take(client, seq) {
+            Ok(Some(taken)) => taken,
+            Ok(None) => return Outcome::Reply(not_queued(client, id)),
+            Err(e) => return Outcome::Reply(internal(&e)),
+        };
+        let idem = id.to_string();
+        let acked = settlement == Settlement::Acked;
+        let op = WriteOp::Settle {
+            client: client.clone(),
+            seq,
+            settlement,
+            floors: taken.floors,
+        };
+        self.commit_then(op, move |applied| match applied {
+            Applied::Stored if acked => Reply::Pass(Pass::Acknowledged { idem }),
+            Applied::Stored => Reply::Pass(Pass::Discarded { idem }),
+            other => unexpected(&other),
+        })
+        .await
+    }
+
+    /// DEFER (`due`) and ROLLBACK (`None`): the event stays in the queue,
+    /// held back or put up for delivery again.
+    async fn hold(
+        &self,
+        client: &ClientId,
+        id: &EventId,
+        block: Option<u64>,
+        due: Option<u64>,
+    ) -> Outcome {
+        let seq = match self.queued_seq(client, id, block) {
+            Ok(seq) => seq,
+            Err(reply) => return Outcome::Reply(reply),
+        };
+        let was_deferred = match self.hub.hold(client, seq, due) {
+            Ok(Some(was)) => was,
+            Ok(None) => return Outcome::Reply(not_queued(client, id)),
+            Err(e) => return Outcome::Reply(internal(&e)),
+        };
+        let idem = id.to_string();
+        let reply = move || match due {
+            Some(delivery_at) => Reply::Pass(Pass::Deferred { idem, delivery_at }),
+            None => Reply::Pass(Pass::RolledBack { idem }),
+        };
+        if due.is_none() && !was_deferred {
+            // Nothing stored changes: the event was never settled.
+            return Outcome::Reply(reply());
+        }
+        let op = WriteOp::Defer {
+            client: client.clone(),
+            seq,
+            due_ms: due,
+        };
+        self.commit_then(op, move |applied| match applied {
+            Applied::Stored => reply(),
+            other => unexpected(&other),
+        })
+        .await
     }
 
     /// Starts a range replay.
@@ -204,52 +444,39 @@ impl Engine {
         replay::event(self, client, req).await
     }
 
-    /// Committed batches from now on, and the head they follow.
-    pub fn follow(&self) -> (broadcast::Receiver<LiveBatch>, u64) {
-        let rx = self.commit.follow();
-        (rx, self.commit.head())
-    }
-
     /// The last durable sequence number.
     pub fn head(&self) -> u64 {
         self.commit.head()
-    }
-
-    /// The live record lines in `batch` for `client`, skipping events up
-    /// to `after`.
-    pub fn live_lines(&self, client: &ClientId, batch: &LiveBatch, after: u64) -> Option<Bytes> {
-        let subs = self.subs.of(client);
-        if subs.is_empty() {
-            return None;
-        }
-        let identities = self.identities(client);
-        let ids: Vec<&str> = identities.iter().map(String::as_str).collect();
-        let mut buf = BytesMut::new();
-        for event in batch.iter().filter(|e| e.seq > after) {
-            if replay::delivers(&subs, event.name.as_str(), event.seq)
-                && store::addressed_to(&event.recipients, &ids)
-            {
-                if let Ok(record) = StoredRecord::new(&event.record) {
-                    record.write_line(&mut buf, &Marks::LIVE);
-                }
-            }
-        }
-        (!buf.is_empty()).then(|| buf.freeze())
-    }
-
-    /// Streams what `client` missed of the live feed after `after`, if it
-    /// subscribes to anything.
-    pub fn catch_up(
-        &self,
-        client: &ClientId,
-        after: u64,
-        until: u64,
-    ) -> Option<tokio::sync::mpsc::Receiver<Chunk>> {
-        replay::catch_up(self, client, after, until)
     }
 
     /// Commits what is queued and stops the commit thread (final flush).
     pub async fn shutdown(&self) {
         self.commit.stop().await;
     }
+}
+
+/// The reply for a committed change, made by `reply` on success.
+fn committed(
+    result: Result<Committed, oneshot::error::RecvError>,
+    reply: impl FnOnce(Applied) -> Reply,
+) -> Reply {
+    match result {
+        Ok(Ok(applied)) => reply(applied),
+        Ok(Err(_)) => Reply::fail(
+            ErrorCode::Internal,
+            "the change could not be stored and did not take effect; see the server log",
+        ),
+        Err(_) => Reply::fail(ErrorCode::Internal, "the server is shutting down"),
+    }
+}
+
+fn unexpected(applied: &Applied) -> Reply {
+    error!(
+        ?applied,
+        "the store answered a change with the wrong kind of result"
+    );
+    Reply::fail(
+        ErrorCode::Internal,
+        "the server mixed up a change; see the server log",
+    )
 }

@@ -1,12 +1,12 @@
-//! REPLAY: range replays, single-event replays, and the catch-up reads a
-//! lagging live subscriber falls back on.
+//! REPLAY: range replays and single-event replays.
 //!
 //! A range replay runs on a blocking thread in two passes over the same
 //! snapshot: the first counts matching events up to LIMIT (so the header's
 //! COUNT is exact), the second encodes them into chunks and hands them to
 //! the connection through a small bounded channel. A reader that stops
 //! reading stalls only its own replay thread, and a replay holds at most
-//! `REPLAY_CHUNKS_AHEAD` chunks in memory whatever its size.
+//! `REPLAY_CHUNKS_AHEAD` chunks in memory whatever its size. A pin keeps
+//! retention from removing what the replay has counted and not yet sent.
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
@@ -16,11 +16,11 @@ use ensync_protocol::command::{Replay, ReplayEvent};
 use ensync_protocol::field::{ClientId, Limit, Pattern};
 use ensync_protocol::{ErrorCode, Marks, Pass, ReplayInfo, Reply};
 use tokio::sync::{mpsc, oneshot};
-use tracing::error;
 
-use super::{now_ms, Engine};
+use super::retention::Pin;
+use super::{internal, now_ms, Engine};
 use crate::config::{REPLAY_CHUNKS_AHEAD, REPLAY_CHUNK_BYTES};
-use crate::store::{EventLog, EventView, Resolved, Side, StoreError, Subscription};
+use crate::store::{EventLog, EventView, Resolved, Settlement, Side, StoreError};
 
 /// Encoded record lines, or why the stream broke off.
 pub type Chunk = Result<Bytes, String>;
@@ -41,14 +41,6 @@ impl ReplayStream {
             chunks: None,
         }
     }
-}
-
-fn internal(e: &StoreError) -> Reply {
-    error!(error = %e, "replay failed in the store");
-    Reply::fail(
-        ErrorCode::Internal,
-        "the event log could not be read; see the server log",
-    )
 }
 
 fn invalid_position() -> Reply {
@@ -105,13 +97,37 @@ impl ChunkWriter {
 
 /// The request as the replay thread needs it.
 struct RangeJob {
+    client: ClientId,
     pattern: Pattern,
     from: ensync_protocol::field::Position,
     to: Option<ensync_protocol::field::Position>,
     snapshot: u64,
     limit: u64,
     identities: Vec<String>,
-    marks: Marks,
+    /// Skip what the client acknowledged.
+    only_unacked: bool,
+    /// Whether the client ever settled anything (else no lookups).
+    check_acks: bool,
+    include_payload: bool,
+    replay_timestamp: u64,
+}
+
+impl RangeJob {
+    /// The marks of a record the client did or did not acknowledge.
+    fn marks(&self, was_acknowledged: bool) -> Marks {
+        Marks {
+            include_payload: self.include_payload,
+            replay: Some(ReplayInfo {
+                replay_timestamp: self.replay_timestamp,
+                was_acknowledged,
+            }),
+        }
+    }
+
+    /// Whether the client acknowledged event `seq`.
+    fn acked(&self, store: &dyn EventLog, seq: u64) -> Result<bool, StoreError> {
+        Ok(self.check_acks && store.settlement(&self.client, seq)? == Some(Settlement::Acked))
+    }
 }
 
 /// Starts a range replay for `client`.
@@ -124,12 +140,6 @@ pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStr
             format!("LIMIT must be an integer from 1 to {max}"),
         ));
     }
-    if req.only_unacked == Some(true) {
-        return ReplayStream::refused(Reply::fail(
-            ErrorCode::NotImplemented,
-            "ONLY_UNACKED=true needs acknowledgement tracking, which this release does not have yet",
-        ));
-    }
     if !engine.subs.covers(client, &req.event_name) {
         return ReplayStream::refused(not_subscribed(client, &req.event_name));
     }
@@ -137,13 +147,11 @@ pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStr
         snapshot: engine.commit.head(),
         limit: u64::from(limit),
         identities: engine.identities(client),
-        marks: Marks {
-            include_payload: req.include_payloads.unwrap_or(true),
-            replay: Some(ReplayInfo {
-                replay_timestamp: now_ms(),
-                was_acknowledged: false,
-            }),
-        },
+        only_unacked: req.only_unacked == Some(true),
+        check_acks: engine.store.has_settlements(client),
+        include_payload: req.include_payloads.unwrap_or(true),
+        replay_timestamp: now_ms(),
+        client: client.clone(),
         pattern: req.event_name.clone(),
         from: req.from_position,
         to: req.to_position,
@@ -151,9 +159,13 @@ pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStr
     let (header_tx, header_rx) = oneshot::channel();
     let (tx, rx) = mpsc::channel(REPLAY_CHUNKS_AHEAD);
     let store = Arc::clone(&engine.store);
-    engine
-        .tracker
-        .spawn_blocking(move || run_range(store.as_ref(), &job, header_tx, tx));
+    let pins = Arc::clone(&engine.pins);
+    engine.tracker.spawn_blocking(move || {
+        // Pinned before the start is resolved: a trim either finished
+        // before (and the start is resolved in what it left) or waits.
+        let pin = pins.pin();
+        run_range(store.as_ref(), &job, pin, header_tx, tx);
+    });
     match header_rx.await {
         Ok(Ok(count)) => ReplayStream {
             header: Reply::Pass(Pass::ReplayStarted {
@@ -201,6 +213,7 @@ fn bounds(store: &dyn EventLog, job: &RangeJob) -> Result<Option<(u64, u64)>, Re
 fn run_range(
     store: &dyn EventLog,
     job: &RangeJob,
+    mut pin: Pin,
     header: oneshot::Sender<Result<u64, Reply>>,
     tx: mpsc::Sender<Chunk>,
 ) {
@@ -215,40 +228,65 @@ fn run_range(
             return;
         }
     };
+    pin.move_to(start);
     let ids: Vec<&str> = job.identities.iter().map(String::as_str).collect();
     let (mut count, mut last) = (0u64, start);
+    let mut failed = None;
     let counted = store.scan(&job.pattern, start..=end, &mut |event| {
-        if event.is_addressed_to(&ids) {
-            count += 1;
-            last = event.seq;
-            if count == job.limit {
-                return ControlFlow::Break(());
+        if !event.is_addressed_to(&ids) {
+            return ControlFlow::Continue(());
+        }
+        if job.only_unacked {
+            match job.acked(store, event.seq) {
+                Ok(true) => return ControlFlow::Continue(()),
+                Ok(false) => {}
+                Err(e) => {
+                    failed = Some(e);
+                    return ControlFlow::Break(());
+                }
             }
+        }
+        count += 1;
+        last = event.seq;
+        if count == job.limit {
+            return ControlFlow::Break(());
         }
         ControlFlow::Continue(())
     });
-    if let Err(e) = counted {
+    if let Some(e) = counted.err().or(failed) {
         let _ = header.send(Err(internal(&e)));
         return;
     }
     if header.send(Ok(count)).is_err() || count == 0 {
         return;
     }
+    let (acked_marks, unacked_marks) = (job.marks(true), job.marks(false));
     let mut out = ChunkWriter::new(tx);
     let mut sent = 0u64;
+    let mut failed = None;
     let streamed = store.scan(&job.pattern, start..=last, &mut |event| {
         if !event.is_addressed_to(&ids) {
             return ControlFlow::Continue(());
         }
+        let acked = match job.acked(store, event.seq) {
+            Ok(acked) => acked,
+            Err(e) => {
+                failed = Some(e);
+                return ControlFlow::Break(());
+            }
+        };
+        if acked && job.only_unacked {
+            return ControlFlow::Continue(());
+        }
         sent += 1;
-        out.write(&event, &job.marks)
+        out.write(&event, if acked { &acked_marks } else { &unacked_marks })
     });
-    match streamed {
-        Ok(()) if sent == count => out.finish(),
-        Ok(()) => out.fail(format!(
+    match streamed.err().or(failed) {
+        None if sent == count => out.finish(),
+        None => out.fail(format!(
             "replay found {sent} of the {count} events it announced"
         )),
-        Err(e) => out.fail(format!("replay broke off: {e}")),
+        Some(e) => out.fail(format!("replay broke off: {e}")),
     }
 }
 
@@ -297,6 +335,10 @@ pub async fn event(engine: &Engine, client: &ClientId, req: ReplayEvent) -> Repl
     if !engine.subs.covers(client, &name) {
         return not_subscribed(client, &name);
     }
+    let was_acknowledged = match engine.store.settlement(client, view.seq) {
+        Ok(settled) => settled == Some(Settlement::Acked),
+        Err(e) => return internal(&e),
+    };
     let mut buf = BytesMut::new();
     view.record.write(
         &mut buf,
@@ -304,52 +346,9 @@ pub async fn event(engine: &Engine, client: &ClientId, req: ReplayEvent) -> Repl
             include_payload: true,
             replay: Some(ReplayInfo {
                 replay_timestamp: now_ms(),
-                was_acknowledged: false,
+                was_acknowledged,
             }),
         },
     );
     Reply::Event(buf.freeze())
-}
-
-/// Whether `subs` deliver the event `seq` of `name` live.
-pub fn delivers(subs: &[Subscription], name: &str, seq: u64) -> bool {
-    subs.iter()
-        .any(|s| seq > s.since && s.pattern.matches(name))
-}
-
-/// Streams, as live records, the events after `after` up to `until` that
-/// `client`'s subscriptions deliver: for a live subscriber that fell
-/// behind the in-memory feed. `None` when it has nothing to catch up on.
-pub fn catch_up(
-    engine: &Engine,
-    client: &ClientId,
-    after: u64,
-    until: u64,
-) -> Option<mpsc::Receiver<Chunk>> {
-    let subs = engine.subs.of(client);
-    // One subscription: scan just its names; several: every name, filtered.
-    let pattern = match &*subs {
-        [] => return None,
-        [only] => only.pattern.clone(),
-        _ => Pattern::All,
-    };
-    let (tx, rx) = mpsc::channel(REPLAY_CHUNKS_AHEAD);
-    let store = Arc::clone(&engine.store);
-    let identities = engine.identities(client);
-    engine.tracker.spawn_blocking(move || {
-        let ids: Vec<&str> = identities.iter().map(String::as_str).collect();
-        let mut out = ChunkWriter::new(tx);
-        let scanned = store.scan(&pattern, after.saturating_add(1)..=until, &mut |event| {
-            if delivers(&subs, event.name, event.seq) && event.is_addressed_to(&ids) {
-                out.write(&event, &Marks::LIVE)
-            } else {
-                ControlFlow::Continue(())
-            }
-        });
-        match scanned {
-            Ok(()) => out.finish(),
-            Err(e) => out.fail(format!("catch-up broke off: {e}")),
-        }
-    });
-    Some(rx)
 }

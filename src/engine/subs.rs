@@ -20,29 +20,52 @@ impl Registry {
     pub fn new(subs: Vec<Subscription>) -> Self {
         let registry = Registry::default();
         for sub in subs {
-            registry.add(sub);
+            registry.put(sub);
         }
         registry
     }
 
-    /// Records a subscription; an existing one for the same pattern stays
-    /// as it is.
-    pub fn add(&self, sub: Subscription) {
+    /// Records a subscription as stored, replacing the one with the same
+    /// pattern.
+    pub fn put(&self, sub: Subscription) {
+        self.change(&sub.client.clone(), |subs| {
+            match subs.iter_mut().find(|s| s.pattern == sub.pattern) {
+                Some(existing) => *existing = sub,
+                None => subs.push(sub),
+            }
+        });
+    }
+
+    /// Forgets a subscription.
+    pub fn remove(&self, client: &ClientId, pattern: &Pattern) {
+        self.change(client, |subs| subs.retain(|s| s.pattern != *pattern));
+    }
+
+    /// Moves delivery floors forward.
+    pub fn raise_floors(&self, client: &ClientId, floors: &[(Pattern, u64)]) {
+        self.change(client, |subs| {
+            for (pattern, floor) in floors {
+                if let Some(sub) = subs.iter_mut().find(|s| s.pattern == *pattern) {
+                    sub.floor = sub.floor.max(*floor);
+                }
+            }
+        });
+    }
+
+    /// Replaces the client's subscriptions with an edited copy, so that
+    /// snapshots already handed out stay as they were.
+    fn change(&self, client: &ClientId, edit: impl FnOnce(&mut Vec<Subscription>)) {
         let mut map = self
             .by_client
             .write()
             .expect("registry lock is never poisoned");
-        let current = map
-            .get(&sub.client)
-            .cloned()
-            .unwrap_or_else(|| Arc::new([]));
-        if current.iter().any(|s| s.pattern == sub.pattern) {
-            return;
+        let mut subs = map.get(client).map(|s| s.to_vec()).unwrap_or_default();
+        edit(&mut subs);
+        if subs.is_empty() {
+            map.remove(client);
+        } else {
+            map.insert(client.clone(), subs.into());
         }
-        let mut next = current.to_vec();
-        let client = sub.client.clone();
-        next.push(sub);
-        map.insert(client, next.into());
     }
 
     /// The client's subscriptions (a cheap snapshot).

@@ -1,6 +1,7 @@
 //! The storage the engine sees: an ordered event log with name, time and id
-//! seeks, and the durable per-client state (subscriptions). The engine
-//! knows this trait and these types; only `sled.rs` knows sled.
+//! seeks, and the durable per-client state (subscriptions with their
+//! paused flag and delivery floor, settled and deferred events). The
+//! engine knows this trait and these types; only `sled.rs` knows sled.
 
 use std::ops::{ControlFlow, RangeInclusive};
 
@@ -53,6 +54,75 @@ pub enum WriteOp {
         /// What it subscribes to.
         pattern: Pattern,
     },
+    /// Remove a subscription.
+    Unsubscribe {
+        /// The subscriber.
+        client: ClientId,
+        /// The subscription's pattern.
+        pattern: Pattern,
+    },
+    /// Pause or continue a subscription.
+    SetPaused {
+        /// The subscriber.
+        client: ClientId,
+        /// The subscription's pattern.
+        pattern: Pattern,
+        /// Paused (`true`) or running.
+        paused: bool,
+    },
+    /// Settle a delivered event for good (ACK or DISCARD); it also stops
+    /// being deferred. `floors` carries the delivery floors that moved.
+    Settle {
+        /// The client.
+        client: ClientId,
+        /// The event.
+        seq: u64,
+        /// How.
+        settlement: Settlement,
+        /// Subscriptions whose floor moved, with the new floor.
+        floors: Vec<(Pattern, u64)>,
+    },
+    /// Hold a delivered event back until `due_ms` (DEFER), or, with
+    /// `None`, release it (ROLLBACK of a deferred event).
+    Defer {
+        /// The client.
+        client: ClientId,
+        /// The event.
+        seq: u64,
+        /// When it is due again.
+        due_ms: Option<u64>,
+    },
+    /// Moves delivery floors forward (never back).
+    SetFloors {
+        /// The client.
+        client: ClientId,
+        /// Subscriptions and their new floors.
+        floors: Vec<(Pattern, u64)>,
+    },
+    /// Removes the oldest commits that retention no longer keeps.
+    Trim(Trim),
+}
+
+/// How far one trim step may go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trim {
+    /// Commits whose events were all logged before this are removed.
+    pub before_ms: Option<u64>,
+    /// Oldest commits are removed while the log holds more bytes.
+    pub max_bytes: Option<u64>,
+    /// Nothing at or after this seq is removed (a replay is reading it).
+    pub keep_from: u64,
+    /// Most commits removed in this step.
+    pub max_commits: usize,
+}
+
+/// How a client settled an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settlement {
+    /// ACK: processed.
+    Acked,
+    /// DISCARD, with its reason: never delivered to the client again.
+    Discarded(String),
 }
 
 impl WriteOp {
@@ -65,8 +135,22 @@ impl WriteOp {
                     + event.name.as_str().len()
                     + event.recipients.len() * 32
             }
-            WriteOp::Subscribe { .. } => 128,
+            WriteOp::Settle {
+                settlement: Settlement::Discarded(reason),
+                floors,
+                ..
+            } => 128 + reason.len() + floors.len() * 64,
+            WriteOp::Settle { floors, .. } | WriteOp::SetFloors { floors, .. } => {
+                128 + floors.len() * 64
+            }
+            _ => 128,
         }
+    }
+
+    /// Whether the commit thread must apply this operation on its own
+    /// (it reads other state while it runs).
+    pub fn runs_alone(&self) -> bool {
+        matches!(self, WriteOp::Trim(_))
     }
 }
 
@@ -77,6 +161,34 @@ pub enum Applied {
     Published(Appended),
     /// The subscription, new or existing.
     Subscribed(Subscription),
+    /// The subscription removed, or `None` when there was none.
+    Unsubscribed(Option<Subscription>),
+    /// The subscription with its new paused flag, or why it was refused.
+    PausedSet(Result<Subscription, PauseRefused>),
+    /// A settlement, a deferral or floors were stored.
+    Stored,
+    /// What one trim step removed.
+    Trimmed(Trimmed),
+}
+
+/// Why PAUSE or CONTINUE changed nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PauseRefused {
+    /// The client has no subscription with that pattern.
+    NotSubscribed,
+    /// CONTINUE of a subscription that is running.
+    NotPaused,
+}
+
+/// What a trim step removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Trimmed {
+    /// Events removed.
+    pub events: u64,
+    /// Their stored bytes.
+    pub bytes: u64,
+    /// Whether retention would remove more (the step hit `max_commits`).
+    pub more: bool,
 }
 
 /// Where an appended event landed.
@@ -103,8 +215,16 @@ pub struct Subscription {
     pub client: ClientId,
     /// What it covers.
     pub pattern: Pattern,
-    /// Live delivery covers events after this sequence number.
+    /// Events addressed to everyone (`*`) are delivered after this
+    /// sequence number: the head when the subscription was made. Events
+    /// addressed to the client itself are delivered whenever published.
     pub since: u64,
+    /// Whether delivery is paused.
+    pub paused: bool,
+    /// Every event up to here that this subscription delivers is settled
+    /// (or was delivered by another subscription): delivery resumes after
+    /// it after a restart.
+    pub floor: u64,
 }
 
 /// A stored event as a scan visits it.
@@ -143,9 +263,30 @@ impl<'a> EventView<'a> {
     /// Whether the event is addressed to `client` (by `*`, or by one of the
     /// client's identities: its id and public keys).
     pub fn is_addressed_to(&self, identities: &[&str]) -> bool {
-        recipients_iter(self.recipients)
-            .any(|r| r == "*" || identities.iter().any(|id| id.as_bytes() == r.as_bytes()))
+        self.addressing(identities).is_some()
     }
+
+    /// How the event is addressed to a client with these identities, if
+    /// at all.
+    pub fn addressing(&self, identities: &[&str]) -> Option<Addressing> {
+        let mut everyone = false;
+        for r in recipients_iter(self.recipients) {
+            if identities.iter().any(|id| id.as_bytes() == r.as_bytes()) {
+                return Some(Addressing::Direct);
+            }
+            everyone |= r == "*";
+        }
+        everyone.then_some(Addressing::Everyone)
+    }
+}
+
+/// How an event reaches a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Addressing {
+    /// By its id or public key: queued for it from publication on.
+    Direct,
+    /// By `*` only: delivered to subscriptions that existed at publication.
+    Everyone,
 }
 
 /// One event read out of the log.
@@ -271,9 +412,43 @@ pub trait EventLog: Send + Sync + 'static {
     /// When the database fails.
     fn event(&self, id: &EventId) -> Result<Option<OwnedEvent>>;
 
+    /// Looks one event up by sequence number.
+    ///
+    /// # Errors
+    /// When the database fails.
+    fn event_at(&self, seq: u64) -> Result<Option<OwnedEvent>>;
+
+    /// The sequence number an id of this store names, if it names one.
+    fn seq_of(&self, id: &EventId) -> Option<u64>;
+
+    /// The oldest retained sequence number (`None` for an empty log).
+    ///
+    /// # Errors
+    /// When the database fails.
+    fn oldest(&self) -> Result<Option<u64>>;
+
+    /// Bytes of events the log holds.
+    fn stored_bytes(&self) -> u64;
+
     /// Every stored subscription.
     ///
     /// # Errors
     /// When the database fails or a value is damaged.
     fn subscriptions(&self) -> Result<Vec<Subscription>>;
+
+    /// Whether `client` has ever settled an event (a cheap check that
+    /// spares lookups for clients that never ACK).
+    fn has_settlements(&self, client: &ClientId) -> bool;
+
+    /// How `client` settled event `seq`, if it did.
+    ///
+    /// # Errors
+    /// When the database fails or a value is damaged.
+    fn settlement(&self, client: &ClientId, seq: u64) -> Result<Option<Settlement>>;
+
+    /// The client's deferred events: `(seq, due ms)`.
+    ///
+    /// # Errors
+    /// When the database fails or a value is damaged.
+    fn deferred(&self, client: &ClientId) -> Result<Vec<(u64, u64)>>;
 }

@@ -10,8 +10,14 @@
 //! | `b` first seq               | the commit's chunks: (first seq, name)*  |
 //! | `t` loggedAt                | first seq logged at that millisecond     |
 //! | `n` name                    | empty (the names in the log)             |
-//! | `u` client `\0` pattern     | `since` seq                              |
-//! | `m` `epoch` / `m` `last`    | store epoch (`u32`) / last seq (`u64`)   |
+//! | `u` client `\0` pattern     | since seq, paused flag, delivery floor   |
+//! | `k` seq client              | how the client settled the event         |
+//! | `d` seq client              | when the client's deferred event is due  |
+//! | `s` client                  | empty (the client has settled something) |
+//! | `m` `epoch` / `last` / `size` | store epoch (`u32`) / last seq / bytes |
+//!
+//! Settlements and deferrals are keyed by seq first, so retention removes
+//! them with the events, by one range.
 //!
 //! A group commit stores its events of one name as one chunk (split at
 //! `MAX_CHUNK_BYTES`): sled copies a leaf on every insert, so one insert
@@ -29,7 +35,8 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::ops::{ControlFlow, RangeInclusive};
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
 
 use bytes::Bytes;
 use ensync_protocol::field::{ClientId, EventId, Pattern, Position};
@@ -37,8 +44,8 @@ use ensync_protocol::{encode_record, RecordFields};
 use sled::{Batch, Db, IVec, Tree};
 
 use super::{
-    encode_recipients, Appended, Applied, EventLog, EventView, OwnedEvent, Resolved, Result, Side,
-    StoreError, Subscription, UnknownPosition, WriteOp,
+    encode_recipients, Appended, Applied, EventLog, EventView, OwnedEvent, PauseRefused, Resolved,
+    Result, Settlement, Side, StoreError, Subscription, Trim, Trimmed, UnknownPosition, WriteOp,
 };
 
 const CHUNK: u8 = b'e';
@@ -46,8 +53,15 @@ const COMMIT: u8 = b'b';
 const TIME: u8 = b't';
 const NAME: u8 = b'n';
 const SUB: u8 = b'u';
+const SETTLED: u8 = b'k';
+const DEFERRED: u8 = b'd';
+const SETTLER: u8 = b's';
 const EPOCH_KEY: &[u8] = b"mepoch";
 const LAST_KEY: &[u8] = b"mlast";
+const SIZE_KEY: &[u8] = b"msize";
+/// Settlement values: the first byte says which.
+const ACKED: u8 = 0;
+const DISCARDED: u8 = 1;
 /// A chunk is closed once it holds this many bytes: large enough that a
 /// scan reads many records per value, small enough that finding one event
 /// in it (by id) stays cheap.
@@ -66,6 +80,8 @@ impl From<sled::Error> for StoreError {
 struct Tail {
     last_seq: u64,
     last_ts: u64,
+    /// Bytes of event chunks stored.
+    bytes: u64,
     names: HashSet<String>,
 }
 
@@ -76,6 +92,10 @@ pub struct SledLog {
     tree: Tree,
     epoch: u32,
     tail: Mutex<Tail>,
+    /// Mirrors `Tail::bytes` for readers that must not wait on a commit.
+    bytes: AtomicU64,
+    /// Clients with at least one settlement.
+    settlers: RwLock<HashSet<String>>,
 }
 
 fn chunk_key(name: &str, first_seq: u64) -> Vec<u8> {
@@ -174,13 +194,16 @@ impl Chunks {
         put_entry(&mut self.built[slot].2, seq, value);
     }
 
-    /// Moves the chunks into `batch`, with the commit's index entry.
-    fn write(self, batch: &mut Batch) {
+    /// Moves the chunks into `batch`, with the commit's index entry, and
+    /// says how many bytes they hold.
+    fn write(self, batch: &mut Batch) -> u64 {
         let Some(commit_first) = self.built.iter().map(|c| c.1).min() else {
-            return;
+            return 0;
         };
         let mut index = Vec::new();
+        let mut bytes = 0;
         for (name, first, entries) in self.built {
+            bytes += entries.len() as u64;
             index.extend_from_slice(&first.to_be_bytes());
             let len = u16::try_from(name.len()).expect("names are at most 255 bytes");
             index.extend_from_slice(&len.to_le_bytes());
@@ -188,6 +211,7 @@ impl Chunks {
             batch.insert(chunk_key(&name, first), entries);
         }
         batch.insert(&num_key(COMMIT, commit_first), index);
+        bytes
     }
 }
 
@@ -313,6 +337,21 @@ impl SledLog {
         for entry in tree.scan_prefix([NAME]) {
             names.insert(utf8(&entry?.0[1..])?.to_owned());
         }
+        let bytes = match tree.get(SIZE_KEY)? {
+            Some(v) => be_u64(&v)?,
+            // A store from before the size was kept: count it once.
+            None => {
+                let mut bytes = 0;
+                for entry in tree.scan_prefix([CHUNK]) {
+                    bytes += entry?.1.len() as u64;
+                }
+                bytes
+            }
+        };
+        let mut settlers = HashSet::new();
+        for entry in tree.scan_prefix([SETTLER]) {
+            settlers.insert(utf8(&entry?.0[1..])?.to_owned());
+        }
         Ok(Self {
             db,
             tree,
@@ -320,8 +359,11 @@ impl SledLog {
             tail: Mutex::new(Tail {
                 last_seq,
                 last_ts,
+                bytes,
                 names,
             }),
+            bytes: AtomicU64::new(bytes),
+            settlers: RwLock::new(settlers),
         })
     }
 
@@ -338,6 +380,123 @@ impl SledLog {
         let epoch = u32::from_str_radix(hex.get(..8)?, 16).ok()?;
         let seq = u64::from_str_radix(hex.get(8..)?, 16).ok()?;
         (epoch == self.epoch).then_some(seq)
+    }
+
+    /// The subscription under `key`, as this batch has left it so far.
+    fn sub_in(
+        &self,
+        pending: &HashMap<Vec<u8>, Option<Subscription>>,
+        key: &[u8],
+        client: &ClientId,
+        pattern: &Pattern,
+    ) -> Result<Option<Subscription>> {
+        if let Some(sub) = pending.get(key) {
+            return Ok(sub.clone());
+        }
+        match self.tree.get(key)? {
+            Some(value) => Ok(Some(decode_sub(client.clone(), pattern.clone(), &value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Moves the floors of the client's subscriptions forward.
+    fn raise_floors(
+        &self,
+        pending: &mut HashMap<Vec<u8>, Option<Subscription>>,
+        client: &ClientId,
+        floors: &[(Pattern, u64)],
+    ) -> Result<()> {
+        for (pattern, floor) in floors {
+            let key = sub_key(client, pattern);
+            if let Some(mut sub) = self.sub_in(pending, &key, client, pattern)? {
+                if *floor > sub.floor {
+                    sub.floor = *floor;
+                    pending.insert(key, Some(sub));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// One retention step: removes the oldest commits `trim` allows.
+    fn trim(&self, tail: &mut Tail, trim: &Trim) -> Result<Trimmed> {
+        let cutoff = match trim.before_ms {
+            Some(ms) => self
+                .tree
+                .range(num_key(TIME, ms)..=num_key(TIME, u64::MAX))
+                .next()
+                .transpose()?
+                .map(|(_, seq)| be_u64(&seq))
+                .transpose()?
+                .unwrap_or(tail.last_seq + 1),
+            None => 0,
+        };
+        let mut commits = self.tree.scan_prefix([COMMIT]);
+        let mut next = commits.next().transpose()?;
+        let mut batch = Batch::default();
+        let mut done = Trimmed::default();
+        let mut through = None;
+        let mut removed = 0;
+        while let Some((key, index)) = next.take() {
+            let first = be_u64(&key[1..])?;
+            next = commits.next().transpose()?;
+            let end = match &next {
+                Some((key, _)) => be_u64(&key[1..])?,
+                None => tail.last_seq + 1,
+            };
+            let too_big = trim
+                .max_bytes
+                .is_some_and(|max| tail.bytes - done.bytes > max);
+            if end > trim.keep_from || !(end <= cutoff || too_big) {
+                break;
+            }
+            if removed == trim.max_commits {
+                done.more = true;
+                break;
+            }
+            for (chunk_first, name) in decode_commit(&index)? {
+                let chunk = chunk_key(name, chunk_first);
+                if let Some(value) = self.tree.get(&chunk)? {
+                    done.bytes += value.len() as u64;
+                }
+                batch.remove(chunk);
+            }
+            batch.remove(key);
+            done.events += end - first;
+            through = Some(end - 1);
+            removed += 1;
+        }
+        let Some(through) = through else {
+            return Ok(done);
+        };
+        // Time entries whose events are all gone, and the settlements and
+        // deferrals of removed events.
+        let mut times = self.tree.scan_prefix([TIME]).peekable();
+        while let Some(entry) = times.next() {
+            let (key, _) = entry?;
+            let next_first = match times.peek() {
+                Some(Ok((_, seq))) => be_u64(seq)?,
+                Some(Err(e)) => return Err(e.clone().into()),
+                None => tail.last_seq + 1,
+            };
+            if next_first > through + 1 {
+                break;
+            }
+            batch.remove(key);
+        }
+        for table in [SETTLED, DEFERRED] {
+            for entry in self
+                .tree
+                .range(num_key(table, 0)..num_key(table, through + 1))
+            {
+                batch.remove(entry?.0);
+            }
+        }
+        tail.bytes -= done.bytes.min(tail.bytes);
+        batch.insert(SIZE_KEY, &tail.bytes.to_be_bytes());
+        self.tree.apply_batch(batch)?;
+        self.bytes.store(tail.bytes, Ordering::Release);
+        Ok(done)
     }
 
     fn oldest_seq(&self) -> Result<Option<u64>> {
@@ -407,14 +566,21 @@ impl EventLog for SledLog {
 
     fn apply(&self, ops: &[WriteOp], now_ms: u64) -> Result<Vec<Applied>> {
         let mut tail = self.tail.lock().expect("tail lock is never poisoned");
+        if let [WriteOp::Trim(trim)] = ops {
+            let trimmed = self.trim(&mut tail, trim)?;
+            return Ok(vec![Applied::Trimmed(trimmed)]);
+        }
         let (mut seq, mut ts) = (tail.last_seq, tail.last_ts);
         let mut new_names: Vec<&str> = Vec::new();
+        let mut new_settlers: Vec<&str> = Vec::new();
         let mut batch = Batch::default();
         let mut chunks = Chunks::default();
+        // Subscriptions this batch changed, as they will be once applied.
+        let mut subs: HashMap<Vec<u8>, Option<Subscription>> = HashMap::new();
         let mut value = Vec::new();
         let mut applied = Vec::with_capacity(ops.len());
         for op in ops {
-            match op {
+            let result = match op {
                 WriteOp::Publish(event) => {
                     seq += 1;
                     // NOTE: a clock that steps back keeps the last
@@ -444,41 +610,137 @@ impl EventLog for SledLog {
                     encode_recipients(&event.recipients, &mut value);
                     value.extend_from_slice(&record);
                     chunks.push(name, seq, &value);
-                    applied.push(Applied::Published(Appended {
+                    Applied::Published(Appended {
                         seq,
                         idem,
                         logged_at: ts,
                         name: event.name.clone(),
                         recipients: event.recipients.clone(),
                         record: Bytes::from(record),
-                    }));
+                    })
                 }
                 WriteOp::Subscribe { client, pattern } => {
                     let key = sub_key(client, pattern);
-                    let since = match self.tree.get(&key)? {
-                        Some(existing) => be_u64(&existing)?,
+                    let sub = match self.sub_in(&subs, &key, client, pattern)? {
+                        Some(existing) => existing,
                         None => {
-                            batch.insert(key, &seq.to_be_bytes());
-                            seq
+                            let sub = Subscription {
+                                client: client.clone(),
+                                pattern: pattern.clone(),
+                                since: seq,
+                                paused: false,
+                                floor: 0,
+                            };
+                            subs.insert(key, Some(sub.clone()));
+                            sub
                         }
                     };
-                    applied.push(Applied::Subscribed(Subscription {
-                        client: client.clone(),
-                        pattern: pattern.clone(),
-                        since,
-                    }));
+                    Applied::Subscribed(sub)
                 }
-            }
+                WriteOp::Unsubscribe { client, pattern } => {
+                    let key = sub_key(client, pattern);
+                    let existing = self.sub_in(&subs, &key, client, pattern)?;
+                    if existing.is_some() {
+                        subs.insert(key, None);
+                    }
+                    Applied::Unsubscribed(existing)
+                }
+                WriteOp::SetPaused {
+                    client,
+                    pattern,
+                    paused,
+                } => {
+                    let key = sub_key(client, pattern);
+                    Applied::PausedSet(match self.sub_in(&subs, &key, client, pattern)? {
+                        None => Err(PauseRefused::NotSubscribed),
+                        Some(sub) if !*paused && !sub.paused => Err(PauseRefused::NotPaused),
+                        Some(mut sub) => {
+                            sub.paused = *paused;
+                            subs.insert(key, Some(sub.clone()));
+                            Ok(sub)
+                        }
+                    })
+                }
+                WriteOp::Settle {
+                    client,
+                    seq: event,
+                    settlement,
+                    floors,
+                } => {
+                    let key = client_seq_key(SETTLED, *event, client);
+                    match settlement {
+                        Settlement::Acked => batch.insert(key, &[ACKED]),
+                        Settlement::Discarded(reason) => {
+                            let mut value = vec![DISCARDED];
+                            value.extend_from_slice(reason.as_bytes());
+                            batch.insert(key, value);
+                        }
+                    }
+                    batch.remove(client_seq_key(DEFERRED, *event, client));
+                    let known = self
+                        .settlers
+                        .read()
+                        .expect("settlers lock is never poisoned")
+                        .contains(client.as_str());
+                    if !known && !new_settlers.contains(&client.as_str()) {
+                        new_settlers.push(client.as_str());
+                        let mut key = vec![SETTLER];
+                        key.extend_from_slice(client.as_str().as_bytes());
+                        batch.insert(key, &[]);
+                    }
+                    self.raise_floors(&mut subs, client, floors)?;
+                    Applied::Stored
+                }
+                WriteOp::Defer {
+                    client,
+                    seq: event,
+                    due_ms,
+                } => {
+                    let key = client_seq_key(DEFERRED, *event, client);
+                    match due_ms {
+                        Some(due) => batch.insert(key, &due.to_be_bytes()),
+                        None => batch.remove(key),
+                    }
+                    Applied::Stored
+                }
+                WriteOp::SetFloors { client, floors } => {
+                    self.raise_floors(&mut subs, client, floors)?;
+                    Applied::Stored
+                }
+                WriteOp::Trim(_) => {
+                    return Err(StoreError::Backend(
+                        "a trim must be applied on its own".into(),
+                    ))
+                }
+            };
+            applied.push(result);
         }
-        chunks.write(&mut batch);
+        let added = chunks.write(&mut batch);
         if seq != tail.last_seq {
             batch.insert(LAST_KEY, &seq.to_be_bytes());
+        }
+        if added > 0 {
+            batch.insert(SIZE_KEY, &(tail.bytes + added).to_be_bytes());
+        }
+        for (key, sub) in &subs {
+            match sub {
+                Some(sub) => batch.insert(key.as_slice(), encode_sub(sub).as_slice()),
+                None => batch.remove(key.as_slice()),
+            }
         }
         self.tree.apply_batch(batch)?;
         tail.last_seq = seq;
         tail.last_ts = ts;
+        tail.bytes += added;
+        self.bytes.store(tail.bytes, Ordering::Release);
         let new_names: Vec<String> = new_names.into_iter().map(str::to_owned).collect();
         tail.names.extend(new_names);
+        if !new_settlers.is_empty() {
+            self.settlers
+                .write()
+                .expect("settlers lock is never poisoned")
+                .extend(new_settlers.into_iter().map(str::to_owned));
+        }
         Ok(applied)
     }
 
@@ -595,14 +857,104 @@ impl EventLog for SledLog {
                 .split_once('\0')
                 .ok_or_else(|| StoreError::Damaged("subscription key without pattern".into()))?;
             let damaged = |e| StoreError::Damaged(format!("subscription {text:?}: {e}"));
-            subs.push(Subscription {
-                client: client.parse::<ClientId>().map_err(damaged)?,
-                pattern: pattern.parse::<Pattern>().map_err(damaged)?,
-                since: be_u64(&value)?,
-            });
+            subs.push(decode_sub(
+                client.parse::<ClientId>().map_err(damaged)?,
+                pattern.parse::<Pattern>().map_err(damaged)?,
+                &value,
+            )?);
         }
         Ok(subs)
     }
+
+    fn event_at(&self, seq: u64) -> Result<Option<OwnedEvent>> {
+        Ok(self
+            .locate(seq)?
+            .map(|(name, value)| OwnedEvent { seq, name, value }))
+    }
+
+    fn seq_of(&self, id: &EventId) -> Option<u64> {
+        SledLog::seq_of(self, id)
+    }
+
+    fn oldest(&self) -> Result<Option<u64>> {
+        self.oldest_seq()
+    }
+
+    fn stored_bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    fn has_settlements(&self, client: &ClientId) -> bool {
+        self.settlers
+            .read()
+            .expect("settlers lock is never poisoned")
+            .contains(client.as_str())
+    }
+
+    fn settlement(&self, client: &ClientId, seq: u64) -> Result<Option<Settlement>> {
+        let Some(value) = self.tree.get(client_seq_key(SETTLED, seq, client))? else {
+            return Ok(None);
+        };
+        match value.split_first() {
+            Some((&ACKED, _)) => Ok(Some(Settlement::Acked)),
+            Some((&DISCARDED, reason)) => Ok(Some(Settlement::Discarded(
+                String::from_utf8_lossy(reason).into_owned(),
+            ))),
+            _ => Err(StoreError::Damaged(format!(
+                "settlement of event {seq} by {client} is unreadable"
+            ))),
+        }
+    }
+
+    fn deferred(&self, client: &ClientId) -> Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix([DEFERRED]) {
+            let (key, value) = entry?;
+            if key.get(9..) == Some(client.as_str().as_bytes()) {
+                out.push((be_u64(&key[1..9])?, be_u64(&value)?));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A key of a table keyed by seq, then client.
+fn client_seq_key(table: u8, seq: u64, client: &ClientId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9 + client.as_str().len());
+    key.push(table);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key.extend_from_slice(client.as_str().as_bytes());
+    key
+}
+
+/// A subscription's value: since, paused, floor.
+fn encode_sub(sub: &Subscription) -> [u8; 17] {
+    let mut value = [0; 17];
+    value[..8].copy_from_slice(&sub.since.to_be_bytes());
+    value[8] = u8::from(sub.paused);
+    value[9..].copy_from_slice(&sub.floor.to_be_bytes());
+    value
+}
+
+fn decode_sub(client: ClientId, pattern: Pattern, value: &[u8]) -> Result<Subscription> {
+    let since = be_u64(value.get(..8).unwrap_or(value))?;
+    // Older stores kept only `since`.
+    let (paused, floor) = match value.len() {
+        8 => (false, 0),
+        17 => (value[8] != 0, be_u64(&value[9..])?),
+        n => {
+            return Err(StoreError::Damaged(format!(
+                "subscription value of {n} bytes"
+            )))
+        }
+    };
+    Ok(Subscription {
+        client,
+        pattern,
+        since,
+        paused,
+        floor,
+    })
 }
 
 fn sub_key(client: &ClientId, pattern: &Pattern) -> Vec<u8> {

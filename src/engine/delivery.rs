@@ -1,0 +1,739 @@
+//! Delivery: each client's processing queue, shared by its connections.
+//!
+//! While a client has connections, the hub keeps its delivery state in
+//! memory: for each subscription a cursor (events up to it have been
+//! considered) and the events it delivered that are not settled yet, each
+//! in flight on one connection, waiting to be redelivered, or deferred.
+//! Connections pull: a connection's writer, when it is free to write,
+//! takes the next events from the shared state and marks them in flight
+//! on itself. That is what makes several connections of one client
+//! compete for events (whoever is ready takes the next ones, nobody takes
+//! an event another holds) and what keeps a slow connection from being
+//! handed more than it can write.
+//!
+//! Only settlements, deferrals, paused flags and floors are stored. An
+//! event delivered and not settled when the server stops, or when the
+//! client's last connection leaves, is above its subscription's floor and
+//! unsettled in the store, so it is delivered again: at-least-once without
+//! writing anything per delivery.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::ControlFlow;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ensync_protocol::field::{ClientId, Pattern};
+use ensync_protocol::Marks;
+use tokio::sync::{watch, Notify};
+use tracing::{debug, error};
+
+use super::commit::Committer;
+use super::now_ms;
+use super::subs::Registry;
+use crate::store::{Addressing, EventLog, EventView, Result, Subscription, WriteOp};
+
+/// Bytes of records one pull hands a connection.
+const PULL_BYTES: usize = 64 * 1024;
+/// Events one subscription examines per pull, delivered or not: bounds
+/// the time a pull holds the client's lock.
+const PULL_VISITS: usize = 4096;
+
+/// Delivery settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// How long a delivered event may stay unsettled before it is
+    /// delivered again.
+    pub ack_wait: Duration,
+    /// Most unsettled events per subscription.
+    pub max_unsettled: usize,
+}
+
+/// Every attached client's delivery state.
+pub struct Hub {
+    store: Arc<dyn EventLog>,
+    registry: Arc<Registry>,
+    commit: Arc<Committer>,
+    settings: Settings,
+    /// Changes with every commit: what wakes waiting connections.
+    changes: watch::Receiver<u64>,
+    clients: Mutex<HashMap<ClientId, Arc<Client>>>,
+    next_conn: std::sync::atomic::AtomicU64,
+}
+
+/// One client's shared state and the signal that it changed.
+struct Client {
+    id: ClientId,
+    identities: Vec<String>,
+    state: Mutex<State>,
+    wake: Notify,
+}
+
+type SubId = u64;
+
+/// Where an unsettled event is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    /// Delivered on `conn`; delivered again at `deadline` (ms).
+    InFlight { conn: u64, deadline: u64 },
+    /// Waiting to be delivered again.
+    Retry,
+    /// Held back until `due` (ms).
+    Deferred { due: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Unsettled {
+    sub: SubId,
+    status: Status,
+}
+
+#[derive(Debug)]
+struct SubState {
+    id: SubId,
+    pattern: Pattern,
+    since: u64,
+    paused: bool,
+    /// Every event up to here has been considered for delivery.
+    cursor: u64,
+    /// The floor the store has.
+    stored_floor: u64,
+    /// Unsettled events this subscription delivered.
+    owned: BTreeSet<u64>,
+}
+
+impl SubState {
+    /// Everything up to the floor is settled or delivered by another
+    /// subscription.
+    fn floor(&self) -> u64 {
+        self.owned
+            .first()
+            .map_or(self.cursor, |first| first - 1)
+            .min(self.cursor)
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    connections: usize,
+    /// The registry's subscriptions this state was built from.
+    source: Option<Arc<[Subscription]>>,
+    subs: Vec<SubState>,
+    next_sub: SubId,
+    queue: BTreeMap<u64, Unsettled>,
+    /// In-flight deadlines and deferral due times: `(ms, seq)`.
+    timers: BTreeSet<(u64, u64)>,
+    retry: BTreeSet<u64>,
+    /// Events up to here may have been delivered, or settled, before this
+    /// state existed: delivering one checks the store first.
+    rescan_mark: u64,
+}
+
+/// An event taken out of the processing queue to be settled.
+#[derive(Debug)]
+pub struct Taken {
+    /// Floors that moved and should be stored.
+    pub floors: Vec<(Pattern, u64)>,
+    /// Whether it was deferred (its deferral is stored).
+    pub was_deferred: bool,
+}
+
+/// What a pull produced.
+#[derive(Debug, Default)]
+pub struct Pulled {
+    /// Record lines to write.
+    pub lines: Option<Bytes>,
+    /// Whether more is ready right away.
+    pub more: bool,
+}
+
+impl State {
+    fn sub(&self, id: SubId) -> Option<&SubState> {
+        self.subs.iter().find(|s| s.id == id)
+    }
+
+    fn sub_mut(&mut self, id: SubId) -> Option<&mut SubState> {
+        self.subs.iter_mut().find(|s| s.id == id)
+    }
+
+    /// Brings the subscriptions in line with the registry.
+    fn sync(&mut self, current: Arc<[Subscription]>) {
+        if self
+            .source
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, &current))
+        {
+            return;
+        }
+        self.subs
+            .retain(|s| current.iter().any(|c| c.pattern == s.pattern));
+        for sub in current.iter() {
+            match self.subs.iter_mut().find(|s| s.pattern == sub.pattern) {
+                Some(state) => state.paused = sub.paused,
+                None => {
+                    self.next_sub += 1;
+                    self.subs.push(SubState {
+                        id: self.next_sub,
+                        pattern: sub.pattern.clone(),
+                        since: sub.since,
+                        paused: sub.paused,
+                        cursor: sub.floor,
+                        stored_floor: sub.floor,
+                        owned: BTreeSet::new(),
+                    });
+                }
+            }
+        }
+        self.source = Some(current);
+    }
+
+    fn set_status(&mut self, seq: u64, status: Status) {
+        let Some(entry) = self.queue.get_mut(&seq) else {
+            return;
+        };
+        match std::mem::replace(&mut entry.status, status) {
+            Status::InFlight { deadline: at, .. } | Status::Deferred { due: at } => {
+                self.timers.remove(&(at, seq));
+            }
+            Status::Retry => {
+                self.retry.remove(&seq);
+            }
+        }
+        match status {
+            Status::InFlight { deadline: at, .. } | Status::Deferred { due: at } => {
+                self.timers.insert((at, seq));
+            }
+            Status::Retry => {
+                self.retry.insert(seq);
+            }
+        }
+    }
+
+    fn insert(&mut self, seq: u64, sub: SubId, status: Status) {
+        self.queue.insert(
+            seq,
+            Unsettled {
+                sub,
+                status: Status::Retry,
+            },
+        );
+        self.retry.insert(seq);
+        self.set_status(seq, status);
+        if let Some(state) = self.sub_mut(sub) {
+            state.owned.insert(seq);
+        }
+    }
+
+    fn remove(&mut self, seq: u64) -> Option<Unsettled> {
+        let entry = self.queue.remove(&seq)?;
+        match entry.status {
+            Status::InFlight { deadline: at, .. } | Status::Deferred { due: at } => {
+                self.timers.remove(&(at, seq));
+            }
+            Status::Retry => {
+                self.retry.remove(&seq);
+            }
+        }
+        if let Some(state) = self.sub_mut(entry.sub) {
+            state.owned.remove(&seq);
+        }
+        Some(entry)
+    }
+
+    /// Moves what timed out or fell due back to delivery.
+    fn fire_timers(&mut self, now: u64) {
+        while let Some(&(at, seq)) = self.timers.first() {
+            if at > now {
+                break;
+            }
+            self.set_status(seq, Status::Retry);
+        }
+    }
+
+    /// The floors that moved since they were last stored.
+    fn moved_floors(&mut self) -> Vec<(Pattern, u64)> {
+        let mut moved = Vec::new();
+        for sub in &mut self.subs {
+            let floor = sub.floor();
+            if floor > sub.stored_floor {
+                sub.stored_floor = floor;
+                moved.push((sub.pattern.clone(), floor));
+            }
+        }
+        moved
+    }
+
+    fn next_timer(&self) -> Option<u64> {
+        self.timers.first().map(|(at, _)| *at)
+    }
+}
+
+/// A connection's place among its client's connections. Dropping it
+/// hands the events in flight on it back to the others.
+pub struct Attachment {
+    hub: Arc<Hub>,
+    client: Arc<Client>,
+    conn: u64,
+}
+
+impl Hub {
+    /// A hub delivering from `store`.
+    pub fn new(
+        store: Arc<dyn EventLog>,
+        registry: Arc<Registry>,
+        commit: Arc<Committer>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            changes: commit.changes(),
+            store,
+            registry,
+            commit,
+            settings,
+            clients: Mutex::new(HashMap::new()),
+            next_conn: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    fn clients(&self) -> MutexGuard<'_, HashMap<ClientId, Arc<Client>>> {
+        self.clients.lock().expect("hub lock is never poisoned")
+    }
+
+    /// Attaches a connection of `client`, creating its state (and loading
+    /// its deferred events) if it is the first.
+    pub fn attach(self: &Arc<Self>, client: &ClientId, identities: Vec<String>) -> Attachment {
+        let conn = self
+            .next_conn
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let shared = {
+            let mut clients = self.clients();
+            let shared = clients.entry(client.clone()).or_insert_with(|| {
+                Arc::new(Client {
+                    id: client.clone(),
+                    identities,
+                    state: Mutex::new(State::default()),
+                    wake: Notify::new(),
+                })
+            });
+            Arc::clone(shared)
+        };
+        {
+            let mut state = shared.lock();
+            state.connections += 1;
+            if state.connections == 1 {
+                self.load(&shared, &mut state);
+            }
+        }
+        Attachment {
+            hub: Arc::clone(self),
+            client: shared,
+            conn,
+        }
+    }
+
+    /// Fresh state for a client's first connection.
+    fn load(&self, client: &Client, state: &mut State) {
+        *state = State {
+            connections: state.connections,
+            rescan_mark: self.commit.head(),
+            ..State::default()
+        };
+        state.sync(self.registry.of(&client.id));
+        let deferred = match self.store.deferred(&client.id) {
+            Ok(deferred) => deferred,
+            Err(e) => {
+                error!(client = %client.id, error = %e, "cannot load deferred events; they are delivered now");
+                Vec::new()
+            }
+        };
+        for (seq, due) in deferred {
+            let owner = self.owner(client, state, seq).ok().flatten();
+            if let Some(sub) = owner {
+                state.insert(seq, sub, Status::Deferred { due });
+            }
+        }
+    }
+
+    /// The subscription that delivers event `seq` to `client`, if one does
+    /// and the event is not settled: for events this state has not
+    /// delivered itself.
+    fn owner(&self, client: &Client, state: &State, seq: u64) -> Result<Option<SubId>> {
+        let Some(event) = self.store.event_at(seq)? else {
+            return Ok(None);
+        };
+        let view = event.view()?;
+        let ids: Vec<&str> = client.identities.iter().map(String::as_str).collect();
+        let Some(addressing) = view.addressing(&ids) else {
+            return Ok(None);
+        };
+        let sub = state.subs.iter().find(|s| {
+            s.pattern.matches(view.name) && (addressing == Addressing::Direct || seq > s.since)
+        });
+        let Some(sub) = sub else {
+            return Ok(None);
+        };
+        if self.is_settled(&client.id, seq)? {
+            return Ok(None);
+        }
+        Ok(Some(sub.id))
+    }
+
+    fn is_settled(&self, client: &ClientId, seq: u64) -> Result<bool> {
+        Ok(self.store.has_settlements(client) && self.store.settlement(client, seq)?.is_some())
+    }
+
+    /// Takes `seq` out of `client`'s processing queue to settle it (ACK,
+    /// DISCARD). `None` when it is not there.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub fn take(&self, client: &ClientId, seq: u64) -> Result<Option<Taken>> {
+        let Some(shared) = self.clients().get(client).cloned() else {
+            return Ok(None);
+        };
+        let mut state = shared.lock();
+        let entry = match state.remove(seq) {
+            Some(entry) => entry,
+            None if seq <= state.rescan_mark => match self.owner(&shared, &state, seq)? {
+                // Delivered before this state existed (an earlier
+                // connection, or before a restart), and not settled.
+                Some(sub) => Unsettled {
+                    sub,
+                    status: Status::Retry,
+                },
+                None => return Ok(None),
+            },
+            None => return Ok(None),
+        };
+        let floors = state.moved_floors();
+        drop(state);
+        shared.wake.notify_waiters();
+        Ok(Some(Taken {
+            floors,
+            was_deferred: matches!(entry.status, Status::Deferred { .. }),
+        }))
+    }
+
+    /// Holds `seq` back until `due`, or with `None` puts it up for
+    /// delivery again now (ROLLBACK). `None` when it is not in the queue;
+    /// otherwise whether it was deferred before.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub fn hold(&self, client: &ClientId, seq: u64, due: Option<u64>) -> Result<Option<bool>> {
+        let Some(shared) = self.clients().get(client).cloned() else {
+            return Ok(None);
+        };
+        let mut state = shared.lock();
+        let status = match due {
+            Some(due) => Status::Deferred { due },
+            None => Status::Retry,
+        };
+        let was_deferred = match state.queue.get(&seq) {
+            Some(entry) => {
+                let was = matches!(entry.status, Status::Deferred { .. });
+                state.set_status(seq, status);
+                was
+            }
+            None if seq <= state.rescan_mark => match self.owner(&shared, &state, seq)? {
+                Some(sub) => {
+                    state.insert(seq, sub, status);
+                    // It may have been deferred before this state existed;
+                    // clearing a deferral that is not there is harmless.
+                    true
+                }
+                None => return Ok(None),
+            },
+            None => return Ok(None),
+        };
+        drop(state);
+        shared.wake.notify_waiters();
+        Ok(Some(was_deferred))
+    }
+
+    /// Deliveries for the connection: the next events for `conn`, marked
+    /// in flight on it.
+    fn pull(&self, client: &Client, conn: u64) -> Result<Pulled> {
+        let now = now_ms();
+        let head = self.commit.head();
+        let mut state = client.lock();
+        state.sync(self.registry.of(&client.id));
+        state.fire_timers(now);
+        let deadline = now
+            .saturating_add(u64::try_from(self.settings.ack_wait.as_millis()).unwrap_or(u64::MAX));
+        let mut out = BytesMut::new();
+        self.redeliver(client, &mut state, conn, deadline, &mut out)?;
+        let mut more = out.len() >= PULL_BYTES;
+        if !more {
+            more = self.deliver_new(client, &mut state, conn, deadline, head, &mut out)?;
+        }
+        Ok(Pulled {
+            lines: (!out.is_empty()).then(|| out.freeze()),
+            more,
+        })
+    }
+
+    /// Delivers events waiting to be delivered again, oldest first.
+    fn redeliver(
+        &self,
+        client: &Client,
+        state: &mut State,
+        conn: u64,
+        deadline: u64,
+        out: &mut BytesMut,
+    ) -> Result<()> {
+        let waiting: Vec<u64> = state.retry.iter().copied().collect();
+        for seq in waiting {
+            if out.len() >= PULL_BYTES {
+                break;
+            }
+            let sub = state.queue.get(&seq).map(|e| e.sub);
+            match sub.and_then(|id| state.sub(id)) {
+                // Unsubscribed meanwhile: nobody delivers it any more.
+                None => {
+                    state.remove(seq);
+                    continue;
+                }
+                Some(sub) if sub.paused => continue,
+                Some(_) => {}
+            }
+            match self.store.event_at(seq)? {
+                Some(event) => {
+                    event.view()?.record.write_line(out, &Marks::LIVE);
+                    state.set_status(seq, Status::InFlight { conn, deadline });
+                }
+                // Removed by retention.
+                None => {
+                    debug!(client = %client.id, seq, "unsettled event expired by retention");
+                    state.remove(seq);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Delivers new events of the running subscriptions, merged in
+    /// publication order. Says whether more may be ready.
+    fn deliver_new(
+        &self,
+        client: &Client,
+        state: &mut State,
+        conn: u64,
+        deadline: u64,
+        head: u64,
+        out: &mut BytesMut,
+    ) -> Result<bool> {
+        let cap = self.settings.max_unsettled;
+        let active: Vec<usize> = (0..state.subs.len())
+            .filter(|&i| {
+                let s = &state.subs[i];
+                !s.paused && s.cursor < head && s.owned.len() < cap
+            })
+            .collect();
+        if active.is_empty() {
+            return Ok(false);
+        }
+        let ids: Vec<&str> = client.identities.iter().map(String::as_str).collect();
+        let check_settled = self.store.has_settlements(&client.id);
+        // Candidates: (seq, subscription index, record bytes in `lines`).
+        let mut candidates: Vec<(u64, usize, std::ops::Range<usize>)> = Vec::new();
+        let mut lines = BytesMut::new();
+        let mut ends = Vec::with_capacity(active.len());
+        for &i in &active {
+            let sub = &state.subs[i];
+            let room = cap - sub.owned.len();
+            let (mut found, mut visited, mut end) = (0, 0, head);
+            let mut failed = None;
+            self.store
+                .scan(&sub.pattern, sub.cursor + 1..=head, &mut |event| {
+                    visited += 1;
+                    match self.wanted(client, state, sub, &ids, check_settled, &event) {
+                        Ok(true) => {
+                            let start = lines.len();
+                            event.record.write_line(&mut lines, &Marks::LIVE);
+                            candidates.push((event.seq, i, start..lines.len()));
+                            found += 1;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            failed = Some(e);
+                            end = event.seq.saturating_sub(1);
+                            return ControlFlow::Break(());
+                        }
+                    }
+                    if found == room || visited == PULL_VISITS || lines.len() >= PULL_BYTES {
+                        end = event.seq;
+                        return ControlFlow::Break(());
+                    }
+                    ControlFlow::Continue(())
+                })?;
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            ends.push((i, end));
+        }
+        // Every subscription has been considered up to `cut`: delivering
+        // the candidates up to it, in seq order, keeps publication order
+        // across subscriptions.
+        let cut = ends.iter().map(|(_, end)| *end).min().unwrap_or(head);
+        candidates.sort_by_key(|(seq, i, _)| (*seq, *i));
+        let mut stop = cut;
+        let mut blocked: HashMap<usize, u64> = HashMap::new();
+        for (seq, i, range) in candidates {
+            if seq > stop {
+                break;
+            }
+            if state.queue.contains_key(&seq) || blocked.contains_key(&i) {
+                continue;
+            }
+            if state.subs[i].owned.len() >= cap {
+                blocked.insert(i, seq - 1);
+                continue;
+            }
+            if out.len() >= PULL_BYTES {
+                stop = seq - 1;
+                break;
+            }
+            out.extend_from_slice(&lines[range]);
+            let id = state.subs[i].id;
+            state.insert(seq, id, Status::InFlight { conn, deadline });
+        }
+        let mut more = false;
+        for (i, _) in ends {
+            let sub = &mut state.subs[i];
+            let to = blocked.get(&i).copied().unwrap_or(stop).min(stop);
+            sub.cursor = sub.cursor.max(to);
+            more |= sub.cursor < head && sub.owned.len() < cap && !blocked.contains_key(&i);
+        }
+        Ok(more)
+    }
+
+    /// Whether `sub` should deliver `event` now.
+    fn wanted(
+        &self,
+        client: &Client,
+        state: &State,
+        sub: &SubState,
+        ids: &[&str],
+        check_settled: bool,
+        event: &EventView<'_>,
+    ) -> Result<bool> {
+        let Some(addressing) = event.addressing(ids) else {
+            return Ok(false);
+        };
+        if addressing == Addressing::Everyone && event.seq <= sub.since {
+            return Ok(false);
+        }
+        if state.queue.contains_key(&event.seq) {
+            return Ok(false);
+        }
+        // Settled before: possible only for what an earlier state may have
+        // delivered, or what another subscription also covers.
+        let overlaps = || {
+            state
+                .subs
+                .iter()
+                .filter(|s| s.pattern.matches(event.name))
+                .nth(1)
+                .is_some()
+        };
+        if check_settled && (event.seq <= state.rescan_mark || overlaps()) {
+            return Ok(!self.is_settled(&client.id, event.seq)?);
+        }
+        Ok(true)
+    }
+
+    fn detach(&self, client: &Arc<Client>, conn: u64) -> Option<Vec<(Pattern, u64)>> {
+        let mut clients = self.clients();
+        let mut state = client.lock();
+        state.connections -= 1;
+        let held: Vec<u64> = state
+            .queue
+            .iter()
+            .filter(|(_, e)| matches!(e.status, Status::InFlight { conn: c, .. } if c == conn))
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in held {
+            state.set_status(seq, Status::Retry);
+        }
+        if state.connections > 0 {
+            drop(state);
+            client.wake.notify_waiters();
+            return None;
+        }
+        let floors = state.moved_floors();
+        drop(state);
+        clients.remove(&client.id);
+        Some(floors)
+    }
+}
+
+impl Client {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().expect("client lock is never poisoned")
+    }
+}
+
+impl Attachment {
+    /// The next record lines for this connection; waits until there are
+    /// some. Cancel-safe: nothing is taken until it returns.
+    pub async fn next(&self) -> Bytes {
+        let mut head = self.hub.changes.clone();
+        loop {
+            let woken = self.client.wake.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            head.borrow_and_update();
+            let pulled = match self.hub.pull(&self.client, self.conn) {
+                Ok(pulled) => pulled,
+                Err(e) => {
+                    error!(client = %self.client.id, error = %e, "delivery failed in the store; retrying in a second");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if let Some(lines) = pulled.lines {
+                return lines;
+            }
+            if pulled.more {
+                tokio::task::yield_now().await;
+                continue;
+            }
+            let timer = self.client.lock().next_timer();
+            let sleep = async {
+                match timer {
+                    Some(at) => {
+                        let wait = at.saturating_sub(now_ms());
+                        tokio::time::sleep(Duration::from_millis(wait)).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = woken => {}
+                _ = head.changed() => {}
+                () = sleep => {}
+            }
+        }
+    }
+
+    /// The client this connection delivers for.
+    pub fn client(&self) -> &ClientId {
+        &self.client.id
+    }
+}
+
+impl Drop for Attachment {
+    fn drop(&mut self) {
+        if let Some(floors) = self.hub.detach(&self.client, self.conn) {
+            if !floors.is_empty() {
+                // Best effort: a floor that is not stored only means more
+                // to look through after a restart.
+                self.hub.commit.try_submit(WriteOp::SetFloors {
+                    client: self.client.id.clone(),
+                    floors,
+                });
+            }
+        }
+    }
+}
