@@ -232,14 +232,19 @@ fn run_range(
     let ids: Vec<&str> = job.identities.iter().map(String::as_str).collect();
     let (mut count, mut last) = (0u64, start);
     let mut failed = None;
+    // With ONLY_UNACKED, the events the count pass took: an ACK that lands
+    // before the stream pass reaches its event must not change what was
+    // announced. At most LIMIT entries.
+    let mut taken: Vec<u64> = Vec::new();
+    let filtering = job.only_unacked && job.check_acks;
     let counted = store.scan(&job.pattern, start..=end, &mut |event| {
         if !event.is_addressed_to(&ids) {
             return ControlFlow::Continue(());
         }
-        if job.only_unacked {
+        if filtering {
             match job.acked(store, event.seq) {
                 Ok(true) => return ControlFlow::Continue(()),
-                Ok(false) => {}
+                Ok(false) => taken.push(event.seq),
                 Err(e) => {
                     failed = Some(e);
                     return ControlFlow::Break(());
@@ -275,7 +280,7 @@ fn run_range(
                 return ControlFlow::Break(());
             }
         };
-        if acked && job.only_unacked {
+        if filtering && taken.binary_search(&event.seq).is_err() {
             return ControlFlow::Continue(());
         }
         sent += 1;
