@@ -305,25 +305,24 @@ impl Hub {
         let conn = self
             .next_conn
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let shared = {
-            let mut clients = self.clients();
-            let shared = clients.entry(client.clone()).or_insert_with(|| {
-                Arc::new(Client {
-                    id: client.clone(),
-                    identities,
-                    state: Mutex::new(State::default()),
-                    wake: Notify::new(),
-                })
-            });
-            Arc::clone(shared)
-        };
-        {
-            let mut state = shared.lock();
-            state.connections += 1;
-            if state.connections == 1 {
-                self.load(&shared, &mut state);
-            }
+        let mut clients = self.clients();
+        let shared = Arc::clone(clients.entry(client.clone()).or_insert_with(|| {
+            Arc::new(Client {
+                id: client.clone(),
+                identities,
+                state: Mutex::new(State::default()),
+                wake: Notify::new(),
+            })
+        }));
+        // Counted while the map is held, so a detach that empties the
+        // client cannot remove it from the map under this attach.
+        let mut state = shared.lock();
+        drop(clients);
+        state.connections += 1;
+        if state.connections == 1 {
+            self.load(&shared, &mut state);
         }
+        drop(state);
         Attachment {
             hub: Arc::clone(self),
             client: shared,
