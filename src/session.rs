@@ -47,27 +47,28 @@ enum Pending {
     Outcome(Outcome),
 }
 
-/// When the client last sent anything, in ms since the session started.
+/// When the client last sent anything, in nanoseconds since the session
+/// started (exact, so an answer in the same millisecond as a PING counts).
 struct LastSeen {
     start: Instant,
-    ms: AtomicU64,
+    nanos: AtomicU64,
 }
 
 impl LastSeen {
     fn new() -> Self {
         Self {
             start: Instant::now(),
-            ms: AtomicU64::new(0),
+            nanos: AtomicU64::new(0),
         }
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.ms.store(ms, Ordering::Relaxed);
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.store(nanos, Ordering::Relaxed);
     }
 
     fn get(&self) -> Instant {
-        self.start + std::time::Duration::from_millis(self.ms.load(Ordering::Relaxed))
+        self.start + std::time::Duration::from_nanos(self.nanos.load(Ordering::Relaxed))
     }
 }
 

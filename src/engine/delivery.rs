@@ -98,6 +98,10 @@ struct SubState {
     cursor: u64,
     /// The floor the store has.
     stored_floor: u64,
+    /// Events up to here may have been settled before this state took the
+    /// subscription up (through an earlier subscription of the client, or
+    /// before a reconnect or restart): delivering one checks the store.
+    settled_mark: u64,
     /// Unsettled events this subscription delivered.
     owned: BTreeSet<u64>,
 }
@@ -156,8 +160,9 @@ impl State {
         self.subs.iter_mut().find(|s| s.id == id)
     }
 
-    /// Brings the subscriptions in line with the registry.
-    fn sync(&mut self, current: Arc<[Subscription]>) {
+    /// Brings the subscriptions in line with the registry; `head` is the
+    /// log's head now.
+    fn sync(&mut self, current: Arc<[Subscription]>, head: u64) {
         if self
             .source
             .as_ref()
@@ -179,6 +184,7 @@ impl State {
                         paused: sub.paused,
                         cursor: sub.floor,
                         stored_floor: sub.floor,
+                        settled_mark: head,
                         owned: BTreeSet::new(),
                     });
                 }
@@ -337,7 +343,7 @@ impl Hub {
             rescan_mark: self.commit.head(),
             ..State::default()
         };
-        state.sync(self.registry.of(&client.id));
+        state.sync(self.registry.of(&client.id), state.rescan_mark);
         let deferred = match self.store.deferred(&client.id) {
             Ok(deferred) => deferred,
             Err(e) => {
@@ -456,7 +462,7 @@ impl Hub {
         let now = now_ms();
         let head = self.commit.head();
         let mut state = client.lock();
-        state.sync(self.registry.of(&client.id));
+        state.sync(self.registry.of(&client.id), head);
         state.fire_timers(now);
         let deadline = now
             .saturating_add(u64::try_from(self.settings.ack_wait.as_millis()).unwrap_or(u64::MAX));
@@ -636,7 +642,7 @@ impl Hub {
                 .nth(1)
                 .is_some()
         };
-        if check_settled && (event.seq <= state.rescan_mark || overlaps()) {
+        if check_settled && (event.seq <= sub.settled_mark || overlaps()) {
             return Ok(!self.is_settled(&client.id, event.seq)?);
         }
         Ok(true)

@@ -640,3 +640,111 @@ impl Client {
         out
     }
 }
+
+/// A default config on `data_dir`, for tests to adjust before
+/// `start_server_with`.
+pub fn config_in(data_dir: &Path) -> Config {
+    Config {
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    }
+}
+
+/// Stops `srv` and starts a server with `config` on the same data
+/// directory (which `config` must name).
+pub async fn restart(srv: TestServer, config: Config) -> TestServer {
+    srv.stop().await;
+    start_server_with(config).await
+}
+
+/// A record's `idem`.
+pub fn idem_of(record: &Value) -> String {
+    record["idem"]
+        .as_str()
+        .unwrap_or_else(|| panic!("idem is not a string: {record}"))
+        .to_string()
+}
+
+/// Whether a replayed record says the client acknowledged it.
+pub fn was_acknowledged(record: &Value) -> bool {
+    record["metadata"]["$internal"]["replay_info"]["wasAcknowledged"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("no boolean wasAcknowledged: {record}"))
+}
+
+/// One read that may see the server close the connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Read {
+    /// A whole line, `PING` included.
+    Line(String),
+    /// The server closed the connection (EOF or reset).
+    Closed,
+    /// Nothing complete within the wait.
+    Nothing,
+}
+
+impl Client {
+    /// Reads one line as it is (server `PING`s included), or reports that
+    /// the connection closed or nothing came within `wait`.
+    pub async fn read_raw(&mut self, wait: Duration) -> Read {
+        let read = tokio::time::timeout(wait, self.reader.read_until(b'\n', &mut self.partial));
+        match read.await {
+            Err(_) => Read::Nothing,
+            Ok(Err(_)) => Read::Closed,
+            Ok(Ok(_)) if self.partial.last() != Some(&b'\n') => Read::Closed,
+            Ok(Ok(_)) => {
+                self.partial.pop();
+                let bytes = std::mem::take(&mut self.partial);
+                Read::Line(String::from_utf8(bytes).expect("server sent invalid UTF-8"))
+            }
+        }
+    }
+
+    /// Reads the next line, which must be a live (unmarked) `+RECORD:`.
+    pub async fn record(&mut self) -> Value {
+        let line = self.line().await;
+        assert!(
+            line.starts_with("+RECORD:"),
+            "expected a delivery, got {line:?}"
+        );
+        let record = parse_record(&line);
+        assert!(!is_replayed(&record), "expected a live delivery: {line}");
+        record
+    }
+
+    /// Reads the next `n` lines, which must be live deliveries; returns
+    /// their idems in the order received.
+    pub async fn deliveries(&mut self, n: usize) -> Vec<String> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            out.push(idem_of(&self.record().await));
+        }
+        out
+    }
+
+    /// Sends `line` and reads up to its reply, which is returned with the
+    /// idems of the live deliveries written before it.
+    pub async fn call(&mut self, line: &str) -> (String, Vec<String>) {
+        self.send(line).await;
+        let mut live = Vec::new();
+        loop {
+            let l = self.line().await;
+            if !l.starts_with("+RECORD:") {
+                return (l, live);
+            }
+            let record = parse_record(&l);
+            assert!(!is_replayed(&record), "unexpected replayed record: {l}");
+            live.push(idem_of(&record));
+        }
+    }
+
+    /// ACKs `idem` as `id`, asserting `+PASS:ACKNOWLEDGED`; no delivery may
+    /// come before the reply.
+    pub async fn ack(&mut self, id: &str, idem: &str) {
+        self.expect(
+            &format!("ACK;CLIENT_ID={id};EVENT_IDEM={idem}"),
+            &format!("+PASS:ACKNOWLEDGED;IDEM={idem}"),
+        )
+        .await;
+    }
+}
