@@ -42,6 +42,29 @@ async fn subscriber(srv: &TestServer, id: &str) -> Client {
 
 /// Publishes `n` events on `name` addressed to `*`, one commit each;
 /// returns their idems.
+/// Pauses client `c`'s subscription to `PATTERN`.
+async fn pause(c: &mut Client) {
+    c.expect(
+        &format!("PAUSE;CLIENT_ID=c;EVENT_NAME={PATTERN}"),
+        &format!("+PASS:PAUSED;EVENT_NAME={PATTERN}"),
+    )
+    .await;
+}
+
+/// Continues client `c`'s subscription to `PATTERN`.
+async fn resume(c: &mut Client) {
+    resume_pattern(c, PATTERN).await;
+}
+
+/// Continues client `c`'s subscription to `pattern`.
+async fn resume_pattern(c: &mut Client, pattern: &str) {
+    c.expect(
+        &format!("CONTINUE;CLIENT_ID=c;EVENT_NAME={pattern}"),
+        &format!("+PASS:CONTINUED;EVENT_NAME={pattern}"),
+    )
+    .await;
+}
+
 async fn publish_n(p: &mut Client, name: &str, n: usize) -> Vec<String> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -254,11 +277,7 @@ async fn subscription_state_and_unsettled_events_survive_a_restart() {
         vec![orders[0].clone(), orders[2].clone()]
     );
     c.expect_silence(SILENCE).await;
-    c.expect(
-        "CONTINUE;CLIENT_ID=c;EVENT_NAME=audit/*",
-        "+PASS:CONTINUED;EVENT_NAME=audit/*",
-    )
-    .await;
+    resume_pattern(&mut c, "audit/*").await;
     assert_eq!(c.deliveries(1).await, vec![audit.clone()]);
 
     // The subscription itself survived: new events are delivered.
@@ -284,19 +303,11 @@ async fn sub_again_keeps_the_paused_flag_and_the_position() {
     let mut c = subscriber(&srv, "c").await;
     let first = publish_n(&mut p, NAME, 1).await;
     assert_eq!(c.deliveries(1).await, first);
-    c.expect(
-        &format!("PAUSE;CLIENT_ID=c;EVENT_NAME={PATTERN}"),
-        &format!("+PASS:PAUSED;EVENT_NAME={PATTERN}"),
-    )
-    .await;
+    pause(&mut c).await;
     let queued = publish_n(&mut p, NAME, 2).await;
     c.sub("c", PATTERN).await;
     c.expect_silence(SILENCE).await;
-    c.expect(
-        &format!("CONTINUE;CLIENT_ID=c;EVENT_NAME={PATTERN}"),
-        &format!("+PASS:CONTINUED;EVENT_NAME={PATTERN}"),
-    )
-    .await;
+    resume(&mut c).await;
     // What queued while paused is still there: SUB did not move the start
     // to the head.
     assert_eq!(c.deliveries(2).await, queued);
@@ -313,11 +324,7 @@ async fn pause_holds_events_and_continue_releases_them_in_order() {
     let mut p = publisher(&srv).await;
     let mut c = subscriber(&srv, "c").await;
     c.sub("c", "audit/*").await;
-    c.expect(
-        &format!("PAUSE;CLIENT_ID=c;EVENT_NAME={PATTERN}"),
-        &format!("+PASS:PAUSED;EVENT_NAME={PATTERN}"),
-    )
-    .await;
+    pause(&mut c).await;
     let mut queued = Vec::new();
     for i in 0..4 {
         let name = if i % 2 == 0 { NAME } else { "order/paid" };
@@ -328,11 +335,7 @@ async fn pause_holds_events_and_continue_releases_them_in_order() {
     assert_eq!(c.deliveries(1).await, vec![audit]);
     c.expect_silence(SILENCE).await;
 
-    c.expect(
-        &format!("CONTINUE;CLIENT_ID=c;EVENT_NAME={PATTERN}"),
-        &format!("+PASS:CONTINUED;EVENT_NAME={PATTERN}"),
-    )
-    .await;
+    resume(&mut c).await;
     assert_eq!(c.deliveries(4).await, queued);
     let live = p.publish("p", NAME, "{}").await.0;
     assert_eq!(c.deliveries(1).await, vec![live]);
@@ -355,11 +358,7 @@ async fn pause_also_holds_redeliveries() {
     assert_eq!(reply, format!("+PASS:PAUSED;EVENT_NAME={PATTERN}"));
     assert!(early.len() <= 1, "before PAUSE: {early:?}");
     c.expect_silence(3 * SHORT_ACK_WAIT).await;
-    c.expect(
-        &format!("CONTINUE;CLIENT_ID=c;EVENT_NAME={PATTERN}"),
-        &format!("+PASS:CONTINUED;EVENT_NAME={PATTERN}"),
-    )
-    .await;
+    resume(&mut c).await;
     assert_eq!(c.deliveries(1).await, evs);
     srv.stop().await;
 }

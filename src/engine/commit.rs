@@ -14,12 +14,13 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, error, info};
 
+use super::now_ms;
 use super::retention::Pins;
 use super::subs::Registry;
 use crate::config::{
     COMMIT_BYTES_IN_FLIGHT, COMMIT_QUEUE, MAX_COMMIT_BATCH, MAX_COMMIT_BATCH_BYTES,
 };
-use crate::store::{Applied, EventLog, PauseRefused, WriteOp};
+use crate::store::{Applied, EventLog, WriteOp};
 
 /// What an operation comes back with: its result, or why the store failed.
 pub type Committed = Result<Applied, String>;
@@ -81,10 +82,8 @@ impl Committer {
     /// # Errors
     /// [`Stopped`] when the commit thread is gone.
     pub async fn submit(&self, op: WriteOp) -> Result<oneshot::Receiver<Committed>, Stopped> {
-        let weight = op.weight().min(COMMIT_BYTES_IN_FLIGHT);
-        let weight = u32::try_from(weight).expect("the budget fits in u32");
         let budget = Arc::clone(&self.budget)
-            .acquire_many_owned(weight)
+            .acquire_many_owned(permits(&op))
             .await
             .map_err(|_| Stopped)?;
         let (done, rx) = oneshot::channel();
@@ -98,8 +97,7 @@ impl Committer {
     /// Queues `op` if there is room right now, without waiting for it:
     /// for changes nobody waits on. Says whether it was queued.
     pub fn try_submit(&self, op: WriteOp) -> bool {
-        let weight = u32::try_from(op.weight().min(COMMIT_BYTES_IN_FLIGHT)).unwrap_or(u32::MAX);
-        let Ok(budget) = Arc::clone(&self.budget).try_acquire_many_owned(weight) else {
+        let Ok(budget) = Arc::clone(&self.budget).try_acquire_many_owned(permits(&op)) else {
             return false;
         };
         let (done, _) = oneshot::channel();
@@ -127,10 +125,10 @@ impl Committer {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+/// The share of `COMMIT_BYTES_IN_FLIGHT` an operation holds while it waits.
+fn permits(op: &WriteOp) -> u32 {
+    let weight = op.weight().min(COMMIT_BYTES_IN_FLIGHT);
+    u32::try_from(weight).expect("the budget fits in u32")
 }
 
 /// What the commit thread tells the rest of the server.
@@ -259,7 +257,6 @@ fn share(op: &WriteOp, applied: &Applied, registry: &Registry) {
             WriteOp::Settle { client, floors, .. } | WriteOp::SetFloors { client, floors },
             Applied::Stored,
         ) if !floors.is_empty() => registry.raise_floors(client, floors),
-        (_, Applied::PausedSet(Err(PauseRefused::NotSubscribed | PauseRefused::NotPaused))) => {}
         _ => {}
     }
 }

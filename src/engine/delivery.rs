@@ -133,15 +133,6 @@ struct State {
     rescan_mark: u64,
 }
 
-/// An event taken out of the processing queue to be settled.
-#[derive(Debug)]
-pub struct Taken {
-    /// Floors that moved and should be stored.
-    pub floors: Vec<(Pattern, u64)>,
-    /// Whether it was deferred (its deferral is stored).
-    pub was_deferred: bool,
-}
-
 /// What a pull produced.
 #[derive(Debug, Default)]
 pub struct Pulled {
@@ -388,35 +379,30 @@ impl Hub {
     }
 
     /// Takes `seq` out of `client`'s processing queue to settle it (ACK,
-    /// DISCARD). `None` when it is not there.
+    /// DISCARD), with the floors that moved and should be stored. `None`
+    /// when it is not there.
     ///
     /// # Errors
     /// When the store cannot be read.
-    pub fn take(&self, client: &ClientId, seq: u64) -> Result<Option<Taken>> {
+    pub fn take(&self, client: &ClientId, seq: u64) -> Result<Option<Vec<(Pattern, u64)>>> {
         let Some(shared) = self.clients().get(client).cloned() else {
             return Ok(None);
         };
         let mut state = shared.lock();
-        let entry = match state.remove(seq) {
-            Some(entry) => entry,
-            None if seq <= state.rescan_mark => match self.owner(&shared, &state, seq)? {
-                // Delivered before this state existed (an earlier
-                // connection, or before a restart), and not settled.
-                Some(sub) => Unsettled {
-                    sub,
-                    status: Status::Retry,
-                },
-                None => return Ok(None),
-            },
-            None => return Ok(None),
+        let found = match state.remove(seq) {
+            Some(_) => true,
+            // Delivered before this state existed (an earlier connection,
+            // or before a restart), and not settled.
+            None if seq <= state.rescan_mark => self.owner(&shared, &state, seq)?.is_some(),
+            None => false,
         };
+        if !found {
+            return Ok(None);
+        }
         let floors = state.moved_floors();
         drop(state);
         shared.wake.notify_waiters();
-        Ok(Some(Taken {
-            floors,
-            was_deferred: matches!(entry.status, Status::Deferred { .. }),
-        }))
+        Ok(Some(floors))
     }
 
     /// Holds `seq` back until `due`, or with `None` puts it up for

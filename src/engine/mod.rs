@@ -374,8 +374,8 @@ impl Engine {
             Ok(seq) => seq,
             Err(reply) => return Outcome::Reply(reply),
         };
-        let taken = match self.hub.take(client, seq) {
-            Ok(Some(taken)) => taken,
+        let floors = match self.hub.take(client, seq) {
+            Ok(Some(floors)) => floors,
             Ok(None) => return Outcome::Reply(not_queued(client, id)),
             Err(e) => return Outcome::Reply(internal(&e)),
         };
@@ -385,7 +385,7 @@ impl Engine {
             client: client.clone(),
             seq,
             settlement,
-            floors: taken.floors,
+            floors,
         };
         self.commit_then(op, move |applied| match applied {
             Applied::Stored if acked => Reply::Pass(Pass::Acknowledged { idem }),
