@@ -77,6 +77,9 @@ pub struct Config {
     /// Clients known by more than their id (public keys events can be
     /// addressed to).
     pub clients: Vec<ClientEntry>,
+    /// Bearer token the admin API (`/replays`, `/asyncOperations`) asks
+    /// for; the admin API is open when it is not set.
+    pub admin_token: Option<String>,
 }
 
 /// Acknowledgement and flow control settings (`[delivery]`).
@@ -218,6 +221,7 @@ impl Default for Config {
             heartbeat: Heartbeat::default(),
             retention: Retention::default(),
             clients: Vec::new(),
+            admin_token: None,
         }
     }
 }
@@ -286,6 +290,15 @@ impl Config {
         }
         if self.max_replay_limit == 0 {
             return Err("max_replay_limit must be at least 1".into());
+        }
+        if self
+            .admin_token
+            .as_deref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            return Err(
+                "admin_token must not be empty (leave it out to keep the admin API open)".into(),
+            );
         }
         if self.max_connections == 0 {
             return Err("max_connections must be at least 1".into());

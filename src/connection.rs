@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use crate::engine::Engine;
+use crate::metrics::Transport;
 use crate::session::{self, Outbound};
 
 /// Writes session output as LF-terminated lines.
@@ -42,6 +43,7 @@ pub async fn serve(
     peer: SocketAddr,
     cancel: CancellationToken,
 ) {
+    let _open = engine.metrics().connection(Transport::Tcp);
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }

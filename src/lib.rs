@@ -10,6 +10,8 @@
 pub mod config;
 pub mod connection;
 pub mod engine;
+pub mod http;
+pub mod metrics;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -86,12 +86,23 @@ async fn main() -> ExitCode {
     let listener = match TcpListener::bind(config.listen).await {
         Ok(listener) => listener,
         Err(e) => {
-            error!("cannot listen on {}: {e}", config.listen);
+            error!("cannot listen on {} (listen): {e}", config.listen);
             return ExitCode::FAILURE;
         }
     };
-    info!(listen = %config.listen, "ensync-server listening (TCP)");
-    match server::run(listener, config, shutdown_signal()).await {
+    let http = match TcpListener::bind(config.http_listen).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            error!("cannot listen on {} (http_listen): {e}", config.http_listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    info!(listen = %config.listen, http_listen = %config.http_listen, "ensync-server listening (TCP; HTTP and WebSocket at /message)");
+    let listeners = server::Listeners {
+        tcp: listener,
+        http: Some(http),
+    };
+    match server::run(listeners, config, shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e}");

@@ -14,6 +14,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 use crate::config::Config;
 use crate::connection;
 use crate::engine::{Engine, EngineError};
+use crate::http::{self, HttpState};
 
 /// How long shutdown waits for connections to finish what they were
 /// answering before it stops the store anyway.
@@ -34,17 +35,31 @@ pub enum ServerError {
     Startup(String),
 }
 
-/// Serves `listener` until `shutdown` completes, then stops accepting,
+/// Where the server listens.
+#[derive(Debug)]
+pub struct Listeners {
+    /// The protocol over TCP.
+    pub tcp: TcpListener,
+    /// HTTP: the protocol over WebSocket, the admin API, health and
+    /// metrics. `None` serves TCP only.
+    pub http: Option<TcpListener>,
+}
+
+/// Serves `listeners` until `shutdown` completes, then stops accepting,
 /// lets connections finish the command at hand, commits and flushes, and
 /// releases the data directory before returning.
 ///
 /// # Errors
 /// When the store cannot be opened.
 pub async fn run(
-    listener: TcpListener,
+    listeners: Listeners,
     config: Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), ServerError> {
+    let Listeners {
+        tcp: listener,
+        http: http_listener,
+    } = listeners;
     let tracker = TaskTracker::new();
     let engine = {
         let (config, tracker) = (config.clone(), tracker.clone());
@@ -55,9 +70,25 @@ pub async fn run(
     let engine = Arc::new(engine);
     info!(data_dir = %config.data_dir.display(), head = engine.head(), "event log open");
 
-    let cancel = CancellationToken::new();
+    let cancel: CancellationToken = engine.stopping().clone();
+    // Before retention starts: a resumed operation pins what it still
+    // has to replay.
+    engine.resume_operations();
     tracker.spawn(engine.retention(cancel.child_token()));
     let permits = Arc::new(Semaphore::new(config.max_connections));
+    if let Some(http_listener) = http_listener {
+        let state = HttpState {
+            engine: Arc::clone(&engine),
+            permits: Arc::clone(&permits),
+            tracker: tracker.clone(),
+            cancel: cancel.child_token(),
+        };
+        tracker.spawn(async move {
+            if let Err(e) = http::serve(http_listener, state).await {
+                error!(error = %e, "the HTTP listener failed");
+            }
+        });
+    }
     let mut backoff = ACCEPT_BACKOFF;
     tokio::pin!(shutdown);
     loop {

@@ -37,6 +37,38 @@ pub enum Outbound {
     Ping,
 }
 
+/// An answer owed to the client, in command order, with what the metrics
+/// need to know about its command.
+struct Owed {
+    verb: &'static str,
+    read_at: Instant,
+    pending: Pending,
+}
+
+/// The verbs metrics are labelled with; anything else is `UNKNOWN`.
+const VERBS: [&str; 13] = [
+    "CONN", "PUB", "SUB", "UNSUB", "PAUSE", "CONTINUE", "ACK", "DEFER", "DISCARD", "ROLLBACK",
+    "REPLAY", "PING", "PONG",
+];
+
+/// The verb of a line that did not parse, for the metrics' label.
+fn verb_label(line: &str) -> &'static str {
+    let verb = line.split(';').next().unwrap_or_default().trim();
+    VERBS
+        .iter()
+        .find(|v| v.eq_ignore_ascii_case(verb))
+        .copied()
+        .unwrap_or("UNKNOWN")
+}
+
+/// What the answer to a command was, for the metrics' label.
+fn outcome_label(reply: &Reply) -> &'static str {
+    match reply {
+        Reply::Fail { code, .. } => code.as_str(),
+        _ => "PASS",
+    }
+}
+
 /// An answer owed to the client, in command order.
 enum Pending {
     Ready(Reply),
@@ -105,7 +137,7 @@ where
 async fn read_loop<R>(
     engine: &Engine,
     mut frames: R,
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Owed>,
     cancel: &CancellationToken,
     seen: &LastSeen,
 ) -> io::Result<()>
@@ -113,29 +145,44 @@ where
     R: Stream<Item = io::Result<Frame>> + Unpin,
 {
     let mut client: Option<ClientId> = None;
+    let tx = &tx;
+    let send = |verb, pending| async move {
+        let owed = Owed {
+            verb,
+            read_at: Instant::now(),
+            pending,
+        };
+        tx.send(owed).await.is_ok()
+    };
     loop {
         let frame = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
             frame = frames.next() => frame,
         };
         seen.touch();
-        let pending = match frame {
+        let (verb, pending) = match frame {
             None => return Ok(()),
             Some(Err(e)) => return Err(e),
             Some(Ok(Frame::Line(line))) => handle_line(engine, &mut client, &line).await,
-            Some(Ok(Frame::TooLong { max })) => Some(Pending::Ready(Reply::fail(
-                ErrorCode::LineTooLong,
-                format!(
+            Some(Ok(Frame::TooLong { max })) => (
+                "UNKNOWN",
+                Some(Pending::Ready(Reply::fail(
+                    ErrorCode::LineTooLong,
+                    format!(
                     "the line is longer than {max} bytes and was dropped up to the next newline"
                 ),
-            ))),
-            Some(Ok(Frame::InvalidEncoding)) => Some(Pending::Ready(Reply::fail(
-                ErrorCode::InvalidEncoding,
-                "the line is not valid UTF-8 text",
-            ))),
+                ))),
+            ),
+            Some(Ok(Frame::InvalidEncoding)) => (
+                "UNKNOWN",
+                Some(Pending::Ready(Reply::fail(
+                    ErrorCode::InvalidEncoding,
+                    "the line is not valid UTF-8 text",
+                ))),
+            ),
         };
         if let Some(pending) = pending {
-            if tx.send(pending).await.is_err() {
+            if !send(verb, pending).await {
                 // The writer has stopped: the transport is gone.
                 return Ok(());
             }
@@ -147,15 +194,21 @@ async fn handle_line(
     engine: &Engine,
     client: &mut Option<ClientId>,
     line: &str,
-) -> Option<Pending> {
+) -> (&'static str, Option<Pending>) {
     let cmd = match parse_command(line) {
         Ok(cmd) => cmd,
         Err(e) => {
             debug!(error = %e, "command refused");
-            return Some(Pending::Ready(e.to_reply(engine.config().max_replay_limit)));
+            let reply = e.to_reply(engine.config().max_replay_limit);
+            return (verb_label(line), Some(Pending::Ready(reply)));
         }
     };
-    debug!(verb = cmd.verb(), "command");
+    let verb = cmd.verb();
+    debug!(verb, "command");
+    (verb, command(engine, client, cmd).await)
+}
+
+async fn command(engine: &Engine, client: &mut Option<ClientId>, cmd: Command) -> Option<Pending> {
     match cmd {
         Command::Pong => None,
         Command::Ping => Some(Pending::Ready(Reply::Pass(Pass::Pong))),
@@ -202,7 +255,7 @@ async fn next_delivery(attachment: Option<&Attachment>) -> Bytes {
 
 async fn write_loop<W>(
     engine: &Engine,
-    mut rx: mpsc::Receiver<Pending>,
+    mut rx: mpsc::Receiver<Owed>,
     mut sink: W,
     seen: &LastSeen,
 ) -> io::Result<()>
@@ -223,7 +276,10 @@ where
                 None => break,
                 Some(pending) => answer(engine, pending, &mut attachment, &mut sink).await?,
             },
-            lines = next_delivery(attachment.as_deref()) => sink.feed(Outbound::Lines(lines)).await?,
+            lines = next_delivery(attachment.as_deref()) => {
+                engine.metrics().delivered(count_lines(&lines));
+                sink.feed(Outbound::Lines(lines)).await?;
+            }
             () = tokio::time::sleep_until(check_at) => {
                 let last = seen.get();
                 match ping_sent {
@@ -248,23 +304,33 @@ where
     sink.close().await
 }
 
+fn count_lines(lines: &[u8]) -> u64 {
+    lines.iter().filter(|b| **b == b'\n').count() as u64
+}
+
 async fn answer<W>(
     engine: &Engine,
-    pending: Pending,
+    owed: Owed,
     attachment: &mut Option<Box<Attachment>>,
     sink: &mut W,
 ) -> io::Result<()>
 where
     W: Sink<Outbound, Error = io::Error> + Unpin,
 {
-    match pending {
-        Pending::Ready(reply) => sink.feed(Outbound::Reply(reply)).await,
+    let Owed {
+        verb,
+        read_at,
+        pending,
+    } = owed;
+    let metrics = engine.metrics();
+    let reply = match pending {
+        Pending::Ready(reply) => reply,
         Pending::Connected {
             attachment: attached,
             reply,
         } => {
             *attachment = Some(attached);
-            sink.feed(Outbound::Reply(reply)).await
+            reply
         }
         Pending::Outcome(outcome) => {
             let client = attachment
@@ -272,33 +338,54 @@ where
                 .map(|a| a.client().clone())
                 .expect("commands reach the engine only after CONN");
             match outcome {
-                Outcome::Reply(reply) => sink.feed(Outbound::Reply(reply)).await,
-                Outcome::Later(reply) => sink.feed(Outbound::Reply(reply.await)).await,
+                Outcome::Reply(reply) => reply,
+                Outcome::Later(reply) => {
+                    let reply = reply.await;
+                    if verb == "PUB" && !reply.is_fail() {
+                        metrics.published(read_at.elapsed());
+                    }
+                    reply
+                }
                 Outcome::ReplayEvent(req) => {
                     let reply = engine.replay_event(&client, req).await;
-                    sink.feed(Outbound::Reply(reply)).await
+                    if matches!(reply, Reply::Event(_)) {
+                        metrics.replayed(1);
+                    }
+                    reply
                 }
                 Outcome::Replay(req) => {
+                    let started = Instant::now();
                     let stream = engine.replay(&client, req).await;
+                    metrics.command(verb, outcome_label(&stream.header));
                     sink.feed(Outbound::Reply(stream.header)).await?;
-                    match stream.chunks {
-                        Some(chunks) => forward(chunks, sink).await,
-                        None => Ok(()),
+                    if let Some(chunks) = stream.chunks {
+                        forward(engine, chunks, sink).await?;
+                        metrics.replay_finished(started.elapsed());
                     }
+                    return Ok(());
                 }
             }
         }
-    }
+    };
+    metrics.command(verb, outcome_label(&reply));
+    sink.feed(Outbound::Reply(reply)).await
 }
 
 /// Writes streamed record chunks as they come.
-async fn forward<W>(mut chunks: mpsc::Receiver<Chunk>, sink: &mut W) -> io::Result<()>
+async fn forward<W>(
+    engine: &Engine,
+    mut chunks: mpsc::Receiver<Chunk>,
+    sink: &mut W,
+) -> io::Result<()>
 where
     W: Sink<Outbound, Error = io::Error> + Unpin,
 {
     while let Some(chunk) = chunks.recv().await {
         match chunk {
-            Ok(lines) => sink.send(Outbound::Lines(lines)).await?,
+            Ok(lines) => {
+                engine.metrics().replayed(count_lines(&lines));
+                sink.send(Outbound::Lines(lines)).await?;
+            }
             Err(message) => {
                 // NOTE: the header promised a COUNT this stream cannot keep;
                 // closing is the only way not to mislead the client.

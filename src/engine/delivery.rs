@@ -16,6 +16,11 @@
 //! client's last connection leaves, is above its subscription's floor and
 //! unsettled in the store, so it is delivered again: at-least-once without
 //! writing anything per delivery.
+//!
+//! Operator replays are the exception: each replayed delivery is stored in
+//! the client's replay queue until the client settles it, since the event
+//! may be long settled. The hub reads that queue lazily, in seq order, and
+//! delivers its events marked replayed ahead of new events.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::ControlFlow;
@@ -24,14 +29,14 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use ensync_protocol::field::{ClientId, Pattern};
-use ensync_protocol::Marks;
+use ensync_protocol::{Marks, ReplayInfo};
 use tokio::sync::{watch, Notify};
 use tracing::{debug, error};
 
 use super::commit::Committer;
 use super::now_ms;
 use super::subs::Registry;
-use crate::store::{Addressing, EventLog, EventView, Result, Subscription, WriteOp};
+use crate::store::{Addressing, EventLog, EventView, Result, Settlement, Subscription, WriteOp};
 
 /// Bytes of records one pull hands a connection.
 const PULL_BYTES: usize = 64 * 1024;
@@ -86,6 +91,8 @@ enum Status {
 struct Unsettled {
     sub: SubId,
     status: Status,
+    /// For a replayed delivery, when the replay was asked for (ms).
+    replayed_at: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -131,6 +138,10 @@ struct State {
     /// Events up to here may have been delivered, or settled, before this
     /// state existed: delivering one checks the store first.
     rescan_mark: u64,
+    /// Whether the stored replay queue may hold deliveries after
+    /// `replay_from` that are not in `queue` yet.
+    replay_more: bool,
+    replay_from: u64,
 }
 
 /// What a pull produced.
@@ -182,6 +193,10 @@ impl State {
             }
         }
         self.source = Some(current);
+        // A subscription continued or came back: replayed deliveries held
+        // for it can go now.
+        self.replay_more = true;
+        self.replay_from = 0;
     }
 
     fn set_status(&mut self, seq: u64, status: Status) {
@@ -206,12 +221,13 @@ impl State {
         }
     }
 
-    fn insert(&mut self, seq: u64, sub: SubId, status: Status) {
+    fn insert(&mut self, seq: u64, sub: SubId, status: Status, replayed_at: Option<u64>) {
         self.queue.insert(
             seq,
             Unsettled {
                 sub,
                 status: Status::Retry,
+                replayed_at,
             },
         );
         self.retry.insert(seq);
@@ -332,6 +348,7 @@ impl Hub {
         *state = State {
             connections: state.connections,
             rescan_mark: self.commit.head(),
+            replay_more: true,
             ..State::default()
         };
         state.sync(self.registry.of(&client.id), state.rescan_mark);
@@ -345,15 +362,21 @@ impl Hub {
         for (seq, due) in deferred {
             let owner = self.owner(client, state, seq).ok().flatten();
             if let Some(sub) = owner {
-                state.insert(seq, sub, Status::Deferred { due });
+                state.insert(seq, sub, Status::Deferred { due }, None);
             }
         }
     }
 
     /// The subscription that delivers event `seq` to `client`, if one does
-    /// and the event is not settled: for events this state has not
-    /// delivered itself.
+    /// and the event is not settled (or it is queued by a replay): for
+    /// events this state has not delivered itself.
     fn owner(&self, client: &Client, state: &State, seq: u64) -> Result<Option<SubId>> {
+        let queued = self.store.queued_replay(&client.id, seq)?.is_some();
+        if !queued && seq > state.rescan_mark {
+            // Neither queued by a replay nor delivered before this state
+            // existed: it would be in the queue.
+            return Ok(None);
+        }
         let Some(event) = self.store.event_at(seq)? else {
             return Ok(None);
         };
@@ -363,12 +386,13 @@ impl Hub {
             return Ok(None);
         };
         let sub = state.subs.iter().find(|s| {
-            s.pattern.matches(view.name) && (addressing == Addressing::Direct || seq > s.since)
+            s.pattern.matches(view.name)
+                && (queued || addressing == Addressing::Direct || seq > s.since)
         });
         let Some(sub) = sub else {
             return Ok(None);
         };
-        if self.is_settled(&client.id, seq)? {
+        if !queued && self.is_settled(&client.id, seq)? {
             return Ok(None);
         }
         Ok(Some(sub.id))
@@ -392,9 +416,8 @@ impl Hub {
         let found = match state.remove(seq) {
             Some(_) => true,
             // Delivered before this state existed (an earlier connection,
-            // or before a restart), and not settled.
-            None if seq <= state.rescan_mark => self.owner(&shared, &state, seq)?.is_some(),
-            None => false,
+            // or before a restart), and not settled; or queued by a replay.
+            None => self.owner(&shared, &state, seq)?.is_some(),
         };
         if !found {
             return Ok(None);
@@ -426,16 +449,16 @@ impl Hub {
                 state.set_status(seq, status);
                 was
             }
-            None if seq <= state.rescan_mark => match self.owner(&shared, &state, seq)? {
+            None => match self.owner(&shared, &state, seq)? {
                 Some(sub) => {
-                    state.insert(seq, sub, status);
+                    let replayed_at = self.store.queued_replay(&shared.id, seq)?;
+                    state.insert(seq, sub, status, replayed_at);
                     // It may have been deferred before this state existed;
                     // clearing a deferral that is not there is harmless.
                     true
                 }
                 None => return Ok(None),
             },
-            None => return Ok(None),
         };
         drop(state);
         shared.wake.notify_waiters();
@@ -454,14 +477,116 @@ impl Hub {
             .saturating_add(u64::try_from(self.settings.ack_wait.as_millis()).unwrap_or(u64::MAX));
         let mut out = BytesMut::new();
         self.redeliver(client, &mut state, conn, deadline, &mut out)?;
+        let mut dropped = Vec::new();
+        if state.replay_more && out.len() < PULL_BYTES {
+            self.deliver_replayed(client, &mut state, conn, deadline, &mut out, &mut dropped)?;
+        }
         let mut more = out.len() >= PULL_BYTES;
         if !more {
             more = self.deliver_new(client, &mut state, conn, deadline, head, &mut out)?;
+        }
+        drop(state);
+        if !dropped.is_empty() {
+            // Best effort: an entry left behind is dropped again next time.
+            self.commit.try_submit(WriteOp::Unqueue {
+                client: client.id.clone(),
+                seqs: dropped,
+            });
         }
         Ok(Pulled {
             lines: (!out.is_empty()).then(|| out.freeze()),
             more,
         })
+    }
+
+    /// Delivers what operator replays queued for the client, in seq order,
+    /// within the subscriptions' caps. Entries whose event expired or that
+    /// no subscription covers any more go to `dropped`.
+    fn deliver_replayed(
+        &self,
+        client: &Client,
+        state: &mut State,
+        conn: u64,
+        deadline: u64,
+        out: &mut BytesMut,
+        dropped: &mut Vec<u64>,
+    ) -> Result<()> {
+        let cap = self.settings.max_unsettled;
+        let entries = self
+            .store
+            .replay_queue(&client.id, state.replay_from, PULL_VISITS)?;
+        let complete = entries.len() < PULL_VISITS;
+        for (seq, replayed_at) in entries {
+            if out.len() >= PULL_BYTES {
+                return Ok(());
+            }
+            if let Some(entry) = state.queue.get_mut(&seq) {
+                // Already waiting to be settled: settling it settles both.
+                entry.replayed_at.get_or_insert(replayed_at);
+                state.replay_from = seq;
+                continue;
+            }
+            let Some(event) = self.store.event_at(seq)? else {
+                debug!(client = %client.id, seq, "replayed event expired by retention");
+                dropped.push(seq);
+                state.replay_from = seq;
+                continue;
+            };
+            let view = event.view()?;
+            let Some(sub) = state.subs.iter().find(|s| s.pattern.matches(view.name)) else {
+                dropped.push(seq);
+                state.replay_from = seq;
+                continue;
+            };
+            if sub.owned.len() >= cap {
+                // Taken up again when the client settles something.
+                return Ok(());
+            }
+            state.replay_from = seq;
+            if sub.paused {
+                // Taken up again when the subscription continues.
+                continue;
+            }
+            let sub = sub.id;
+            let marks = self.replay_marks(&client.id, seq, replayed_at)?;
+            view.record.write_line(out, &marks);
+            state.insert(
+                seq,
+                sub,
+                Status::InFlight { conn, deadline },
+                Some(replayed_at),
+            );
+        }
+        if complete {
+            state.replay_more = false;
+        }
+        Ok(())
+    }
+
+    /// The marks of a replayed delivery of `seq`.
+    fn replay_marks(&self, client: &ClientId, seq: u64, replayed_at: u64) -> Result<Marks> {
+        let was_acknowledged = self.store.has_settlements(client)
+            && self.store.settlement(client, seq)? == Some(Settlement::Acked);
+        Ok(Marks {
+            include_payload: true,
+            replay: Some(ReplayInfo {
+                replay_timestamp: replayed_at,
+                was_acknowledged,
+            }),
+        })
+    }
+
+    /// Operator replays queued deliveries for `client`, the lowest at
+    /// `from`: the client's connections take them up.
+    pub fn replays_queued(&self, client: &ClientId, from: u64) {
+        let Some(shared) = self.clients().get(client).cloned() else {
+            return;
+        };
+        let mut state = shared.lock();
+        state.replay_more = true;
+        state.replay_from = state.replay_from.min(from.saturating_sub(1));
+        drop(state);
+        shared.wake.notify_waiters();
     }
 
     /// Delivers events waiting to be delivered again, oldest first.
@@ -478,8 +603,10 @@ impl Hub {
             if out.len() >= PULL_BYTES {
                 break;
             }
-            let sub = state.queue.get(&seq).map(|e| e.sub);
-            match sub.and_then(|id| state.sub(id)) {
+            let Some(entry) = state.queue.get(&seq).copied() else {
+                continue;
+            };
+            match state.sub(entry.sub) {
                 // Unsubscribed meanwhile: nobody delivers it any more.
                 None => {
                     state.remove(seq);
@@ -490,7 +617,11 @@ impl Hub {
             }
             match self.store.event_at(seq)? {
                 Some(event) => {
-                    event.view()?.record.write_line(out, &Marks::LIVE);
+                    let marks = match entry.replayed_at {
+                        Some(at) => self.replay_marks(&client.id, seq, at)?,
+                        None => Marks::LIVE,
+                    };
+                    event.view()?.record.write_line(out, &marks);
                     state.set_status(seq, Status::InFlight { conn, deadline });
                 }
                 // Removed by retention.
@@ -587,7 +718,7 @@ impl Hub {
             }
             out.extend_from_slice(&lines[range]);
             let id = state.subs[i].id;
-            state.insert(seq, id, Status::InFlight { conn, deadline });
+            state.insert(seq, id, Status::InFlight { conn, deadline }, None);
         }
         let mut more = false;
         for (i, _) in ends {

@@ -16,18 +16,21 @@ use tokio_util::task::TaskTracker;
 use tracing::error;
 
 use crate::config::Config;
+use crate::metrics::{Metrics, Scrape};
 use crate::store::{
     Applied, EventLog, NewEvent, PauseRefused, Settlement, SledLog, StoreError, WriteOp,
 };
 
 mod commit;
 pub mod delivery;
+pub mod operations;
 pub mod replay;
 mod retention;
 mod subs;
 
 pub use commit::Committed;
 pub use delivery::Attachment;
+pub use operations::{OpError, OpState, OperationStatus, ReplayRequest};
 pub use replay::{Chunk, ReplayStream};
 use subs::Registry;
 
@@ -86,6 +89,10 @@ pub struct Engine {
     keys: HashMap<String, Vec<String>>,
     config: Config,
     tracker: TaskTracker,
+    ops: operations::Operations,
+    metrics: Metrics,
+    /// Fires when the server stops: background work winds down.
+    stopping: CancellationToken,
 }
 
 pub(crate) fn now_ms() -> u64 {
@@ -135,6 +142,7 @@ impl Engine {
         };
         let store: Arc<dyn EventLog> = Arc::new(SledLog::open(&config.data_dir).map_err(open_err)?);
         let subs = Arc::new(Registry::new(store.subscriptions().map_err(open_err)?));
+        let ops = operations::Operations::load(store.as_ref()).map_err(open_err)?;
         let pins = Arc::new(retention::Pins::default());
         let commit = Arc::new(commit::Committer::start(
             Arc::clone(&store),
@@ -165,7 +173,35 @@ impl Engine {
             keys,
             config,
             tracker,
+            ops,
+            metrics: Metrics::new(),
+            stopping: CancellationToken::new(),
         })
+    }
+
+    /// Fires when the server stops; background work (retention, operator
+    /// replays, sessions) winds down on it.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stopping
+    }
+
+    /// What the server counts.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// The Prometheus exposition of the metrics.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&Scrape {
+            store_bytes: self.store.stored_bytes(),
+            log_head: self.head(),
+            operations: self.ops.counts(),
+        })
+    }
+
+    /// Bytes of event data the log holds.
+    pub fn stored_bytes(&self) -> u64 {
+        self.store.stored_bytes()
     }
 
     /// Runs retention until `cancel` fires (nothing to do when no limit is
@@ -201,10 +237,20 @@ impl Engine {
                 key.clone(),
                 Reply::Pass(Pass::Authenticated {
                     client_id: key.to_string(),
-                    client_hash: client_hash(key),
+                    client_hash: self.client_hash(key),
                 }),
             ),
         })
+    }
+
+    /// What CONN reports as `clientHash`: the client's public key when one
+    /// is configured (the SDK's `get_client_public_key`), else a stable
+    /// hash of its id.
+    fn client_hash(&self, client: &ClientId) -> String {
+        match self.keys.get(client.as_str()).and_then(|keys| keys.first()) {
+            Some(key) => key.clone(),
+            None => client_hash(client),
+        }
     }
 
     /// Every name an event may be addressed to this client by.

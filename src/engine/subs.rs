@@ -78,6 +78,16 @@ impl Registry {
             .unwrap_or_else(|| Arc::new([]))
     }
 
+    /// Every client's subscriptions (a snapshot).
+    pub fn all(&self) -> Vec<Arc<[Subscription]>> {
+        self.by_client
+            .read()
+            .expect("registry lock is never poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
     /// Whether one of the client's subscriptions covers every name
     /// `pattern` can match.
     pub fn covers(&self, client: &ClientId, pattern: &Pattern) -> bool {

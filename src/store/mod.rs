@@ -71,7 +71,7 @@ pub enum WriteOp {
         paused: bool,
     },
     /// Settle a delivered event for good (ACK or DISCARD); it also stops
-    /// being deferred. `floors` carries the delivery floors that moved.
+    /// being deferred, and a replayed delivery of it leaves the queue. `floors` carries the delivery floors that moved.
     Settle {
         /// The client.
         client: ClientId,
@@ -101,6 +101,36 @@ pub enum WriteOp {
     },
     /// Removes the oldest commits that retention no longer keeps.
     Trim(Trim),
+    /// Stores an operator replay's state (`None` forgets it) and queues
+    /// the replayed deliveries of one of its steps.
+    Operation {
+        /// The operation.
+        id: u64,
+        /// Its state, opaque to the store.
+        record: Option<Vec<u8>>,
+        /// Deliveries to queue.
+        queue: Vec<Queued>,
+    },
+    /// Drops replayed deliveries that can no longer be made (the event
+    /// expired, or the client no longer subscribes to it).
+    Unqueue {
+        /// The client.
+        client: ClientId,
+        /// The events.
+        seqs: Vec<u64>,
+    },
+}
+
+/// A replayed delivery waiting in a client's processing queue until the
+/// client settles it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Queued {
+    /// The client it is for.
+    pub client: ClientId,
+    /// The event.
+    pub seq: u64,
+    /// When the replay was asked for (ms), the record's `replayTimestamp`.
+    pub replayed_at: u64,
 }
 
 /// How far one trim step may go.
@@ -143,6 +173,10 @@ impl WriteOp {
             WriteOp::Settle { floors, .. } | WriteOp::SetFloors { floors, .. } => {
                 128 + floors.len() * 64
             }
+            WriteOp::Operation { record, queue, .. } => {
+                128 + record.as_ref().map_or(0, Vec::len) + queue.len() * 64
+            }
+            WriteOp::Unqueue { seqs, .. } => 128 + seqs.len() * 8,
             _ => 128,
         }
     }
@@ -451,4 +485,24 @@ pub trait EventLog: Send + Sync + 'static {
     /// # Errors
     /// When the database fails or a value is damaged.
     fn deferred(&self, client: &ClientId) -> Result<Vec<(u64, u64)>>;
+
+    /// Every stored operator replay: `(id, record)`.
+    ///
+    /// # Errors
+    /// When the database fails.
+    fn operations(&self) -> Result<Vec<(u64, Vec<u8>)>>;
+
+    /// The client's queued replayed deliveries after `after`, in seq
+    /// order, at most `max`: `(seq, replayed_at)`.
+    ///
+    /// # Errors
+    /// When the database fails or a value is damaged.
+    fn replay_queue(&self, client: &ClientId, after: u64, max: usize) -> Result<Vec<(u64, u64)>>;
+
+    /// When the queued replayed delivery of `seq` to `client` was asked
+    /// for, if one is queued.
+    ///
+    /// # Errors
+    /// When the database fails or a value is damaged.
+    fn queued_replay(&self, client: &ClientId, seq: u64) -> Result<Option<u64>>;
 }

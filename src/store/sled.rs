@@ -44,8 +44,9 @@ use ensync_protocol::{encode_record, RecordFields};
 use sled::{Batch, Db, IVec, Tree};
 
 use super::{
-    encode_recipients, Appended, Applied, EventLog, EventView, OwnedEvent, PauseRefused, Resolved,
-    Result, Settlement, Side, StoreError, Subscription, Trim, Trimmed, UnknownPosition, WriteOp,
+    encode_recipients, Appended, Applied, EventLog, EventView, OwnedEvent, PauseRefused, Queued,
+    Resolved, Result, Settlement, Side, StoreError, Subscription, Trim, Trimmed, UnknownPosition,
+    WriteOp,
 };
 
 const CHUNK: u8 = b'e';
@@ -56,6 +57,8 @@ const SUB: u8 = b'u';
 const SETTLED: u8 = b'k';
 const DEFERRED: u8 = b'd';
 const SETTLER: u8 = b's';
+const OPERATION: u8 = b'o';
+const REPLAY_QUEUE: u8 = b'q';
 const EPOCH_KEY: &[u8] = b"mepoch";
 const LAST_KEY: &[u8] = b"mlast";
 const SIZE_KEY: &[u8] = b"msize";
@@ -677,6 +680,7 @@ impl EventLog for SledLog {
                         }
                     }
                     batch.remove(client_seq_key(DEFERRED, *event, client));
+                    batch.remove(queue_key(client, *event));
                     let known = self
                         .settlers
                         .read()
@@ -705,6 +709,27 @@ impl EventLog for SledLog {
                 }
                 WriteOp::SetFloors { client, floors } => {
                     self.raise_floors(&mut subs, client, floors)?;
+                    Applied::Stored
+                }
+                WriteOp::Operation { id, record, queue } => {
+                    match record {
+                        Some(record) => batch.insert(&num_key(OPERATION, *id), record.as_slice()),
+                        None => batch.remove(&num_key(OPERATION, *id)),
+                    }
+                    for Queued {
+                        client,
+                        seq,
+                        replayed_at,
+                    } in queue
+                    {
+                        batch.insert(queue_key(client, *seq), &replayed_at.to_be_bytes());
+                    }
+                    Applied::Stored
+                }
+                WriteOp::Unqueue { client, seqs } => {
+                    for seq in seqs {
+                        batch.remove(queue_key(client, *seq));
+                    }
                     Applied::Stored
                 }
                 WriteOp::Trim(_) => {
@@ -916,6 +941,55 @@ impl EventLog for SledLog {
         }
         Ok(out)
     }
+
+    fn operations(&self) -> Result<Vec<(u64, Vec<u8>)>> {
+        let mut out = Vec::new();
+        for entry in self.tree.scan_prefix([OPERATION]) {
+            let (key, value) = entry?;
+            out.push((be_u64(&key[1..])?, value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn replay_queue(&self, client: &ClientId, after: u64, max: usize) -> Result<Vec<(u64, u64)>> {
+        let prefix = queue_prefix(client);
+        let start = queue_key(client, after.saturating_add(1));
+        let mut out = Vec::new();
+        for entry in self.tree.range(start..) {
+            let (key, value) = entry?;
+            let Some(seq) = key.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            out.push((be_u64(seq)?, be_u64(&value)?));
+            if out.len() == max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    fn queued_replay(&self, client: &ClientId, seq: u64) -> Result<Option<u64>> {
+        self.tree
+            .get(queue_key(client, seq))?
+            .map(|v| be_u64(&v))
+            .transpose()
+    }
+}
+
+/// A replayed delivery's key: client, NUL, seq (so a client's queue is one
+/// range, in seq order).
+fn queue_key(client: &ClientId, seq: u64) -> Vec<u8> {
+    let mut key = queue_prefix(client);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+fn queue_prefix(client: &ClientId) -> Vec<u8> {
+    let mut key = Vec::with_capacity(10 + client.as_str().len());
+    key.push(REPLAY_QUEUE);
+    key.extend_from_slice(client.as_str().as_bytes());
+    key.push(0);
+    key
 }
 
 /// A key of a table keyed by seq, then client.

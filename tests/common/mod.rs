@@ -31,6 +31,9 @@ pub const INVALID_POSITION: &str =
 /// data directory.
 pub struct TestServer {
     pub addr: SocketAddr,
+    /// The HTTP listener: WebSocket at `/message`, the admin API, health
+    /// and metrics.
+    pub http_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
     handle: JoinHandle<Result<(), server::ServerError>>,
 }
@@ -75,9 +78,18 @@ pub async fn start_server_with(config: Config) -> TestServer {
     let shutdown = async move {
         let _ = rx.await;
     };
-    let handle = tokio::spawn(server::run(listener, config, shutdown));
+    let http = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind 127.0.0.1:0");
+    let http_addr = http.local_addr().expect("local addr");
+    let listeners = server::Listeners {
+        tcp: listener,
+        http: Some(http),
+    };
+    let handle = tokio::spawn(server::run(listeners, config, shutdown));
     TestServer {
         addr,
+        http_addr,
         shutdown: Some(tx),
         handle,
     }

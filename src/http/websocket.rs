@@ -1,0 +1,97 @@
+//! The WebSocket transport: the same session as TCP, one command per text
+//! frame in, one line per text frame out.
+//!
+//! Incoming frames are fed through the protocol's line codec with an LF
+//! after each, so framing rules (line length, UTF-8, CR, empty lines) are
+//! exactly those of TCP. A frame holding several LF-separated lines counts
+//! as several commands, as it would over TCP.
+
+use std::io;
+use std::sync::Arc;
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use bytes::{BufMut, Bytes, BytesMut};
+use ensync_protocol::{EnsyncCodec, Frame};
+use futures_util::{stream, SinkExt, Stream, StreamExt};
+use tokio_util::codec::Decoder;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error};
+
+use crate::engine::Engine;
+use crate::metrics::Transport;
+use crate::session::{self, Outbound};
+
+/// Serves one upgraded WebSocket until it closes or `cancel` fires.
+pub async fn serve(engine: Arc<Engine>, socket: WebSocket, cancel: CancellationToken) {
+    let _open = engine.metrics().connection(Transport::WebSocket);
+    let (sink, incoming) = socket.split();
+    let frames = frames(incoming, EnsyncCodec::new(engine.config().max_line_len));
+    let sink = sink
+        .sink_map_err(io::Error::other)
+        .with_flat_map(|out: Outbound| stream::iter(messages(out).into_iter().map(Ok)));
+    match session::serve(engine, frames, Box::pin(sink), cancel).await {
+        Ok(()) => debug!("websocket closed"),
+        Err(e) => debug!(error = %e, "websocket ended by an error"),
+    }
+}
+
+/// The lines carried by the client's frames.
+fn frames(
+    incoming: impl Stream<Item = Result<Message, axum::Error>> + Send + Unpin + 'static,
+    codec: EnsyncCodec,
+) -> impl Stream<Item = io::Result<Frame>> + Send + Unpin {
+    let state = (incoming, codec, BytesMut::new());
+    Box::pin(stream::unfold(
+        state,
+        |(mut incoming, mut codec, mut buf)| async move {
+            loop {
+                match codec.decode(&mut buf) {
+                    Ok(Some(frame)) => return Some((Ok(frame), (incoming, codec, buf))),
+                    Ok(None) => {}
+                    Err(e) => return Some((Err(e), (incoming, codec, buf))),
+                }
+                let data = match incoming.next().await? {
+                    Ok(Message::Text(text)) => Bytes::from(text),
+                    Ok(Message::Binary(data)) => data,
+                    Ok(Message::Close(_)) => return None,
+                    // Pings are answered by the WebSocket layer itself.
+                    Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                    Err(e) => return Some((Err(io::Error::other(e)), (incoming, codec, buf))),
+                };
+                buf.reserve(data.len() + 1);
+                buf.put_slice(&data);
+                buf.put_u8(b'\n');
+            }
+        },
+    ))
+}
+
+/// The text frames for one piece of session output: one per line, without
+/// the LF.
+fn messages(out: Outbound) -> Vec<Message> {
+    match out {
+        Outbound::Reply(reply) => {
+            let mut line = BytesMut::new();
+            reply.encode(&mut line);
+            text(line.freeze()).into_iter().collect()
+        }
+        Outbound::Lines(lines) => lines
+            .split(|b| *b == b'\n')
+            .filter(|line| !line.is_empty())
+            .filter_map(|line| text(lines.slice_ref(line)))
+            .collect(),
+        Outbound::Ping => vec![Message::Text(Utf8Bytes::from_static("PING"))],
+    }
+}
+
+fn text(line: Bytes) -> Option<Message> {
+    match Utf8Bytes::try_from(line) {
+        Ok(text) => Some(Message::Text(text)),
+        Err(e) => {
+            // Records and replies are built from UTF-8 text; this would be a
+            // damaged store.
+            error!(error = %e, "an outgoing line is not UTF-8; it was not sent");
+            None
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! What the server counts, in Prometheus form: one registry per server, so
+//! two servers in one process (the tests) never mix their numbers.
+
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Upper bounds of the latency buckets, in seconds: 100 µs to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+/// Upper bounds of the replay-duration buckets, in seconds: 1 ms to 10 min.
+const REPLAY_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+];
+
+/// The server's counters, gauges and histograms.
+pub struct Metrics {
+    registry: Registry,
+    connections: IntGaugeVec,
+    commands: IntCounterVec,
+    published: IntCounter,
+    delivered: IntCounter,
+    replayed: IntCounter,
+    publish_latency: Histogram,
+    replay_duration: Histogram,
+    store_bytes: IntGauge,
+    log_head: IntGauge,
+    operations: IntGaugeVec,
+}
+
+/// Which transport a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// A TCP connection.
+    Tcp,
+    /// A WebSocket on the HTTP listener.
+    WebSocket,
+}
+
+impl Transport {
+    fn label(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::WebSocket => "websocket",
+        }
+    }
+}
+
+impl Metrics {
+    /// A fresh set, all zero.
+    ///
+    /// # Panics
+    /// Never in practice: only if two metrics had the same name.
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        let registry = Registry::new_custom(Some("ensync".into()), None)
+            .expect("the prefix is a valid metric name");
+        let connections = IntGaugeVec::new(
+            Opts::new("connections", "Open client connections"),
+            &["transport"],
+        )
+        .expect("valid metric");
+        let commands = IntCounterVec::new(
+            Opts::new(
+                "commands_total",
+                "Commands answered, by verb and outcome (PASS or the FAIL code)",
+            ),
+            &["verb", "outcome"],
+        )
+        .expect("valid metric");
+        let published = IntCounter::new("events_published_total", "Events published (durable)")
+            .expect("valid metric");
+        let delivered = IntCounter::new(
+            "events_delivered_total",
+            "Events delivered live to subscribers (redeliveries included)",
+        )
+        .expect("valid metric");
+        let replayed = IntCounter::new(
+            "events_replayed_total",
+            "Records sent by REPLAY, and operator replay deliveries queued",
+        )
+        .expect("valid metric");
+        let publish_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "publish_latency_seconds",
+                "From a PUB line read to its durable reply",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let replay_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "replay_duration_seconds",
+                "From a REPLAY taken up to its last record written",
+            )
+            .buckets(REPLAY_BUCKETS.to_vec()),
+        )
+        .expect("valid metric");
+        let store_bytes =
+            IntGauge::new("store_bytes", "Bytes of event data in the log").expect("valid metric");
+        let log_head = IntGauge::new("log_head", "Sequence number of the newest durable event")
+            .expect("valid metric");
+        let operations = IntGaugeVec::new(
+            Opts::new("async_operations", "Operator replays, by status"),
+            &["status"],
+        )
+        .expect("valid metric");
+        let metrics = Self {
+            registry,
+            connections,
+            commands,
+            published,
+            delivered,
+            replayed,
+            publish_latency,
+            replay_duration,
+            store_bytes,
+            log_head,
+            operations,
+        };
+        metrics.register();
+        metrics
+    }
+
+    #[allow(clippy::expect_used)]
+    fn register(&self) {
+        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+            Box::new(self.connections.clone()),
+            Box::new(self.commands.clone()),
+            Box::new(self.published.clone()),
+            Box::new(self.delivered.clone()),
+            Box::new(self.replayed.clone()),
+            Box::new(self.publish_latency.clone()),
+            Box::new(self.replay_duration.clone()),
+            Box::new(self.store_bytes.clone()),
+            Box::new(self.log_head.clone()),
+            Box::new(self.operations.clone()),
+        ];
+        for collector in collectors {
+            self.registry
+                .register(collector)
+                .expect("each metric is registered once");
+        }
+    }
+
+    /// A connection opened; closing it is dropping the guard.
+    pub fn connection(&self, transport: Transport) -> ConnectionGuard {
+        let gauge = self.connections.with_label_values(&[transport.label()]);
+        gauge.inc();
+        ConnectionGuard(gauge)
+    }
+
+    /// A command answered with `outcome` (`PASS` or a FAIL code).
+    pub fn command(&self, verb: &str, outcome: &str) {
+        self.commands.with_label_values(&[verb, outcome]).inc();
+    }
+
+    /// A PUB answered `+PASS` after `latency`.
+    pub fn published(&self, latency: Duration) {
+        self.published.inc();
+        self.publish_latency.observe(latency.as_secs_f64());
+    }
+
+    /// `n` events delivered live.
+    pub fn delivered(&self, n: u64) {
+        self.delivered.inc_by(n);
+    }
+
+    /// `n` replayed records sent or queued.
+    pub fn replayed(&self, n: u64) {
+        self.replayed.inc_by(n);
+    }
+
+    /// A REPLAY finished after `took`.
+    pub fn replay_finished(&self, took: Duration) {
+        self.replay_duration.observe(took.as_secs_f64());
+    }
+
+    /// The Prometheus text exposition, with the gauges read at scrape time
+    /// set first.
+    pub fn render(&self, scrape: &Scrape) -> String {
+        self.store_bytes
+            .set(i64::try_from(scrape.store_bytes).unwrap_or(i64::MAX));
+        self.log_head
+            .set(i64::try_from(scrape.log_head).unwrap_or(i64::MAX));
+        for (status, count) in &scrape.operations {
+            self.operations
+                .with_label_values(&[status])
+                .set(i64::try_from(*count).unwrap_or(i64::MAX));
+        }
+        let mut out = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(error = %e, "cannot encode the metrics");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Gauges read when metrics are scraped.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    /// Bytes of event data stored.
+    pub store_bytes: u64,
+    /// The newest durable sequence number.
+    pub log_head: u64,
+    /// Operator replays by status.
+    pub operations: Vec<(&'static str, u64)>,
+}
+
+/// Counts one open connection until dropped.
+pub struct ConnectionGuard(IntGauge);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
