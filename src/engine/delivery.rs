@@ -174,10 +174,17 @@ impl State {
         }
         self.subs
             .retain(|s| current.iter().any(|c| c.pattern == s.pattern));
+        // Whether a subscription came or continued: replayed deliveries
+        // passed over for want of one can go now.
+        let mut opened = false;
         for sub in current.iter() {
             match self.subs.iter_mut().find(|s| s.pattern == sub.pattern) {
-                Some(state) => state.paused = sub.paused,
+                Some(state) => {
+                    opened |= state.paused && !sub.paused;
+                    state.paused = sub.paused;
+                }
                 None => {
+                    opened = true;
                     self.next_sub += 1;
                     self.subs.push(SubState {
                         id: self.next_sub,
@@ -193,10 +200,10 @@ impl State {
             }
         }
         self.source = Some(current);
-        // A subscription continued or came back: replayed deliveries held
-        // for it can go now.
-        self.replay_more = true;
-        self.replay_from = 0;
+        if opened {
+            self.replay_more = true;
+            self.replay_from = 0;
+        }
     }
 
     fn set_status(&mut self, seq: u64, status: Status) {
@@ -362,7 +369,8 @@ impl Hub {
         for (seq, due) in deferred {
             let owner = self.owner(client, state, seq).ok().flatten();
             if let Some(sub) = owner {
-                state.insert(seq, sub, Status::Deferred { due }, None);
+                let replayed_at = self.store.queued_replay(&client.id, seq).ok().flatten();
+                state.insert(seq, sub, Status::Deferred { due }, replayed_at);
             }
         }
     }
