@@ -529,9 +529,16 @@ impl Hub {
                 return Ok(());
             }
             if let Some(entry) = state.queue.get_mut(&seq) {
-                // Already waiting to be settled: settling it settles both.
-                entry.replayed_at.get_or_insert(replayed_at);
+                // Already unsettled: one delivery stands for both. It is
+                // sent again now, marked replayed, unless it is already
+                // marked or deferred (it then comes, marked, when due).
                 state.replay_from = seq;
+                if entry.replayed_at.is_none() {
+                    entry.replayed_at = Some(replayed_at);
+                    if matches!(entry.status, Status::InFlight { .. }) {
+                        state.set_status(seq, Status::Retry);
+                    }
+                }
                 continue;
             }
             let Some(event) = self.store.event_at(seq)? else {
