@@ -77,7 +77,7 @@ impl Metrics {
             .expect("valid metric");
         let delivered = IntCounter::new(
             "events_delivered_total",
-            "Events delivered live to subscribers (redeliveries included)",
+            "Events sent to subscribers: live deliveries, redeliveries and the deliveries of operator replays",
         )
         .expect("valid metric");
         let replayed = IntCounter::new(

@@ -92,10 +92,6 @@ pub async fn run(
     let mut backoff = ACCEPT_BACKOFF;
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
-        };
         let (stream, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
@@ -109,6 +105,13 @@ pub async fn run(
             },
         };
         backoff = ACCEPT_BACKOFF;
+        // The permit is taken once a connection is here, so waiting for
+        // one does not hold a slot WebSockets could use. Until a slot
+        // frees, this connection waits and no other is accepted.
+        let permit = tokio::select! {
+            () = &mut shutdown => break,
+            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
         let span = info_span!("conn", %peer, client_id = tracing::field::Empty);
         let (engine, cancel) = (Arc::clone(&engine), cancel.child_token());
         tracker.spawn(

@@ -266,6 +266,10 @@ where
     let mut attachment: Option<Box<Attachment>> = None;
     let mut ping_sent: Option<Instant> = None;
     loop {
+        if ping_sent.is_some_and(|sent| seen.get() >= sent) {
+            // Answered: the next PING is due an interval after the answer.
+            ping_sent = None;
+        }
         let check_at = match ping_sent {
             Some(sent) => sent + heartbeat.timeout,
             None => seen.get() + heartbeat.interval,

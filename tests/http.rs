@@ -626,7 +626,6 @@ async fn a_disconnected_subscriber_gets_its_replayed_deliveries_when_it_connects
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug, intermittent (about 1 run in 4): the in-flight event a replay marks is set to Retry after redeliver() ran and nothing wakes the connection again (src/engine/delivery.rs Hub::pull / deliver_replayed)"]
 async fn replaying_an_unsettled_event_sends_it_again_and_one_ack_settles_it() {
     let (_dir, config) = setup();
     let srv = start_server_with(config).await;
@@ -686,7 +685,6 @@ async fn a_paused_subscription_holds_replayed_deliveries_and_sends_them_before_n
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: replayed deliveries queued for a subscription survive its UNSUB and are sent after a new SUB (src/engine/delivery.rs deliver_replayed)"]
 async fn unsubscribing_drops_the_replayed_deliveries_queued_for_it() {
     let (_dir, config) = setup();
     let srv = start_server_with(config).await;
@@ -1133,7 +1131,6 @@ async fn bad_replay_bodies_get_400_naming_the_problem() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: serde's type errors do not name the key (src/http/admin.rs replay_request)"]
 async fn wrongly_typed_values_are_named_in_the_error() {
     let (_dir, config) = setup();
     let srv = start_server_with(config).await;
@@ -1154,7 +1151,6 @@ async fn wrongly_typed_values_are_named_in_the_error() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: a JSON array is read as the body's fields in order (serde's sequence form of ReplayBody, src/http/admin.rs)"]
 async fn a_replay_body_that_is_not_an_object_is_refused() {
     let (_dir, config) = setup();
     let srv = start_server_with(config).await;
@@ -1166,7 +1162,6 @@ async fn a_replay_body_that_is_not_an_object_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: axum's own rejections answer in text/plain, not {\"error\":...} (src/http/mod.rs: WebSocketUpgrade and the Bytes body limit)"]
 async fn every_error_response_is_json() {
     let (_dir, config) = setup();
     let srv = start_server_with(config).await;
@@ -1279,7 +1274,6 @@ async fn the_admin_token_guards_the_admin_routes_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: the auth scheme is matched case-sensitively (\"Bearer \" only), though HTTP auth schemes are case-insensitive (RFC 9110 §11.1) (src/http/mod.rs admin_auth)"]
 async fn the_bearer_scheme_is_case_insensitive() {
     let (_dir, mut config) = setup();
     config.admin_token = Some("s3cret-token".into());

@@ -185,7 +185,6 @@ async fn a_frame_over_twice_the_line_limit_closes_that_socket_only() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: an over-large frame ends the socket with a close frame without a code, not 1009 as SPEC §1 says (src/http/websocket.rs frames/serve)"]
 async fn a_frame_over_twice_the_line_limit_closes_with_code_1009() {
     let (_dir, mut config) = setup();
     config.max_line_len = 1024;
@@ -321,7 +320,6 @@ async fn at_max_connections_the_upgrade_is_refused_with_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "server bug: the TCP accept loop holds a connection permit while it waits for a connection, so WebSockets get one slot fewer than max_connections (none at max_connections = 1) (src/server.rs run)"]
 async fn a_websocket_is_accepted_below_max_connections() {
     let (_dir, mut config) = setup();
     config.max_connections = 1;

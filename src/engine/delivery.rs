@@ -484,11 +484,13 @@ impl Hub {
         let deadline = now
             .saturating_add(u64::try_from(self.settings.ack_wait.as_millis()).unwrap_or(u64::MAX));
         let mut out = BytesMut::new();
-        self.redeliver(client, &mut state, conn, deadline, &mut out)?;
+        // Queued replays first: one may mark an event that is in flight to
+        // be sent again, which the redelivery pass then does.
         let mut dropped = Vec::new();
-        if state.replay_more && out.len() < PULL_BYTES {
+        if state.replay_more {
             self.deliver_replayed(client, &mut state, conn, deadline, &mut out, &mut dropped)?;
         }
+        self.redeliver(client, &mut state, conn, deadline, &mut out)?;
         let mut more = out.len() >= PULL_BYTES;
         if !more {
             more = self.deliver_new(client, &mut state, conn, deadline, head, &mut out)?;

@@ -13,7 +13,7 @@ use ensync_protocol::{Command, ErrorCode, Pass, Reply};
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::error;
+use tracing::{error, warn};
 
 use crate::config::Config;
 use crate::metrics::{Metrics, Scrape};
@@ -303,18 +303,41 @@ impl Engine {
                     client: client.clone(),
                     pattern: u.event_name,
                 };
-                self.commit_then(op, move |applied| match applied {
-                    Applied::Unsubscribed(Some(sub)) => Reply::Pass(Pass::Unsubscribed {
-                        event_name: sub.pattern.to_string(),
-                        client_id: who.to_string(),
-                    }),
-                    Applied::Unsubscribed(None) => Reply::fail(
-                        ErrorCode::NotFound,
-                        format!("{who} has no subscription to {pattern}"),
-                    ),
-                    other => unexpected(&other),
-                })
-                .await
+                let done = match self.commit.submit(op).await {
+                    Ok(done) => done,
+                    Err(stopped) => {
+                        return Outcome::Reply(Reply::fail(
+                            ErrorCode::Internal,
+                            stopped.to_string(),
+                        ))
+                    }
+                };
+                let (store, commit, subs) = (
+                    Arc::clone(&self.store),
+                    Arc::clone(&self.commit),
+                    Arc::clone(&self.subs),
+                );
+                Outcome::Later(Box::pin(async move {
+                    let result = done.await;
+                    if let Ok(Ok(Applied::Unsubscribed(Some(_)))) = &result {
+                        // Replays queued for what the subscription covered
+                        // are not delivered under a later one.
+                        if let Err(e) = unqueue_uncovered(store, &commit, &subs, &who).await {
+                            warn!(client = %who, error = %e, "queued replays were not dropped");
+                        }
+                    }
+                    committed(result, move |applied| match applied {
+                        Applied::Unsubscribed(Some(sub)) => Reply::Pass(Pass::Unsubscribed {
+                            event_name: sub.pattern.to_string(),
+                            client_id: who.to_string(),
+                        }),
+                        Applied::Unsubscribed(None) => Reply::fail(
+                            ErrorCode::NotFound,
+                            format!("{who} has no subscription to {pattern}"),
+                        ),
+                        other => unexpected(&other),
+                    })
+                }))
             }
             Command::Pause(p) => self.set_paused(client, p.event_name, true).await,
             Command::Continue(c) => self.set_paused(client, c.event_name, false).await,
@@ -498,6 +521,51 @@ impl Engine {
     /// Commits what is queued and stops the commit thread (final flush).
     pub async fn shutdown(&self) {
         self.commit.stop().await;
+    }
+}
+
+/// Drops the operator replays queued for `client` whose events none of
+/// its subscriptions covers any more.
+async fn unqueue_uncovered(
+    store: Arc<dyn EventLog>,
+    commit: &commit::Committer,
+    subs: &Registry,
+    client: &ClientId,
+) -> std::result::Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    const STEP: usize = 1024;
+    let mut after = 0;
+    loop {
+        let patterns = subs.of(client);
+        let (store, who) = (Arc::clone(&store), client.clone());
+        let (uncovered, next) = tokio::task::spawn_blocking(move || {
+            let entries = store.replay_queue(&who, after, STEP)?;
+            let next = (entries.len() == STEP)
+                .then(|| entries.last().map(|e| e.0))
+                .flatten();
+            let mut uncovered = Vec::new();
+            for (seq, _) in entries {
+                let covered = match store.event_at(seq)? {
+                    Some(event) => patterns.iter().any(|s| s.pattern.matches(&event.name)),
+                    None => false,
+                };
+                if !covered {
+                    uncovered.push(seq);
+                }
+            }
+            Ok::<_, StoreError>((uncovered, next))
+        })
+        .await??;
+        if !uncovered.is_empty() {
+            let op = WriteOp::Unqueue {
+                client: client.clone(),
+                seqs: uncovered,
+            };
+            commit.submit(op).await?.await??;
+        }
+        match next {
+            Some(seq) => after = seq,
+            None => return Ok(()),
+        }
     }
 }
 

@@ -215,8 +215,11 @@ fn op_id(n: u64) -> String {
     format!("op_{n}")
 }
 
+/// The number of an id written exactly as `op_id` writes it, so that
+/// `op_01` or `op_+1` name no operation.
 fn parse_op_id(id: &str) -> Option<u64> {
-    id.strip_prefix("op_")?.parse().ok()
+    let n = id.strip_prefix("op_")?.parse().ok()?;
+    (op_id(n) == id).then_some(n)
 }
 
 fn encode(stored: &Stored) -> Vec<u8> {

@@ -1,35 +1,30 @@
 //! The operator API: `POST /replays` starts an operator replay,
 //! `/asyncOperations` tracks and cancels it.
 
+use std::fmt;
 use std::str::FromStr;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ensync_protocol::field::{ClientId, Pattern, Position};
-use serde::Deserialize;
+use serde::de::{self, Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{json, Value};
 
 use super::{error, HttpState};
 use crate::engine::{OpError, ReplayRequest};
 
-/// The body of `POST /replays`, as sent.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct ReplayBody {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    event_name: Option<String>,
-    start_timestamp: Option<Value>,
-    end_timestamp: Option<Value>,
-    client_id: Option<String>,
-    only_unacked: Option<bool>,
-    events_per_second: Option<u32>,
-}
-
-pub(super) async fn create_replay(State(state): State<HttpState>, body: Bytes) -> Response {
+pub(super) async fn create_replay(
+    State(state): State<HttpState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
     let request = match replay_request(&body) {
         Ok(request) => request,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),
@@ -85,6 +80,10 @@ fn op_error(e: &OpError) -> Response {
     error(status, e.to_string())
 }
 
+/// The keys a `POST /replays` body may hold.
+const REPLAY_KEYS: &str =
+    "type, eventName, startTimestamp, endTimestamp, clientId, onlyUnacked, eventsPerSecond";
+
 /// Validates a `POST /replays` body; the error says what to fix.
 fn replay_request(body: &[u8]) -> Result<ReplayRequest, String> {
     if body.iter().all(u8::is_ascii_whitespace) {
@@ -93,39 +92,130 @@ fn replay_request(body: &[u8]) -> Result<ReplayRequest, String> {
                 .into(),
         );
     }
-    let body: ReplayBody = serde_json::from_slice(body)
-        .map_err(|e| format!("the body is not a valid replay request: {e}"))?;
-    match body.kind.as_deref() {
-        None | Some("ensync") => {}
-        Some(other) => return Err(format!("type is {other:?}; the only type is \"ensync\"")),
+    let invalid = |why: String| format!("the body is not a valid replay request: {why}");
+    let value: Value = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
+    if !value.is_object() {
+        return Err(invalid(format!(
+            "it is {}, not a JSON object with the keys {REPLAY_KEYS}",
+            json_kind(&value)
+        )));
     }
-    let name = body
-        .event_name
-        .ok_or("eventName is required: an event name or a pattern such as orders/*")?;
-    let pattern = Pattern::from_str(&name).map_err(|e| format!("eventName {name:?} {e}"))?;
-    let client = body
-        .client_id
-        .map(|id| ClientId::from_str(&id).map_err(|e| format!("clientId {id:?} {e}")))
-        .transpose()?;
+    // Read again, refusing a key given twice (a map keeps only one).
+    let Fields(fields) = serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
+    if let Some(unknown) = fields
+        .keys()
+        .find(|k| !REPLAY_KEYS.split(", ").any(|known| known == k.as_str()))
+    {
+        return Err(format!(
+            "unknown key {unknown:?}; the keys are {REPLAY_KEYS}"
+        ));
+    }
+    // A key set to null counts as left out.
+    let field = |key: &str| fields.get(key).filter(|v| !v.is_null());
+    match field("type") {
+        None => {}
+        Some(Value::String(kind)) if kind == "ensync" => {}
+        Some(other) => return Err(format!("type is {other}; the only type is \"ensync\"")),
+    }
+    let name = match field("eventName") {
+        None => {
+            return Err("eventName is required: an event name or a pattern such as orders/*".into())
+        }
+        Some(Value::String(name)) => name,
+        Some(other) => {
+            return Err(format!(
+                "eventName is {}; give a string: an event name or a pattern such as orders/*",
+                json_kind(other)
+            ))
+        }
+    };
+    let pattern = Pattern::from_str(name).map_err(|e| format!("eventName {name:?} {e}"))?;
+    let client = match field("clientId") {
+        None => None,
+        Some(Value::String(id)) => {
+            Some(ClientId::from_str(id).map_err(|e| format!("clientId {id:?} {e}"))?)
+        }
+        Some(other) => {
+            return Err(format!(
+                "clientId is {}; give a client id as a string",
+                json_kind(other)
+            ))
+        }
+    };
+    let only_unacked = match field("onlyUnacked") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(other) => {
+            return Err(format!(
+                "onlyUnacked is {}; give true or false",
+                json_kind(other)
+            ))
+        }
+    };
+    let events_per_second = match field("eventsPerSecond") {
+        None => None,
+        Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) if n >= 1 => Some(n),
+            _ => {
+                return Err(format!(
+                    "eventsPerSecond is {v}; give a whole number from 1 to {} (leave it out for no limit)",
+                    u32::MAX
+                ))
+            }
+        },
+    };
     Ok(ReplayRequest {
         pattern,
-        start: body
-            .start_timestamp
-            .map(|v| timestamp("startTimestamp", &v))
+        start: field("startTimestamp")
+            .map(|v| timestamp("startTimestamp", v))
             .transpose()?,
-        end: body
-            .end_timestamp
-            .map(|v| timestamp("endTimestamp", &v))
+        end: field("endTimestamp")
+            .map(|v| timestamp("endTimestamp", v))
             .transpose()?,
         client,
-        only_unacked: body.only_unacked.unwrap_or(false),
-        events_per_second: match body.events_per_second {
-            Some(0) => {
-                return Err("eventsPerSecond must be at least 1 (leave it out for no limit)".into())
-            }
-            rate => rate,
-        },
+        only_unacked,
+        events_per_second,
     })
+}
+
+/// A JSON object's members, with no key given twice.
+struct Fields(serde_json::Map<String, Value>);
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> Visitor<'de> for Members {
+            type Value = Fields;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields, A::Error> {
+                let mut fields = serde_json::Map::new();
+                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                    if fields.contains_key(&key) {
+                        return Err(de::Error::custom(format!("the key {key:?} is given twice")));
+                    }
+                    fields.insert(key, value);
+                }
+                Ok(Fields(fields))
+            }
+        }
+        deserializer.deserialize_map(Members)
+    }
+}
+
+/// What kind of JSON value `v` is, for error messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// Milliseconds since the epoch from a number, a string of digits, or an

@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
@@ -107,7 +108,7 @@ async fn admin_auth(State(state): State<HttpState>, request: Request, next: Next
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(bearer_token);
     match given {
         Some(given) if same_secret(given.trim().as_bytes(), token.as_bytes()) => {
             next.run(request).await
@@ -115,6 +116,13 @@ async fn admin_auth(State(state): State<HttpState>, request: Request, next: Next
         Some(_) => unauthorized("the bearer token is not the admin token"),
         None => unauthorized("the admin API needs the header Authorization: Bearer <admin_token>"),
     }
+}
+
+/// The token of an `Authorization: Bearer <token>` value; the scheme is
+/// matched without regard to case, as HTTP auth schemes are.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim_start().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token)
 }
 
 fn unauthorized(message: &str) -> Response {
@@ -133,8 +141,20 @@ fn same_secret(a: &[u8], b: &[u8]) -> bool {
 async fn websocket(
     State(state): State<HttpState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    upgrade: WebSocketUpgrade,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => {
+            return error(
+                rejection.status(),
+                format!(
+                    "{}; /message is the protocol over WebSocket (ws://HOST:PORT/message)",
+                    rejection.body_text()
+                ),
+            )
+        }
+    };
     let Ok(permit) = Arc::clone(&state.permits).try_acquire_owned() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -7,12 +7,14 @@
 //! as several commands, as it would over TCP.
 
 use std::io;
-use std::sync::Arc;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::{BufMut, Bytes, BytesMut};
 use ensync_protocol::{EnsyncCodec, Frame};
-use futures_util::{stream, SinkExt, Stream, StreamExt};
+use futures_util::{stream, Sink, SinkExt, Stream, StreamExt};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error};
@@ -25,8 +27,13 @@ use crate::session::{self, Outbound};
 pub async fn serve(engine: Arc<Engine>, socket: WebSocket, cancel: CancellationToken) {
     let _open = engine.metrics().connection(Transport::WebSocket);
     let (sink, incoming) = socket.split();
-    let frames = frames(incoming, EnsyncCodec::new(engine.config().max_line_len));
-    let sink = sink
+    let close = CloseSlot::default();
+    let frames = frames(
+        incoming,
+        EnsyncCodec::new(engine.config().max_line_len),
+        Arc::clone(&close),
+    );
+    let sink = Closing { inner: sink, close }
         .sink_map_err(io::Error::other)
         .with_flat_map(|out: Outbound| stream::iter(messages(out).into_iter().map(Ok)));
     match session::serve(engine, frames, Box::pin(sink), cancel).await {
@@ -35,35 +42,94 @@ pub async fn serve(engine: Arc<Engine>, socket: WebSocket, cancel: CancellationT
     }
 }
 
-/// The lines carried by the client's frames.
+/// The close frame to end the socket with, when the reading side chose
+/// one (a frame was too large).
+type CloseSlot = Arc<Mutex<Option<CloseFrame>>>;
+
+/// The lines carried by the client's frames. A frame over the size limit
+/// ends them, and leaves close code 1009 in `close`.
 fn frames(
     incoming: impl Stream<Item = Result<Message, axum::Error>> + Send + Unpin + 'static,
     codec: EnsyncCodec,
+    close: CloseSlot,
 ) -> impl Stream<Item = io::Result<Frame>> + Send + Unpin {
     let state = (incoming, codec, BytesMut::new());
     Box::pin(stream::unfold(
         state,
-        |(mut incoming, mut codec, mut buf)| async move {
-            loop {
-                match codec.decode(&mut buf) {
-                    Ok(Some(frame)) => return Some((Ok(frame), (incoming, codec, buf))),
-                    Ok(None) => {}
-                    Err(e) => return Some((Err(e), (incoming, codec, buf))),
+        move |(mut incoming, mut codec, mut buf)| {
+            let close = Arc::clone(&close);
+            async move {
+                loop {
+                    match codec.decode(&mut buf) {
+                        Ok(Some(frame)) => return Some((Ok(frame), (incoming, codec, buf))),
+                        Ok(None) => {}
+                        Err(e) => return Some((Err(e), (incoming, codec, buf))),
+                    }
+                    let data = match incoming.next().await? {
+                        Ok(Message::Text(text)) => Bytes::from(text),
+                        Ok(Message::Binary(data)) => data,
+                        Ok(Message::Close(_)) => return None,
+                        // Pings are answered by the WebSocket layer itself.
+                        Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                        Err(e) => {
+                            let e = e.into_inner();
+                            if let Some(tungstenite::Error::Capacity(too_large)) = e.downcast_ref()
+                            {
+                                *close.lock().expect("close slot lock is never poisoned") =
+                                    Some(CloseFrame {
+                                        code: close_code::SIZE,
+                                        reason: Utf8Bytes::from(too_large.to_string()),
+                                    });
+                            }
+                            return Some((Err(io::Error::other(e)), (incoming, codec, buf)));
+                        }
+                    };
+                    buf.reserve(data.len() + 1);
+                    buf.put_slice(&data);
+                    buf.put_u8(b'\n');
                 }
-                let data = match incoming.next().await? {
-                    Ok(Message::Text(text)) => Bytes::from(text),
-                    Ok(Message::Binary(data)) => data,
-                    Ok(Message::Close(_)) => return None,
-                    // Pings are answered by the WebSocket layer itself.
-                    Ok(Message::Ping(_) | Message::Pong(_)) => continue,
-                    Err(e) => return Some((Err(io::Error::other(e)), (incoming, codec, buf))),
-                };
-                buf.reserve(data.len() + 1);
-                buf.put_slice(&data);
-                buf.put_u8(b'\n');
             }
         },
     ))
+}
+
+/// The socket's sending half, which sends the close frame in `close`, if
+/// any, when it is closed.
+struct Closing<S> {
+    inner: S,
+    close: CloseSlot,
+}
+
+impl<S: Sink<Message> + Unpin> Sink<Message> for Closing<S> {
+    type Error = S::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        Pin::new(&mut self.inner).poll_ready(cx)
+    }
+
+    fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), S::Error> {
+        Pin::new(&mut self.inner).start_send(item)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        let this = &mut *self;
+        let mut slot = this
+            .close
+            .lock()
+            .expect("close slot lock is never poisoned");
+        if slot.is_some() {
+            ready!(Pin::new(&mut this.inner).poll_ready(cx))?;
+            if let Some(frame) = slot.take() {
+                Pin::new(&mut this.inner).start_send(Message::Close(Some(frame)))?;
+            }
+        }
+        drop(slot);
+        Pin::new(&mut this.inner).poll_close(cx)
+    }
 }
 
 /// The text frames for one piece of session output: one per line, without
