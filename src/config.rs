@@ -46,11 +46,15 @@ pub const MAX_COMMIT_BATCH: usize = 4096;
 /// Most event bytes in one group commit; one batch is one live-feed entry.
 pub const MAX_COMMIT_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Bytes a replay encodes before handing a chunk to the connection.
-pub const REPLAY_CHUNK_BYTES: usize = 64 * 1024;
+pub const REPLAY_CHUNK_BYTES: usize = 256 * 1024;
 /// Chunks a replay may have encoded ahead of the socket: with
-/// `REPLAY_CHUNK_BYTES` this bounds a replay's buffer at 256 KiB, whatever
-/// its LIMIT and however slowly the client reads.
-pub const REPLAY_CHUNKS_AHEAD: usize = 4;
+/// `REPLAY_CHUNK_BYTES`, and the chunk being encoded and the one being
+/// written, this bounds a replay's buffers at about 1 MiB, whatever its
+/// LIMIT and however slowly the client reads.
+pub const REPLAY_CHUNKS_AHEAD: usize = 2;
+/// Replays with at most this LIMIT run on the connection's task instead of
+/// a blocking thread: they read a few chunks of the store at most.
+pub const INLINE_REPLAY_LIMIT: u32 = 100;
 
 /// Everything the server needs to run.
 #[derive(Debug, Clone, Deserialize)]

@@ -5,10 +5,17 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{BufMut, BytesMut};
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ensync_protocol::EnsyncCodec;
+use futures_util::Sink;
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
-use tokio_util::codec::{Encoder, FramedRead, FramedWrite};
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
@@ -16,23 +23,120 @@ use crate::engine::Engine;
 use crate::metrics::Transport;
 use crate::session::{self, Outbound};
 
-/// Writes session output as LF-terminated lines.
-#[derive(Debug, Default)]
-struct LineEncoder;
+/// Record chunks at least this long are written from their own memory
+/// instead of being copied into the write buffer.
+const DIRECT_BYTES: usize = 4 * 1024;
+/// Bytes waiting to be written before the session is made to wait.
+const HIGH_WATER: usize = 128 * 1024;
+/// Buffers handed to one vectored write.
+const MAX_SLICES: usize = 64;
 
-impl Encoder<Outbound> for LineEncoder {
+/// Writes session output to the socket as LF-terminated lines.
+///
+/// Replies are encoded into a buffer; a replay's record chunks are queued
+/// as they are and written with vectored writes, so their bytes are copied
+/// once, into the kernel.
+struct LineSink<W> {
+    io: W,
+    /// Encoded lines not yet queued.
+    buf: BytesMut,
+    /// What waits to be written, in order.
+    queue: VecDeque<Bytes>,
+    /// Bytes in `queue`.
+    queued: usize,
+}
+
+impl<W: AsyncWrite + Unpin> LineSink<W> {
+    fn new(io: W) -> Self {
+        Self {
+            io,
+            buf: BytesMut::with_capacity(8 * 1024),
+            queue: VecDeque::new(),
+            queued: 0,
+        }
+    }
+
+    fn enqueue(&mut self, bytes: Bytes) {
+        self.queued += bytes.len();
+        self.queue.push_back(bytes);
+    }
+
+    /// Writes everything queued and buffered.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.buf.is_empty() {
+            let lines = self.buf.split().freeze();
+            self.enqueue(lines);
+        }
+        while !self.queue.is_empty() {
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut used = 0;
+            for (slot, bytes) in slices.iter_mut().zip(&self.queue) {
+                *slot = IoSlice::new(bytes);
+                used += 1;
+            }
+            let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..used]))?;
+            if written == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.consume(written);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Drops the first `written` queued bytes.
+    fn consume(&mut self, mut written: usize) {
+        self.queued -= written;
+        while let Some(front) = self.queue.front_mut() {
+            if written < front.len() {
+                front.advance(written);
+                return;
+            }
+            written -= front.len();
+            self.queue.pop_front();
+        }
+    }
+}
+
+impl<W: AsyncWrite + Unpin> Sink<Outbound> for LineSink<W> {
     type Error = io::Error;
 
-    fn encode(&mut self, item: Outbound, dst: &mut BytesMut) -> io::Result<()> {
+    fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.queued + this.buf.len() >= HIGH_WATER {
+            ready!(this.poll_drain(cx))?;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    fn start_send(self: Pin<&mut Self>, item: Outbound) -> io::Result<()> {
+        let this = self.get_mut();
         match item {
             Outbound::Reply(reply) => {
-                reply.encode(dst);
-                dst.put_u8(b'\n');
+                reply.encode(&mut this.buf);
+                this.buf.put_u8(b'\n');
             }
-            Outbound::Lines(lines) => dst.extend_from_slice(&lines),
-            Outbound::Ping => dst.extend_from_slice(b"PING\n"),
+            Outbound::Lines(lines) if lines.len() >= DIRECT_BYTES => {
+                if !this.buf.is_empty() {
+                    let before = this.buf.split().freeze();
+                    this.enqueue(before);
+                }
+                this.enqueue(lines);
+            }
+            Outbound::Lines(lines) => this.buf.extend_from_slice(&lines),
+            Outbound::Ping => this.buf.extend_from_slice(b"PING\n"),
         }
         Ok(())
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        ready!(this.poll_drain(cx))?;
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.as_mut().poll_flush(cx))?;
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -49,7 +153,7 @@ pub async fn serve(
     }
     let (read, write) = stream.into_split();
     let frames = FramedRead::new(read, EnsyncCodec::new(engine.config().max_line_len));
-    let sink = FramedWrite::new(write, LineEncoder);
+    let sink = LineSink::new(write);
     match session::serve(engine, frames, sink, cancel).await {
         Ok(()) => debug!("connection closed"),
         Err(e) => debug!(error = %e, "connection ended by an I/O error"),

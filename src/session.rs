@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::config::MAX_IN_FLIGHT;
-use crate::engine::{Attachment, Chunk, Engine, Outcome};
+use crate::engine::{Attachment, Engine, Outcome, RecordSource, Records};
 
 /// What a session writes: a reply, pre-encoded record lines (each ending
 /// in LF; a WebSocket transport sends one frame per line), or a heartbeat.
@@ -282,7 +282,7 @@ where
             },
             lines = next_delivery(attachment.as_deref()) => {
                 engine.metrics().delivered(count_lines(&lines));
-                sink.feed(Outbound::Lines(lines)).await?;
+                sink.send(Outbound::Lines(lines)).await?;
             }
             () = tokio::time::sleep_until(check_at) => {
                 let last = seen.get();
@@ -309,7 +309,7 @@ where
 }
 
 fn count_lines(lines: &[u8]) -> u64 {
-    lines.iter().filter(|b| **b == b'\n').count() as u64
+    memchr::memchr_iter(b'\n', lines).count() as u64
 }
 
 async fn answer<W>(
@@ -362,8 +362,8 @@ where
                     let stream = engine.replay(&client, req).await;
                     metrics.command(verb, outcome_label(&stream.header));
                     sink.feed(Outbound::Reply(stream.header)).await?;
-                    if let Some(chunks) = stream.chunks {
-                        forward(engine, chunks, sink).await?;
+                    if let Some(records) = stream.records {
+                        forward(engine, records, sink).await?;
                         metrics.replay_finished(started.elapsed());
                     }
                     return Ok(());
@@ -376,18 +376,14 @@ where
 }
 
 /// Writes streamed record chunks as they come.
-async fn forward<W>(
-    engine: &Engine,
-    mut chunks: mpsc::Receiver<Chunk>,
-    sink: &mut W,
-) -> io::Result<()>
+async fn forward<W>(engine: &Engine, mut records: RecordSource, sink: &mut W) -> io::Result<()>
 where
     W: Sink<Outbound, Error = io::Error> + Unpin,
 {
-    while let Some(chunk) = chunks.recv().await {
+    while let Some(chunk) = records.next().await {
         match chunk {
-            Ok(lines) => {
-                engine.metrics().replayed(count_lines(&lines));
+            Ok(Records { lines, count }) => {
+                engine.metrics().replayed(count);
                 sink.send(Outbound::Lines(lines)).await?;
             }
             Err(message) => {

@@ -152,23 +152,12 @@ impl<'a> StoredRecord<'a> {
 
     /// Appends the record JSON, as `marks` asks, to `dst`.
     pub fn write(&self, dst: &mut BytesMut, marks: &Marks) {
-        if marks.include_payload {
-            dst.put_slice(self.body);
-        } else {
-            dst.put_slice(&self.body[..self.payload_start]);
-            dst.put_slice(&self.body[self.payload_end..]);
-        }
+        self.write_body(dst, marks.include_payload);
         if let Some(info) = marks.replay {
             if self.has_members {
                 dst.put_u8(b',');
             }
-            dst.put_slice(b"\"REPLAYED\":true,\"$internal\":{\"replay_info\":{\"isReplayed\":true,\"replayTimestamp\":");
-            dst.put_slice(itoa::Buffer::new().format(info.replay_timestamp).as_bytes());
-            dst.put_slice(if info.was_acknowledged {
-                b",\"wasAcknowledged\":true}}"
-            } else {
-                b",\"wasAcknowledged\":false}}"
-            });
+            put_replay_marks(dst, info);
         }
         dst.put_slice(b"}}");
     }
@@ -178,6 +167,69 @@ impl<'a> StoredRecord<'a> {
         dst.put_slice(RECORD_PREFIX);
         self.write(dst, marks);
         dst.put_u8(b'\n');
+    }
+
+    /// Appends a whole `+RECORD:` line with marks rendered beforehand: the
+    /// same bytes as [`StoredRecord::write_line`], for many records at the
+    /// cost of a few copies each.
+    pub fn write_rendered_line(&self, dst: &mut BytesMut, marks: &RenderedMarks) {
+        dst.put_slice(RECORD_PREFIX);
+        self.write_body(dst, marks.include_payload);
+        dst.put_slice(if self.has_members {
+            &marks.after_members
+        } else {
+            &marks.after_members[marks.comma..]
+        });
+    }
+
+    fn write_body(&self, dst: &mut BytesMut, include_payload: bool) {
+        if include_payload {
+            dst.put_slice(self.body);
+        } else {
+            dst.put_slice(&self.body[..self.payload_start]);
+            dst.put_slice(&self.body[self.payload_end..]);
+        }
+    }
+}
+
+fn put_replay_marks(dst: &mut impl BufMut, info: ReplayInfo) {
+    dst.put_slice(b"\"REPLAYED\":true,\"$internal\":{\"replay_info\":{\"isReplayed\":true,\"replayTimestamp\":");
+    dst.put_slice(itoa::Buffer::new().format(info.replay_timestamp).as_bytes());
+    dst.put_slice(if info.was_acknowledged {
+        b",\"wasAcknowledged\":true}}"
+    } else {
+        b",\"wasAcknowledged\":false}}"
+    });
+}
+
+/// [`Marks`] rendered once: what follows a record's metadata members, up
+/// to and including the line's LF.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedMarks {
+    include_payload: bool,
+    /// The tail for a record whose metadata has members (it starts with the
+    /// comma that separates the marks from them).
+    after_members: Vec<u8>,
+    /// Where the tail of a record without members starts in `after_members`.
+    comma: usize,
+}
+
+impl Marks {
+    /// Renders the marks for [`StoredRecord::write_rendered_line`].
+    pub fn render(&self) -> RenderedMarks {
+        let mut tail = Vec::with_capacity(128);
+        let mut comma = 0;
+        if let Some(info) = self.replay {
+            tail.push(b',');
+            comma = 1;
+            put_replay_marks(&mut tail, info);
+        }
+        tail.extend_from_slice(b"}}\n");
+        RenderedMarks {
+            include_payload: self.include_payload,
+            after_members: tail,
+            comma,
+        }
     }
 }
 
@@ -230,6 +282,30 @@ mod encode_record {
             r#"{"idem":"evt_1","block":"7","name":"user/profile/updated","loggedAt":1695420000000,"sender":"alice","metadata":{"k":"v","REPLAYED":true,"$internal":{"replay_info":{"isReplayed":true,"replayTimestamp":5,"wasAcknowledged":false}}}}"#
         );
         serde_json::from_str::<serde_json::Value>(&text).expect("valid JSON");
+    }
+
+    #[test]
+    fn rendered_marks_write_the_same_line() {
+        let replay = Some(ReplayInfo {
+            replay_timestamp: 1_700_000_000_123,
+            was_acknowledged: true,
+        });
+        for metadata in [None, Some(r#"{"k":"v"}"#)] {
+            let stored = sample(metadata);
+            let record = StoredRecord::new(&stored).expect("valid");
+            for include_payload in [true, false] {
+                for replay in [None, replay] {
+                    let marks = Marks {
+                        include_payload,
+                        replay,
+                    };
+                    let (mut one, mut rendered) = (BytesMut::new(), BytesMut::new());
+                    record.write_line(&mut one, &marks);
+                    record.write_rendered_line(&mut rendered, &marks.render());
+                    assert_eq!(one, rendered, "{marks:?} {metadata:?}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -1,29 +1,45 @@
 //! REPLAY: range replays and single-event replays.
 //!
-//! A range replay runs on a blocking thread in two passes over the same
-//! snapshot: the first counts matching events up to LIMIT (so the header's
-//! COUNT is exact), the second encodes them into chunks and hands them to
-//! the connection through a small bounded channel. A reader that stops
-//! reading stalls only its own replay thread, and a replay holds at most
-//! `REPLAY_CHUNKS_AHEAD` chunks in memory whatever its size. A pin keeps
-//! retention from removing what the replay has counted and not yet sent.
+//! A range replay makes two passes over the same snapshot: the count pass
+//! counts matching events up to LIMIT (so the header's COUNT is exact),
+//! the stream pass encodes them into chunks of about `REPLAY_CHUNK_BYTES`.
+//! The stream pass runs in slices that each end after one chunk and
+//! resume after the last event they encoded.
+//!
+//! A small replay (LIMIT at most `INLINE_REPLAY_LIMIT`) runs on the
+//! connection's own task, a slice at a time between writes: no thread
+//! hand-offs, so a seek costs one store lookup and one write. A larger one
+//! runs on a blocking thread and hands its chunks to the connection through
+//! a channel of `REPLAY_CHUNKS_AHEAD`. Either way a replay holds a bounded
+//! number of chunks in memory, whatever its size and however slowly the
+//! client reads. A pin keeps retention from removing what the replay has
+//! counted and not yet sent.
 
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, RangeInclusive};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use ensync_protocol::command::{Replay, ReplayEvent};
-use ensync_protocol::field::{ClientId, Limit, Pattern};
-use ensync_protocol::{ErrorCode, Marks, Pass, ReplayInfo, Reply};
+use ensync_protocol::field::{ClientId, Limit, Pattern, Position};
+use ensync_protocol::{ErrorCode, Marks, Pass, RenderedMarks, ReplayInfo, Reply};
 use tokio::sync::{mpsc, oneshot};
 
 use super::retention::Pin;
 use super::{internal, now_ms, Engine};
-use crate::config::{REPLAY_CHUNKS_AHEAD, REPLAY_CHUNK_BYTES};
-use crate::store::{EventLog, EventView, Resolved, Settlement, Side, StoreError};
+use crate::config::{INLINE_REPLAY_LIMIT, REPLAY_CHUNKS_AHEAD, REPLAY_CHUNK_BYTES};
+use crate::store::{Counted, EventLog, Resolved, Settlement, Side, StoreError};
 
 /// Encoded record lines, or why the stream broke off.
-pub type Chunk = Result<Bytes, String>;
+pub type Chunk = Result<Records, String>;
+
+/// Record lines, each ending in LF, and how many there are.
+#[derive(Debug)]
+pub struct Records {
+    /// The lines.
+    pub lines: Bytes,
+    /// How many lines.
+    pub count: u64,
+}
 
 /// A replay's header and the records that follow it.
 #[derive(Debug)]
@@ -31,14 +47,33 @@ pub struct ReplayStream {
     /// `+PASS:REPLAY_STARTED...` or the `-FAIL` that ends the replay.
     pub header: Reply,
     /// Exactly COUNT records, in chunks, after a successful header.
-    pub chunks: Option<mpsc::Receiver<Chunk>>,
+    pub records: Option<RecordSource>,
 }
 
 impl ReplayStream {
     fn refused(header: Reply) -> Self {
         Self {
             header,
-            chunks: None,
+            records: None,
+        }
+    }
+}
+
+/// Where a replay's records come from.
+#[derive(Debug)]
+pub enum RecordSource {
+    /// Encoded by a blocking thread, a chunk at a time.
+    Channel(mpsc::Receiver<Chunk>),
+    /// Encoded on the caller's task, a chunk per call.
+    Inline(Box<InlineStream>),
+}
+
+impl RecordSource {
+    /// The next chunk, or `None` once every record was handed out.
+    pub async fn next(&mut self) -> Option<Chunk> {
+        match self {
+            RecordSource::Channel(rx) => rx.recv().await,
+            RecordSource::Inline(stream) => stream.next(),
         }
     }
 }
@@ -50,57 +85,12 @@ fn invalid_position() -> Reply {
     )
 }
 
-/// Accumulates record lines and hands them to the connection in chunks.
-struct ChunkWriter {
-    buf: BytesMut,
-    tx: mpsc::Sender<Chunk>,
-}
-
-impl ChunkWriter {
-    fn new(tx: mpsc::Sender<Chunk>) -> Self {
-        Self {
-            buf: BytesMut::with_capacity(REPLAY_CHUNK_BYTES * 2),
-            tx,
-        }
-    }
-
-    /// Writes one record; breaks when the connection has gone away.
-    fn write(&mut self, event: &EventView<'_>, marks: &Marks) -> ControlFlow<()> {
-        event.record.write_line(&mut self.buf, marks);
-        if self.buf.len() >= REPLAY_CHUNK_BYTES {
-            return self.send();
-        }
-        ControlFlow::Continue(())
-    }
-
-    fn send(&mut self) -> ControlFlow<()> {
-        let chunk = std::mem::replace(
-            &mut self.buf,
-            BytesMut::with_capacity(REPLAY_CHUNK_BYTES * 2),
-        );
-        match self.tx.blocking_send(Ok(chunk.freeze())) {
-            Ok(()) => ControlFlow::Continue(()),
-            Err(_) => ControlFlow::Break(()),
-        }
-    }
-
-    fn finish(mut self) {
-        if !self.buf.is_empty() {
-            let _ = self.send();
-        }
-    }
-
-    fn fail(self, message: String) {
-        let _ = self.tx.blocking_send(Err(message));
-    }
-}
-
-/// The request as the replay thread needs it.
+/// The request as the replay's passes need it.
 struct RangeJob {
     client: ClientId,
     pattern: Pattern,
-    from: ensync_protocol::field::Position,
-    to: Option<ensync_protocol::field::Position>,
+    from: Position,
+    to: Option<Position>,
     snapshot: u64,
     limit: u64,
     identities: Vec<String>,
@@ -114,7 +104,7 @@ struct RangeJob {
 
 impl RangeJob {
     /// The marks of a record the client did or did not acknowledge.
-    fn marks(&self, was_acknowledged: bool) -> Marks {
+    fn marks(&self, was_acknowledged: bool) -> RenderedMarks {
         Marks {
             include_payload: self.include_payload,
             replay: Some(ReplayInfo {
@@ -122,11 +112,123 @@ impl RangeJob {
                 was_acknowledged,
             }),
         }
+        .render()
     }
 
     /// Whether the client acknowledged event `seq`.
     fn acked(&self, store: &dyn EventLog, seq: u64) -> Result<bool, StoreError> {
         Ok(self.check_acks && store.settlement(&self.client, seq)? == Some(Settlement::Acked))
+    }
+
+    /// Whether only the events the count pass took are sent.
+    fn filtering(&self) -> bool {
+        self.only_unacked && self.check_acks
+    }
+
+    fn ids(&self) -> Vec<&str> {
+        self.identities.iter().map(String::as_str).collect()
+    }
+}
+
+/// What the count pass announced, and how far the stream pass has come.
+struct Stream {
+    job: RangeJob,
+    /// The next seq to look at.
+    from: u64,
+    /// The last seq to send.
+    last: u64,
+    /// Records announced.
+    count: u64,
+    /// Records encoded so far.
+    sent: u64,
+    /// With ONLY_UNACKED, the events the count pass took (sorted).
+    taken: Vec<u64>,
+    acked_marks: RenderedMarks,
+    unacked_marks: RenderedMarks,
+    /// Keeps retention off what is left to send.
+    pin: Pin,
+}
+
+impl Stream {
+    /// Encodes the next chunk of records (about `REPLAY_CHUNK_BYTES`), or
+    /// says why the stream broke off; `None` once all are sent.
+    fn next_chunk(&mut self, store: &dyn EventLog) -> Option<Chunk> {
+        if self.sent == self.count {
+            return None;
+        }
+        let mut buf = BytesMut::with_capacity(REPLAY_CHUNK_BYTES + 8 * 1024);
+        let (mut in_chunk, mut resume) = (0u64, None);
+        let mut failed = None;
+        let ids = self.job.ids();
+        let (job, taken) = (&self.job, &self.taken);
+        let (acked_marks, unacked_marks) = (&self.acked_marks, &self.unacked_marks);
+        let left = self.count - self.sent;
+        let scanned = store.scan(&job.pattern, self.from..=self.last, &mut |event| {
+            if !event.is_addressed_to(&ids) {
+                return ControlFlow::Continue(());
+            }
+            if job.filtering() && taken.binary_search(&event.seq).is_err() {
+                return ControlFlow::Continue(());
+            }
+            let acked = match job.acked(store, event.seq) {
+                Ok(acked) => acked,
+                Err(e) => {
+                    failed = Some(e);
+                    return ControlFlow::Break(());
+                }
+            };
+            let marks = if acked { acked_marks } else { unacked_marks };
+            event.record.write_rendered_line(&mut buf, marks);
+            in_chunk += 1;
+            if in_chunk == left || buf.len() >= REPLAY_CHUNK_BYTES {
+                resume = Some(event.seq + 1);
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        });
+        if let Some(e) = scanned.err().or(failed) {
+            self.sent = self.count;
+            return Some(Err(format!("replay broke off: {e}")));
+        }
+        self.sent += in_chunk;
+        match resume {
+            Some(next) if next <= self.last || self.sent == self.count => {
+                self.from = next;
+                self.pin.move_to(next);
+            }
+            _ => {
+                let (sent, count) = (self.sent, self.count);
+                self.sent = self.count;
+                return Some(Err(format!(
+                    "replay found {sent} of the {count} events it announced"
+                )));
+            }
+        }
+        Some(Ok(Records {
+            lines: buf.freeze(),
+            count: in_chunk,
+        }))
+    }
+}
+
+/// A small replay's stream, encoded on the connection's task.
+pub struct InlineStream {
+    store: Arc<dyn EventLog>,
+    stream: Stream,
+}
+
+impl std::fmt::Debug for InlineStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InlineStream")
+            .field("count", &self.stream.count)
+            .field("sent", &self.stream.sent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl InlineStream {
+    fn next(&mut self) -> Option<Chunk> {
+        self.stream.next_chunk(self.store.as_ref())
     }
 }
 
@@ -156,29 +258,68 @@ pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStr
         from: req.from_position,
         to: req.to_position,
     };
+    let started = |count| {
+        Reply::Pass(Pass::ReplayStarted {
+            event_name: req.event_name.to_string(),
+            count,
+        })
+    };
+    // Pinned before the start is resolved: a trim either finished before
+    // (and the start is resolved in what it left) or waits.
+    let pin = engine.pins.pin();
+    if limit <= INLINE_REPLAY_LIMIT {
+        let store = Arc::clone(&engine.store);
+        return match count_pass(store.as_ref(), job, pin) {
+            Ok(Some(stream)) => ReplayStream {
+                header: started(stream.count),
+                records: Some(RecordSource::Inline(Box::new(InlineStream {
+                    store,
+                    stream,
+                }))),
+            },
+            Ok(None) => ReplayStream::refused(started(0)),
+            Err(reply) => ReplayStream::refused(reply),
+        };
+    }
     let (header_tx, header_rx) = oneshot::channel();
     let (tx, rx) = mpsc::channel(REPLAY_CHUNKS_AHEAD);
     let store = Arc::clone(&engine.store);
-    let pins = Arc::clone(&engine.pins);
     engine.tracker.spawn_blocking(move || {
-        // Pinned before the start is resolved: a trim either finished
-        // before (and the start is resolved in what it left) or waits.
-        let pin = pins.pin();
-        run_range(store.as_ref(), &job, pin, header_tx, tx);
+        let stream = match count_pass(store.as_ref(), job, pin) {
+            Ok(Some(stream)) => stream,
+            Ok(None) => {
+                let _ = header_tx.send(Ok(0));
+                return;
+            }
+            Err(reply) => {
+                let _ = header_tx.send(Err(reply));
+                return;
+            }
+        };
+        if header_tx.send(Ok(stream.count)).is_ok() {
+            stream_to(store.as_ref(), stream, &tx);
+        }
     });
     match header_rx.await {
         Ok(Ok(count)) => ReplayStream {
-            header: Reply::Pass(Pass::ReplayStarted {
-                event_name: req.event_name.to_string(),
-                count,
-            }),
-            chunks: (count > 0).then_some(rx),
+            header: started(count),
+            records: (count > 0).then_some(RecordSource::Channel(rx)),
         },
         Ok(Err(reply)) => ReplayStream::refused(reply),
         Err(_) => ReplayStream::refused(Reply::fail(
             ErrorCode::Internal,
             "the replay stopped before it started; see the server log",
         )),
+    }
+}
+
+/// Hands a stream's chunks to the connection until all are sent or the
+/// connection goes away.
+fn stream_to(store: &dyn EventLog, mut stream: Stream, tx: &mpsc::Sender<Chunk>) {
+    while let Some(chunk) = stream.next_chunk(store) {
+        if tx.blocking_send(chunk).is_err() {
+            return;
+        }
     }
 }
 
@@ -210,89 +351,75 @@ fn bounds(store: &dyn EventLog, job: &RangeJob) -> Result<Option<(u64, u64)>, Re
     Ok((start <= end).then_some((start, end)))
 }
 
-fn run_range(
-    store: &dyn EventLog,
-    job: &RangeJob,
-    mut pin: Pin,
-    header: oneshot::Sender<Result<u64, Reply>>,
-    tx: mpsc::Sender<Chunk>,
-) {
-    let (start, end) = match bounds(store, job) {
-        Ok(Some(range)) => range,
-        Ok(None) => {
-            let _ = header.send(Ok(0));
-            return;
-        }
-        Err(reply) => {
-            let _ = header.send(Err(reply));
-            return;
-        }
+/// Resolves the range and counts what the replay sends: the stream to
+/// send, `None` when there is nothing, or the reply that refuses it.
+fn count_pass(store: &dyn EventLog, job: RangeJob, mut pin: Pin) -> Result<Option<Stream>, Reply> {
+    let Some((start, end)) = bounds(store, &job)? else {
+        return Ok(None);
     };
     pin.move_to(start);
-    let ids: Vec<&str> = job.identities.iter().map(String::as_str).collect();
-    let (mut count, mut last) = (0u64, start);
+    let ids = job.ids();
+    let counted = if job.filtering() {
+        count_unacked(store, &job, start..=end, &ids)
+    } else {
+        store
+            .count(&job.pattern, start..=end, &ids, job.limit)
+            .map(|counted| (counted, Vec::new()))
+    };
+    let (Counted { count, last }, taken) = counted.map_err(|e| internal(&e))?;
+    drop(ids);
+    if count == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Stream {
+        acked_marks: job.marks(true),
+        unacked_marks: job.marks(false),
+        job,
+        from: start,
+        last,
+        count,
+        sent: 0,
+        taken,
+        pin,
+    }))
+}
+
+/// The count pass of an ONLY_UNACKED replay: the count, and the events it
+/// took (at most LIMIT), so that an ACK landing before the stream pass
+/// reaches its event does not change what was announced.
+fn count_unacked(
+    store: &dyn EventLog,
+    job: &RangeJob,
+    seqs: RangeInclusive<u64>,
+    ids: &[&str],
+) -> Result<(Counted, Vec<u64>), StoreError> {
+    let mut taken = Vec::new();
     let mut failed = None;
-    // With ONLY_UNACKED, the events the count pass took: an ACK that lands
-    // before the stream pass reaches its event must not change what was
-    // announced. At most LIMIT entries.
-    let mut taken: Vec<u64> = Vec::new();
-    let filtering = job.only_unacked && job.check_acks;
-    let counted = store.scan(&job.pattern, start..=end, &mut |event| {
-        if !event.is_addressed_to(&ids) {
+    store.scan(&job.pattern, seqs, &mut |event| {
+        if !event.is_addressed_to(ids) {
             return ControlFlow::Continue(());
         }
-        if filtering {
-            match job.acked(store, event.seq) {
-                Ok(true) => return ControlFlow::Continue(()),
-                Ok(false) => taken.push(event.seq),
-                Err(e) => {
-                    failed = Some(e);
-                    return ControlFlow::Break(());
-                }
-            }
-        }
-        count += 1;
-        last = event.seq;
-        if count == job.limit {
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    });
-    if let Some(e) = counted.err().or(failed) {
-        let _ = header.send(Err(internal(&e)));
-        return;
-    }
-    if header.send(Ok(count)).is_err() || count == 0 {
-        return;
-    }
-    let (acked_marks, unacked_marks) = (job.marks(true), job.marks(false));
-    let mut out = ChunkWriter::new(tx);
-    let mut sent = 0u64;
-    let mut failed = None;
-    let streamed = store.scan(&job.pattern, start..=last, &mut |event| {
-        if !event.is_addressed_to(&ids) {
-            return ControlFlow::Continue(());
-        }
-        let acked = match job.acked(store, event.seq) {
-            Ok(acked) => acked,
+        match job.acked(store, event.seq) {
+            Ok(true) => return ControlFlow::Continue(()),
+            Ok(false) => taken.push(event.seq),
             Err(e) => {
                 failed = Some(e);
                 return ControlFlow::Break(());
             }
-        };
-        if filtering && taken.binary_search(&event.seq).is_err() {
-            return ControlFlow::Continue(());
         }
-        sent += 1;
-        out.write(&event, if acked { &acked_marks } else { &unacked_marks })
-    });
-    match streamed.err().or(failed) {
-        None if sent == count => out.finish(),
-        None => out.fail(format!(
-            "replay found {sent} of the {count} events it announced"
-        )),
-        Some(e) => out.fail(format!("replay broke off: {e}")),
+        if taken.len() as u64 == job.limit {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
     }
+    let counted = Counted {
+        count: taken.len() as u64,
+        last: taken.last().copied().unwrap_or(0),
+    };
+    Ok((counted, taken))
 }
 
 /// Replays one event to `client` as `+REPLAY:{record}`.

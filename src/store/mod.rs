@@ -303,15 +303,73 @@ impl<'a> EventView<'a> {
     /// How the event is addressed to a client with these identities, if
     /// at all.
     pub fn addressing(&self, identities: &[&str]) -> Option<Addressing> {
-        let mut everyone = false;
-        for r in recipients_iter(self.recipients) {
-            if identities.iter().any(|id| id.as_bytes() == r.as_bytes()) {
-                return Some(Addressing::Direct);
-            }
-            everyone |= r == "*";
-        }
-        everyone.then_some(Addressing::Everyone)
+        addressing_of(self.recipients, identities)
     }
+}
+
+/// How an event with these encoded recipients reaches a client with these
+/// identities, if at all.
+pub(crate) fn addressing_of(recipients: &[u8], identities: &[&str]) -> Option<Addressing> {
+    // NOTE: `*` is never an identity, so an event for everyone only is
+    // settled without looking at the identities.
+    if recipients == b"*" {
+        return Some(Addressing::Everyone);
+    }
+    let mut everyone = false;
+    for r in recipients.split(|b| *b == 0) {
+        if identities.iter().any(|id| id.as_bytes() == r) {
+            return Some(Addressing::Direct);
+        }
+        everyone |= r == b"*";
+    }
+    everyone.then_some(Addressing::Everyone)
+}
+
+/// The encoded recipients at the start of a stored value (empty when the
+/// value is damaged: it then reaches no one).
+pub(crate) fn recipients_of(value: &[u8]) -> &[u8] {
+    let Some(len) = value.get(..4) else {
+        return &[];
+    };
+    let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+    value.get(4..4 + len).unwrap_or(&[])
+}
+
+/// [`EventLog::count`] by visiting every event.
+///
+/// # Errors
+/// When the database fails or a value is damaged.
+pub(crate) fn count_by_scan<L: EventLog + ?Sized>(
+    log: &L,
+    pattern: &Pattern,
+    seqs: RangeInclusive<u64>,
+    identities: &[&str],
+    limit: u64,
+) -> Result<Counted> {
+    let mut counted = Counted { count: 0, last: 0 };
+    if limit == 0 {
+        return Ok(counted);
+    }
+    log.scan(pattern, seqs, &mut |event| {
+        if event.is_addressed_to(identities) {
+            counted.count += 1;
+            counted.last = event.seq;
+            if counted.count == limit {
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    })?;
+    Ok(counted)
+}
+
+/// What [`EventLog::count`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counted {
+    /// Events counted, at most the limit.
+    pub count: u64,
+    /// The seq of the last one (meaningless when `count` is 0).
+    pub last: u64,
 }
 
 /// How an event reaches a client.
@@ -360,12 +418,6 @@ pub(crate) fn encode_recipients(recipients: &[Recipient], out: &mut Vec<u8>) {
     }
     let len = u32::try_from(out.len() - start - 4).unwrap_or(u32::MAX);
     out[start..start + 4].copy_from_slice(&len.to_le_bytes());
-}
-
-fn recipients_iter(encoded: &[u8]) -> impl Iterator<Item = &str> {
-    encoded
-        .split(|b| *b == 0)
-        .filter_map(|r| std::str::from_utf8(r).ok())
 }
 
 /// Whether a live event's recipients include one of `identities`.
@@ -439,6 +491,22 @@ pub trait EventLog: Send + Sync + 'static {
         seqs: RangeInclusive<u64>,
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
     ) -> Result<()>;
+
+    /// Counts, in seq order, the events [`EventLog::scan`] would visit
+    /// that are addressed to one of `identities` or to everyone, up to
+    /// `limit`.
+    ///
+    /// # Errors
+    /// When the database fails or a value is damaged.
+    fn count(
+        &self,
+        pattern: &Pattern,
+        seqs: RangeInclusive<u64>,
+        identities: &[&str],
+        limit: u64,
+    ) -> Result<Counted> {
+        count_by_scan(self, pattern, seqs, identities, limit)
+    }
 
     /// Looks one event up by id.
     ///

@@ -7,6 +7,8 @@
 //! | key                         | value                                    |
 //! |-----------------------------|------------------------------------------|
 //! | `e` name `\0` first seq     | chunk: events of one name, in seq order  |
+//! | `c` name `\0` first seq     | the chunk's summary: last seq, count, and |
+//! |                             | the recipients all its events share      |
 //! | `b` first seq               | the commit's chunks: (first seq, name)*  |
 //! | `t` loggedAt                | first seq logged at that millisecond     |
 //! | `n` name                    | empty (the names in the log)             |
@@ -26,6 +28,10 @@
 //! entries `seq: u64 BE, len: u32 LE, value`, where value is the encoded
 //! recipients followed by the stored record.
 //!
+//! A replay counts its events (for the header's COUNT) from the summaries
+//! where it can: a chunk inside the range whose events share their
+//! recipients counts all or none of them without being read.
+//!
 //! A replay of a name seeks to the chunk holding its start and reads
 //! forward; a pattern merges the scans of its names by seq. `loggedAt`
 //! never decreases along the log, which makes the `t` table a seek from any
@@ -44,12 +50,13 @@ use ensync_protocol::{encode_record, RecordFields};
 use sled::{Batch, Db, IVec, Tree};
 
 use super::{
-    encode_recipients, Appended, Applied, EventLog, EventView, OwnedEvent, PauseRefused, Queued,
-    Resolved, Result, Settlement, Side, StoreError, Subscription, Trim, Trimmed, UnknownPosition,
-    WriteOp,
+    addressing_of, count_by_scan, encode_recipients, recipients_of, Appended, Applied, Counted,
+    EventLog, EventView, OwnedEvent, PauseRefused, Queued, Resolved, Result, Settlement, Side,
+    StoreError, Subscription, Trim, Trimmed, UnknownPosition, WriteOp,
 };
 
 const CHUNK: u8 = b'e';
+const SUMMARY: u8 = b'c';
 const COMMIT: u8 = b'b';
 const TIME: u8 = b't';
 const NAME: u8 = b'n';
@@ -62,6 +69,8 @@ const REPLAY_QUEUE: u8 = b'q';
 const EPOCH_KEY: &[u8] = b"mepoch";
 const LAST_KEY: &[u8] = b"mlast";
 const SIZE_KEY: &[u8] = b"msize";
+/// Present once every chunk has its summary.
+const SUMMARIES_KEY: &[u8] = b"msummaries";
 /// Settlement values: the first byte says which.
 const ACKED: u8 = 0;
 const DISCARDED: u8 = 1;
@@ -102,8 +111,16 @@ pub struct SledLog {
 }
 
 fn chunk_key(name: &str, first_seq: u64) -> Vec<u8> {
+    name_seq_key(CHUNK, name, first_seq)
+}
+
+fn summary_key(name: &str, first_seq: u64) -> Vec<u8> {
+    name_seq_key(SUMMARY, name, first_seq)
+}
+
+fn name_seq_key(table: u8, name: &str, first_seq: u64) -> Vec<u8> {
     let mut key = Vec::with_capacity(name.len() + 10);
-    key.push(CHUNK);
+    key.push(table);
     key.extend_from_slice(name.as_bytes());
     key.push(0);
     key.extend_from_slice(&first_seq.to_be_bytes());
@@ -173,45 +190,161 @@ fn new_epoch() -> u32 {
     (mixed ^ (mixed >> 29)).wrapping_mul(0x9E37_79B9_7F4A_7C15) as u32
 }
 
+/// What a chunk's summary says: enough to count its events for a client
+/// without reading them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Summary {
+    /// The seq of its last event.
+    last: u64,
+    /// How many events it holds.
+    count: u32,
+    /// The encoded recipients every event in it has, or `None` when they
+    /// differ.
+    shared: Option<Vec<u8>>,
+}
+
+impl Summary {
+    /// `last: u64 BE`, `count: u32 LE`, then, if the events share their
+    /// recipients, `1` and the encoded list, else `0`.
+    fn encode(&self) -> Vec<u8> {
+        let shared_len = self.shared.as_ref().map_or(0, Vec::len);
+        let mut out = Vec::with_capacity(13 + shared_len);
+        out.extend_from_slice(&self.last.to_be_bytes());
+        out.extend_from_slice(&self.count.to_le_bytes());
+        match &self.shared {
+            Some(recipients) => {
+                out.push(1);
+                out.extend_from_slice(recipients);
+            }
+            None => out.push(0),
+        }
+        out
+    }
+
+    fn decode(value: &[u8]) -> Result<Self> {
+        let damaged = || StoreError::Damaged("a chunk summary is cut short".into());
+        let head = value.get(..13).ok_or_else(damaged)?;
+        let last = be_u64(&head[..8])?;
+        let count = u32::from_le_bytes(head[8..12].try_into().map_err(|_| damaged())?);
+        let shared = (head[12] == 1).then(|| value[13..].to_vec());
+        Ok(Self {
+            last,
+            count,
+            shared,
+        })
+    }
+}
+
+/// Writes the summaries of a store from before they were kept.
+fn summarize_chunks(tree: &Tree) -> Result<()> {
+    let mut batch = Batch::default();
+    for entry in tree.scan_prefix([CHUNK]) {
+        let (key, chunk) = entry?;
+        let damaged = || StoreError::Damaged("a chunk key is cut short".into());
+        let split = key
+            .len()
+            .checked_sub(9)
+            .filter(|at| *at >= 1)
+            .ok_or_else(damaged)?;
+        let name = utf8(&key[1..split])?;
+        let first = be_u64(&key[split + 1..])?;
+        let mut summary: Option<Summary> = None;
+        let mut pos = 0;
+        while pos < chunk.len() {
+            let (seq, value, next) = entry_at(&chunk, pos)?;
+            let recipients = recipients_of(value);
+            let summary = summary.get_or_insert_with(|| Summary {
+                last: seq,
+                count: 0,
+                shared: Some(recipients.to_vec()),
+            });
+            summary.last = seq;
+            summary.count += 1;
+            if summary.shared.as_deref().is_some_and(|r| r != recipients) {
+                summary.shared = None;
+            }
+            pos = next;
+        }
+        if let Some(summary) = summary {
+            batch.insert(summary_key(name, first), summary.encode());
+        }
+    }
+    batch.insert(SUMMARIES_KEY, &[]);
+    tree.apply_batch(batch)?;
+    Ok(())
+}
+
+/// A chunk being built.
+struct Building {
+    name: String,
+    first: u64,
+    entries: Vec<u8>,
+    summary: Summary,
+}
+
 /// One group commit's chunks, being built.
 #[derive(Default)]
 struct Chunks {
-    /// (name, first seq, entries), in the order opened.
-    built: Vec<(String, u64, Vec<u8>)>,
+    /// The chunks, in the order opened.
+    built: Vec<Building>,
     /// The open chunk of each name.
     open: HashMap<String, usize>,
 }
 
 impl Chunks {
+    /// Adds an event; `value` is its encoded recipients, then its record.
     fn push(&mut self, name: &str, seq: u64, value: &[u8]) {
+        let recipients = recipients_of(value);
         let slot = match self.open.get(name) {
-            Some(&i) if self.built[i].2.len() + value.len() <= MAX_CHUNK_BYTES => i,
+            Some(&i) if self.built[i].entries.len() + value.len() <= MAX_CHUNK_BYTES => i,
             _ => {
-                self.built
-                    .push((name.to_owned(), seq, Vec::with_capacity(4096)));
+                self.built.push(Building {
+                    name: name.to_owned(),
+                    first: seq,
+                    entries: Vec::with_capacity(4096),
+                    summary: Summary {
+                        last: seq,
+                        count: 0,
+                        shared: Some(recipients.to_vec()),
+                    },
+                });
                 let i = self.built.len() - 1;
                 self.open.insert(name.to_owned(), i);
                 i
             }
         };
-        put_entry(&mut self.built[slot].2, seq, value);
+        let chunk = &mut self.built[slot];
+        put_entry(&mut chunk.entries, seq, value);
+        let summary = &mut chunk.summary;
+        summary.last = seq;
+        summary.count += 1;
+        if summary.shared.as_deref().is_some_and(|r| r != recipients) {
+            summary.shared = None;
+        }
     }
 
     /// Moves the chunks into `batch`, with the commit's index entry, and
     /// says how many bytes they hold.
     fn write(self, batch: &mut Batch) -> u64 {
-        let Some(commit_first) = self.built.iter().map(|c| c.1).min() else {
+        let Some(commit_first) = self.built.iter().map(|c| c.first).min() else {
             return 0;
         };
         let mut index = Vec::new();
         let mut bytes = 0;
-        for (name, first, entries) in self.built {
+        for chunk in self.built {
+            let Building {
+                name,
+                first,
+                entries,
+                summary,
+            } = chunk;
             bytes += entries.len() as u64;
             index.extend_from_slice(&first.to_be_bytes());
             let len = u16::try_from(name.len()).expect("names are at most 255 bytes");
             index.extend_from_slice(&len.to_le_bytes());
             index.extend_from_slice(name.as_bytes());
             batch.insert(chunk_key(&name, first), entries);
+            batch.insert(summary_key(&name, first), summary.encode());
         }
         batch.insert(&num_key(COMMIT, commit_first), index);
         bytes
@@ -351,6 +484,10 @@ impl SledLog {
                 bytes
             }
         };
+        if tree.get(SUMMARIES_KEY)?.is_none() {
+            summarize_chunks(&tree)?;
+            db.flush()?;
+        }
         let mut settlers = HashSet::new();
         for entry in tree.scan_prefix([SETTLER]) {
             settlers.insert(utf8(&entry?.0[1..])?.to_owned());
@@ -463,6 +600,7 @@ impl SledLog {
                     done.bytes += value.len() as u64;
                 }
                 batch.remove(chunk);
+                batch.remove(summary_key(name, chunk_first));
             }
             batch.remove(key);
             done.events += end - first;
@@ -539,6 +677,91 @@ impl SledLog {
             }
         }
         Ok(None)
+    }
+
+    /// Adds the events of `name` in `seqs` addressed to `identities` to
+    /// `counted`, up to `limit`, from the chunks' summaries where they
+    /// settle it.
+    fn count_name(
+        &self,
+        name: &str,
+        seqs: &RangeInclusive<u64>,
+        identities: &[&str],
+        limit: u64,
+        counted: &mut Counted,
+    ) -> Result<()> {
+        let (start, end) = (*seqs.start(), *seqs.end());
+        let from = match self
+            .tree
+            .range(summary_key(name, 0)..=summary_key(name, start))
+            .next_back()
+        {
+            Some(entry) => entry?.0.to_vec(),
+            None => summary_key(name, start),
+        };
+        for entry in self.tree.range(from..=summary_key(name, end)) {
+            let (key, value) = entry?;
+            let first = be_u64(&key[key.len() - 8..])?;
+            let summary = Summary::decode(&value)?;
+            if summary.last < start {
+                continue;
+            }
+            if let Some(shared) = &summary.shared {
+                // Events that share recipients count all or none; when the
+                // chunk's seqs have no gaps, the part of it in range is
+                // counted without reading it too.
+                let inside = first >= start && summary.last <= end;
+                let gapless = summary.last - first + 1 == u64::from(summary.count);
+                if inside || gapless {
+                    if addressing_of(shared, identities).is_none() {
+                        continue;
+                    }
+                    let (from, to) = (first.max(start), summary.last.min(end));
+                    let n = if inside {
+                        u64::from(summary.count)
+                    } else {
+                        to - from + 1
+                    };
+                    if counted.count + n <= limit {
+                        counted.count += n;
+                        counted.last = to;
+                        if counted.count == limit {
+                            return Ok(());
+                        }
+                        continue;
+                    }
+                    if gapless {
+                        counted.last = from + (limit - counted.count) - 1;
+                        counted.count = limit;
+                        return Ok(());
+                    }
+                }
+            }
+            let Some(chunk) = self.tree.get(chunk_key(name, first))? else {
+                return Err(StoreError::Damaged(format!(
+                    "the chunk of {name} from {first} has a summary but no events"
+                )));
+            };
+            let mut pos = 0;
+            while pos < chunk.len() {
+                let (seq, value, next) = entry_at(&chunk, pos)?;
+                pos = next;
+                if seq < start {
+                    continue;
+                }
+                if seq > end {
+                    return Ok(());
+                }
+                if addressing_of(recipients_of(value), identities).is_some() {
+                    counted.count += 1;
+                    counted.last = seq;
+                    if counted.count == limit {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The names `pattern` matches.
@@ -813,10 +1036,11 @@ impl EventLog for SledLog {
                     None => Resolved::Seq(last),
                 }
             }
+            // NOTE: seqs are handed out without gaps and retention removes
+            // the oldest commits whole, so every seq from the oldest to the
+            // last is stored.
             (Position::Event(id), _) => match self.seq_of(id) {
-                Some(seq) if (oldest..=last).contains(&seq) && self.locate(seq)?.is_some() => {
-                    Resolved::Seq(seq)
-                }
+                Some(seq) if (oldest..=last).contains(&seq) => Resolved::Seq(seq),
                 _ => return Ok(Err(UnknownPosition)),
             },
         };
@@ -862,6 +1086,39 @@ impl EventLog for SledLog {
             }
         }
         Ok(())
+    }
+
+    fn count(
+        &self,
+        pattern: &Pattern,
+        seqs: RangeInclusive<u64>,
+        identities: &[&str],
+        limit: u64,
+    ) -> Result<Counted> {
+        let mut counted = Counted { count: 0, last: 0 };
+        if seqs.is_empty() || limit == 0 {
+            return Ok(counted);
+        }
+        let names = self.names(pattern)?;
+        if let [name] = names.as_slice() {
+            self.count_name(name, &seqs, identities, limit, &mut counted)?;
+            return Ok(counted);
+        }
+        // Several names: their counts add up unless the limit falls among
+        // them, and then only a merge by seq finds where it falls.
+        for name in &names {
+            let mut of_name = Counted { count: 0, last: 0 };
+            let room = limit - counted.count + 1;
+            self.count_name(name, &seqs, identities, room, &mut of_name)?;
+            counted.count += of_name.count;
+            if of_name.count > 0 {
+                counted.last = counted.last.max(of_name.last);
+            }
+            if counted.count > limit {
+                return count_by_scan(self, pattern, seqs, identities, limit);
+            }
+        }
+        Ok(counted)
     }
 
     fn event(&self, id: &EventId) -> Result<Option<OwnedEvent>> {
@@ -1080,6 +1337,91 @@ mod chunked_log {
         log.apply(&[event("b/y", 301), event("a/x", 302)], 2_000)
             .expect("apply");
         log.flush().expect("flush");
+    }
+
+    fn event_to(name: &str, n: usize, to: &[&str]) -> WriteOp {
+        let WriteOp::Publish(mut event) = event(name, n) else {
+            unreachable!("event() publishes")
+        };
+        event.recipients = to
+            .iter()
+            .map(|r| match *r {
+                "*" => Recipient::All,
+                id => Recipient::Client(id.parse().expect("id")),
+            })
+            .collect();
+        WriteOp::Publish(event)
+    }
+
+    /// A log whose chunks are of every kind a count meets: gapless and
+    /// interleaved, with shared and mixed recipients.
+    fn fill_for_counts(log: &SledLog) {
+        // Gapless chunks of one name, for everyone.
+        let ops: Vec<WriteOp> = (0..200).map(|i| event("g/one", i)).collect();
+        log.apply(&ops, 1_000).expect("apply");
+        // Two names interleaved; one for alice only, one mixed.
+        let ops: Vec<WriteOp> = (0..300)
+            .map(|i| match i % 3 {
+                0 => event_to("m/a", i, &["alice"]),
+                1 => event_to("m/b", i, &["bob"]),
+                _ => event_to("m/b", i, &["*"]),
+            })
+            .collect();
+        log.apply(&ops, 2_000).expect("apply");
+        // A gapless chunk for alice only.
+        let ops: Vec<WriteOp> = (0..150).map(|i| event_to("g/one", i, &["alice"])).collect();
+        log.apply(&ops, 3_000).expect("apply");
+        log.flush().expect("flush");
+    }
+
+    fn assert_counts_match_a_scan(log: &SledLog) -> Result<()> {
+        let last = log.last_seq();
+        for pattern in ["g/one", "m/a", "m/b", "m/*", "*"] {
+            let pattern: Pattern = pattern.parse().expect("pattern");
+            for ids in [&["alice"][..], &["bob"], &["carol"]] {
+                for (start, end) in [(1, last), (1, 150), (57, 333), (201, 500), (480, last)] {
+                    for limit in [1, 7, 50, 120, 1000] {
+                        let fast = log.count(&pattern, start..=end, ids, limit)?;
+                        let slow = count_by_scan(log, &pattern, start..=end, ids, limit)?;
+                        let fast = (fast.count, (fast.count > 0).then_some(fast.last));
+                        let slow = (slow.count, (slow.count > 0).then_some(slow.last));
+                        assert_eq!(
+                            fast, slow,
+                            "{pattern} {ids:?} {start}..={end} limit {limit}"
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn counts_from_summaries_match_counting_every_event() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = SledLog::open(dir.path())?;
+        fill_for_counts(&log);
+        assert_counts_match_a_scan(&log)
+    }
+
+    #[test]
+    fn a_store_without_summaries_gets_them_when_opened() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let log = SledLog::open(dir.path())?;
+            fill_for_counts(&log);
+            // As a store written before summaries were kept.
+            let mut batch = Batch::default();
+            for entry in log.tree.scan_prefix([SUMMARY]) {
+                batch.remove(entry?.0);
+            }
+            batch.remove(SUMMARIES_KEY);
+            log.tree.apply_batch(batch)?;
+            log.flush()?;
+        }
+        let log = SledLog::open(dir.path())?;
+        assert!(log.tree.scan_prefix([SUMMARY]).next().is_some());
+        assert_counts_match_a_scan(&log)
     }
 
     #[test]
