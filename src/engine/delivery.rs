@@ -679,6 +679,15 @@ impl Hub {
         let mut lines = BytesMut::new();
         let mut ends = Vec::with_capacity(active.len());
         for &i in &active {
+            // History before the subscription holds only events addressed
+            // to the client directly: skip what the store knows has none.
+            let sub = &state.subs[i];
+            if sub.cursor < sub.since {
+                let history = sub.cursor + 1..=sub.since.min(head);
+                let skip = self.store.undirected_until(&sub.pattern, history, &ids)?;
+                let sub = &mut state.subs[i];
+                sub.cursor = sub.cursor.max(skip);
+            }
             let sub = &state.subs[i];
             let room = cap - sub.owned.len();
             let (mut found, mut visited, mut end) = (0, 0, head);

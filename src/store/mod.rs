@@ -508,6 +508,25 @@ pub trait EventLog: Send + Sync + 'static {
         count_by_scan(self, pattern, seqs, identities, limit)
     }
 
+    /// The highest seq up to which no event in `seqs` that `pattern`
+    /// matches is addressed to one of `identities` directly (by id or key
+    /// rather than through `*`), as far as the store can tell without
+    /// reading events; `seqs.start() - 1` when it cannot tell. A new
+    /// subscription skips that far through history it would only scan for
+    /// such events.
+    ///
+    /// # Errors
+    /// When the database fails or a value is damaged.
+    fn undirected_until(
+        &self,
+        pattern: &Pattern,
+        seqs: RangeInclusive<u64>,
+        identities: &[&str],
+    ) -> Result<u64> {
+        let _ = (pattern, identities);
+        Ok(seqs.start().saturating_sub(1))
+    }
+
     /// Looks one event up by id.
     ///
     /// # Errors

@@ -50,9 +50,9 @@ use ensync_protocol::{encode_record, RecordFields};
 use sled::{Batch, Db, IVec, Tree};
 
 use super::{
-    addressing_of, count_by_scan, encode_recipients, recipients_of, Appended, Applied, Counted,
-    EventLog, EventView, OwnedEvent, PauseRefused, Queued, Resolved, Result, Settlement, Side,
-    StoreError, Subscription, Trim, Trimmed, UnknownPosition, WriteOp,
+    addressing_of, count_by_scan, encode_recipients, recipients_of, Addressing, Appended, Applied,
+    Counted, EventLog, EventView, OwnedEvent, PauseRefused, Queued, Resolved, Result, Settlement,
+    Side, StoreError, Subscription, Trim, Trimmed, UnknownPosition, WriteOp,
 };
 
 const CHUNK: u8 = b'e';
@@ -80,6 +80,9 @@ const DISCARDED: u8 = 1;
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// Bytes before each value in a chunk: seq and length.
 const ENTRY_HEAD: usize = 12;
+/// Most chunk summaries one look for directly addressed events reads per
+/// name: bounds the time it takes.
+const SKIP_SUMMARIES: usize = 4096;
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -691,14 +694,7 @@ impl SledLog {
         counted: &mut Counted,
     ) -> Result<()> {
         let (start, end) = (*seqs.start(), *seqs.end());
-        let from = match self
-            .tree
-            .range(summary_key(name, 0)..=summary_key(name, start))
-            .next_back()
-        {
-            Some(entry) => entry?.0.to_vec(),
-            None => summary_key(name, start),
-        };
+        let from = self.summary_at_or_before(name, start)?;
         for entry in self.tree.range(from..=summary_key(name, end)) {
             let (key, value) = entry?;
             let first = be_u64(&key[key.len() - 8..])?;
@@ -762,6 +758,55 @@ impl SledLog {
             }
         }
         Ok(())
+    }
+
+    /// [`EventLog::undirected_until`] for one name, reading at most
+    /// [`SKIP_SUMMARIES`] summaries.
+    fn undirected_in(
+        &self,
+        name: &str,
+        seqs: &RangeInclusive<u64>,
+        identities: &[&str],
+    ) -> Result<u64> {
+        let (start, end) = (*seqs.start(), *seqs.end());
+        let from = self.summary_at_or_before(name, start)?;
+        let mut reached = end;
+        for (read, entry) in self.tree.range(from..=summary_key(name, end)).enumerate() {
+            let (key, value) = entry?;
+            let first = be_u64(&key[key.len() - 8..])?;
+            if read == SKIP_SUMMARIES {
+                reached = first.saturating_sub(1);
+                break;
+            }
+            let summary = Summary::decode(&value)?;
+            if summary.last < start {
+                continue;
+            }
+            let direct = match &summary.shared {
+                Some(shared) => addressing_of(shared, identities) == Some(Addressing::Direct),
+                None => true,
+            };
+            if direct {
+                reached = first.max(start).saturating_sub(1);
+                break;
+            }
+        }
+        Ok(reached)
+    }
+
+    /// The key of the summary of the chunk that holds `seq` of `name`, or
+    /// where one would start.
+    fn summary_at_or_before(&self, name: &str, seq: u64) -> Result<Vec<u8>> {
+        Ok(
+            match self
+                .tree
+                .range(summary_key(name, 0)..=summary_key(name, seq))
+                .next_back()
+            {
+                Some(entry) => entry?.0.to_vec(),
+                None => summary_key(name, seq),
+            },
+        )
     }
 
     /// The names `pattern` matches.
@@ -1121,6 +1166,22 @@ impl EventLog for SledLog {
         Ok(counted)
     }
 
+    fn undirected_until(
+        &self,
+        pattern: &Pattern,
+        seqs: RangeInclusive<u64>,
+        identities: &[&str],
+    ) -> Result<u64> {
+        if seqs.is_empty() {
+            return Ok(seqs.start().saturating_sub(1));
+        }
+        let mut reached = *seqs.end();
+        for name in self.names(pattern)? {
+            reached = reached.min(self.undirected_in(&name, &seqs, identities)?);
+        }
+        Ok(reached)
+    }
+
     fn event(&self, id: &EventId) -> Result<Option<OwnedEvent>> {
         let Some(seq) = self.seq_of(id) else {
             return Ok(None);
@@ -1402,6 +1463,41 @@ mod chunked_log {
         let log = SledLog::open(dir.path())?;
         fill_for_counts(&log);
         assert_counts_match_a_scan(&log)
+    }
+
+    #[test]
+    fn history_skips_only_chunks_without_direct_events() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = SledLog::open(dir.path())?;
+        fill_for_counts(&log);
+        let last = log.last_seq();
+        for pattern in ["g/one", "m/a", "m/b", "m/*", "*"] {
+            let pattern: Pattern = pattern.parse().expect("pattern");
+            for ids in [&["alice"][..], &["bob"], &["carol"]] {
+                for (start, end) in [(1, last), (57, 333), (201, 500), (480, last)] {
+                    let until = log.undirected_until(&pattern, start..=end, ids)?;
+                    assert!((start - 1..=end).contains(&until), "{pattern} {ids:?}");
+                    let mut direct = None;
+                    log.scan(&pattern, start..=until, &mut |e| {
+                        if e.addressing(ids) == Some(Addressing::Direct) {
+                            direct = Some(e.seq);
+                            return ControlFlow::Break(());
+                        }
+                        ControlFlow::Continue(())
+                    })?;
+                    assert_eq!(
+                        direct, None,
+                        "{pattern} {ids:?} skipped past a direct event"
+                    );
+                }
+            }
+        }
+        // The skips are whole: alice's first direct event on g/one is 501,
+        // carol has none at all.
+        let g_one: Pattern = "g/one".parse().expect("pattern");
+        assert_eq!(log.undirected_until(&g_one, 1..=last, &["alice"])?, 500);
+        assert_eq!(log.undirected_until(&g_one, 1..=last, &["carol"])?, last);
+        Ok(())
     }
 
     #[test]
