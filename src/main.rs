@@ -10,6 +10,11 @@ use ensync_server::{server, Config};
 use tokio::net::TcpListener;
 use tracing::{error, info};
 
+/// Publishing and replaying allocate small buffers on several threads at
+/// once, where glibc's allocator spent a fifth of the server's time.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// EnSync protocol server with a durable, replayable event log.
 #[derive(Debug, Parser)]
 #[command(version)]

@@ -81,10 +81,8 @@ impl Decoder for EnsyncCodec {
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, Self::Error> {
         loop {
-            let newline = buf[self.next_index..]
-                .iter()
-                .position(|b| *b == b'\n')
-                .map(|i| self.next_index + i);
+            let newline =
+                memchr::memchr(b'\n', &buf[self.next_index..]).map(|i| self.next_index + i);
             match (newline, self.discarding) {
                 (Some(end), true) => {
                     buf.advance(end + 1);

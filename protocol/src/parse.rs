@@ -95,21 +95,23 @@ fn text(input: &str) -> IResult<&str, &str> {
 /// The length of the JSON value at the start of `input` (which starts with
 /// `{` or `[`), or `None` when its brackets never close.
 fn json_len(input: &str) -> Option<usize> {
+    let bytes = input.as_bytes();
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for (i, b) in input.bytes().enumerate() {
-        if in_string {
-            match b {
-                _ if escaped => escaped = false,
-                b'\\' => escaped = true,
-                b'"' => in_string = false,
-                _ => {}
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                // To the closing quote, stepping over escapes.
+                i += 1;
+                loop {
+                    let at = i + memchr::memchr2(b'"', b'\\', bytes.get(i..)?)?;
+                    if bytes[at] == b'"' {
+                        i = at;
+                        break;
+                    }
+                    i = at + 2;
+                }
             }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
             b'{' | b'[' => depth += 1,
             b'}' | b']' => {
                 depth -= 1;
@@ -119,23 +121,25 @@ fn json_len(input: &str) -> Option<usize> {
             }
             _ => {}
         }
+        i += 1;
     }
     None
 }
 
-/// One `KEY=VALUE`: the upper-cased key, the value, and what follows it.
-fn pair(input: &str) -> Result<(String, &str, &str), ParseError> {
+/// One `KEY=VALUE`: the key as written, the value, and what follows it.
+fn pair(input: &str) -> Result<(&str, &str, &str), ParseError> {
     let (rest, key) = key_eq(input).map_err(|_| {
         let shown: String = input.chars().take(MAX_ECHO).collect();
         ParseError::Malformed(format!("expected KEY=VALUE, found {shown:?}"))
     })?;
-    let key = key.to_ascii_uppercase();
     if rest.starts_with(['{', '[']) {
         let len = json_len(rest).ok_or_else(|| {
+            let key = key.to_ascii_uppercase();
             ParseError::Malformed(format!("the JSON value of {key} is not closed"))
         })?;
         let (value, after) = rest.split_at(len);
         if !(after.is_empty() || after.starts_with(';')) {
+            let key = key.to_ascii_uppercase();
             return Err(ParseError::Malformed(format!(
                 "unexpected text after the JSON value of {key} (keys are separated by semicolons)"
             )));
@@ -143,6 +147,7 @@ fn pair(input: &str) -> Result<(String, &str, &str), ParseError> {
         Ok((key, value, after))
     } else {
         let (after, value) = text(rest).map_err(|_: nom::Err<nom::error::Error<&str>>| {
+            let key = key.to_ascii_uppercase();
             ParseError::Malformed(format!("the value of {key} cannot be read"))
         })?;
         Ok((key, value, after))
@@ -166,15 +171,18 @@ impl<'a, const N: usize> Fields<'a, N> {
         let mut values = [None; N];
         while !input.is_empty() {
             let (key, value, after) = pair(input)?;
-            let Some(slot) = keys.iter().position(|k| *k == key) else {
+            // Keys are upper-case ASCII, so the comparison needs no copy.
+            let Some(slot) = keys.iter().position(|k| k.eq_ignore_ascii_case(key)) else {
                 return Err(ParseError::UnknownKey {
                     verb,
-                    key: key.chars().take(MAX_ECHO).collect(),
+                    key: key.to_ascii_uppercase().chars().take(MAX_ECHO).collect(),
                     allowed: keys.join(", "),
                 });
             };
             if values[slot].is_some() {
-                return Err(ParseError::DuplicateKey { key });
+                return Err(ParseError::DuplicateKey {
+                    key: key.to_ascii_uppercase(),
+                });
             }
             values[slot] = Some(value);
             input = after.strip_prefix(';').unwrap_or(after);
@@ -573,6 +581,27 @@ mod parse_pub {
         let err = parse_command(r#"PUB;CLIENT_ID=a;EVENT_NAME=x/y;PAYLOAD={"a":1;DELIVERY_TO=*"#)
             .expect_err("fails");
         assert_eq!(err.code(), ErrorCode::InvalidParameters);
+    }
+
+    #[test]
+    fn json_ends_where_its_brackets_close_outside_strings() {
+        assert_eq!(json_len(r#"{"a":"x\"};y"};NEXT=1"#), Some(14));
+        assert_eq!(json_len(r#"{"a":"\\"}x"#), Some(10));
+        assert_eq!(json_len(r#"[{"]":[1]},"{"]"#), Some(15));
+        for unclosed in [r#"{"a":"\"#, r#"{"a":"x"#, r#"{"a":"x\"}"#, "[[1]"] {
+            assert_eq!(json_len(unclosed), None, "{unclosed}");
+        }
+    }
+
+    #[test]
+    fn error_messages_name_keys_in_upper_case() {
+        let dup = parse_command("SUB;client_id=a;Client_Id=b;EVENT_NAME=x/y").expect_err("fails");
+        assert!(dup.to_string().contains("CLIENT_ID"), "{dup}");
+        let unknown = parse_command("SUB;CLIENT_ID=a;color=red;EVENT_NAME=x/y").expect_err("fails");
+        assert!(unknown.to_string().contains("COLOR"), "{unknown}");
+        let open =
+            parse_command(r#"PUB;CLIENT_ID=a;EVENT_NAME=x/y;payload={"a":1"#).expect_err("fails");
+        assert!(open.to_string().contains("PAYLOAD"), "{open}");
     }
 
     #[test]

@@ -438,6 +438,34 @@ impl<'n> Cursor<'n> {
     }
 }
 
+/// sled's segment size for new stores. sled writes any page larger than a
+/// quarter of a segment to a file of its own; with the default 512 KiB,
+/// every leaf of event chunks (up to 17 chunks of up to 64 KiB) became a
+/// file created, synced and deleted again as the log grew, which cost
+/// publishing more than everything else the commit thread did.
+const SEGMENT_SIZE: usize = 8 * 1024 * 1024;
+
+/// Opens the sled database in `dir`: new ones with [`SEGMENT_SIZE`],
+/// existing ones with the segment size they were made with (sled refuses
+/// to change it).
+fn open_db(dir: &Path) -> Result<Db> {
+    let config = |segment_size| {
+        sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .cache_capacity(256 * 1024 * 1024)
+            .segment_size(segment_size)
+    };
+    match config(SEGMENT_SIZE).open() {
+        Err(sled::Error::Unsupported(_)) => Ok(config(DEFAULT_SEGMENT_SIZE).open()?),
+        opened => Ok(opened?),
+    }
+}
+
+/// sled's own default segment size, which stores from before
+/// [`SEGMENT_SIZE`] have.
+const DEFAULT_SEGMENT_SIZE: usize = 512 * 1024;
+
 impl SledLog {
     /// Opens (or creates) the log in `dir`.
     ///
@@ -445,11 +473,7 @@ impl SledLog {
     /// When the directory cannot be opened (missing permissions, another
     /// process holding it) or its contents are damaged.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .cache_capacity(256 * 1024 * 1024)
-            .open()?;
+        let db = open_db(dir)?;
         let tree = db.open_tree("log")?;
         let epoch = match tree.get(EPOCH_KEY)? {
             Some(v) => u32::from_be_bytes(
@@ -1497,6 +1521,24 @@ mod chunked_log {
         let g_one: Pattern = "g/one".parse().expect("pattern");
         assert_eq!(log.undirected_until(&g_one, 1..=last, &["alice"])?, 500);
         assert_eq!(log.undirected_until(&g_one, 1..=last, &["carol"])?, last);
+        Ok(())
+    }
+
+    #[test]
+    fn a_store_made_with_sleds_default_segment_size_still_opens() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let db = sled::Config::new()
+                .path(dir.path())
+                .segment_size(DEFAULT_SEGMENT_SIZE)
+                .open()?;
+            db.flush()?;
+        }
+        let log = SledLog::open(dir.path())?;
+        fill(&log);
+        drop(log);
+        let log = SledLog::open(dir.path())?;
+        assert_eq!(seqs(&log, "a/x", 1..=303).len(), 102);
         Ok(())
     }
 
