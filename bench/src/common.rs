@@ -1,0 +1,189 @@
+//! Shared pieces: the bench configuration, payloads, position samples,
+//! slow-reader pacing and the multi-client rate loop.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+/// Publishes in flight per connection.
+pub const WINDOW: usize = 1000;
+/// Events per LIMIT replay.
+pub const LIMIT_COUNT: usize = 50;
+/// Positions remembered per loaded log for seeks and LIMIT replays.
+pub const POOL: usize = 4096;
+
+/// What to run and how big (the flags, after `--smoke`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Cfg {
+    pub n: usize,
+    pub payload: usize,
+    pub seek_n: usize,
+    /// Size of the log at the first seek measurement.
+    pub seek_small: usize,
+    pub rounds: usize,
+    pub workloads: Vec<String>,
+    pub limit_secs: f64,
+    /// Seek samples per size (NATS: a tenth).
+    pub seek_samples: usize,
+    /// How long the slow reader of the memory workload reads.
+    pub slow_secs: f64,
+}
+
+impl Cfg {
+    pub fn runs(&self, workload: &str) -> bool {
+        self.workloads.iter().any(|w| w == workload)
+    }
+
+    pub fn limit_duration(&self) -> Duration {
+        Duration::from_secs_f64(self.limit_secs)
+    }
+}
+
+/// The JSON payload of event `i`, padded to about `size` bytes.
+pub fn payload(i: usize, size: usize) -> String {
+    let head = format!("{{\"user\":\"u{}\",\"seq\":{i},\"pad\":\"", i % 1000);
+    let pad = size.saturating_sub(head.len() + 2);
+    format!("{head}{}\"}}", "x".repeat(pad))
+}
+
+/// Remembers a value for a few random event indices while a log loads.
+pub struct Sampler<T> {
+    wanted: Vec<usize>,
+    next: usize,
+    pub got: Vec<T>,
+}
+
+impl<T> Sampler<T> {
+    /// Up to `k` distinct random indices in `0..len`.
+    pub fn new(len: usize, k: usize, rng: &mut fastrand::Rng) -> Self {
+        let wanted: BTreeSet<usize> = (0..k.min(len)).map(|_| rng.usize(0..len)).collect();
+        Self {
+            wanted: wanted.into_iter().collect(),
+            next: 0,
+            got: Vec::new(),
+        }
+    }
+
+    /// Offers event `i` (indices must come in increasing order).
+    pub fn offer(&mut self, i: usize, value: impl FnOnce() -> T) {
+        if self.wanted.get(self.next) == Some(&i) {
+            self.got.push(value());
+            self.next += 1;
+        }
+    }
+}
+
+/// A random element of the first `small` or the rest, weighted so that
+/// picks are uniform over the whole log (`small_len` of `total` events are
+/// in `small`).
+pub fn pick<'a, T>(
+    rng: &mut fastrand::Rng,
+    small: &'a [T],
+    rest: &'a [T],
+    small_len: usize,
+    total: usize,
+) -> &'a T {
+    if rest.is_empty() || rng.usize(0..total.max(1)) < small_len {
+        &small[rng.usize(0..small.len())]
+    } else {
+        &rest[rng.usize(0..rest.len())]
+    }
+}
+
+/// Paces a slow reader: about `per_tick` bytes each `tick`, stopping
+/// after `total`.
+pub struct Pacer {
+    start: Instant,
+    tick_start: Instant,
+    in_tick: usize,
+    total: Duration,
+}
+
+impl Pacer {
+    const PER_TICK: usize = 1 << 20;
+    const TICK: Duration = Duration::from_millis(100);
+
+    pub fn new(total: Duration) -> Self {
+        let now = Instant::now();
+        Self {
+            start: now,
+            tick_start: now,
+            in_tick: 0,
+            total,
+        }
+    }
+
+    /// Accounts `bytes` read; sleeps out the tick when its budget is used.
+    /// Returns false once the reader should disconnect.
+    pub fn read(&mut self, bytes: usize) -> bool {
+        self.in_tick += bytes;
+        if self.in_tick >= Self::PER_TICK {
+            let end = self.tick_start + Self::TICK;
+            std::thread::sleep(end.saturating_duration_since(Instant::now()));
+            self.tick_start = Instant::now();
+            self.in_tick = 0;
+        }
+        self.start.elapsed() < self.total
+    }
+}
+
+/// Runs `op` in a loop on `clients` threads (each with its own connection
+/// from `connect`) for `duration`; returns operations per second.
+pub fn rate<C: Send>(
+    clients: usize,
+    duration: Duration,
+    connect: impl Fn(usize) -> Result<C> + Sync,
+    op: impl Fn(&mut C, &mut fastrand::Rng) -> Result<()> + Sync,
+) -> Result<f64> {
+    let conns = (0..clients).map(&connect).collect::<Result<Vec<_>>>()?;
+    let start = Instant::now();
+    let deadline = start + duration;
+    let total = std::thread::scope(|s| {
+        let handles: Vec<_> = conns
+            .into_iter()
+            .map(|mut conn| {
+                let op = &op;
+                s.spawn(move || -> Result<u64> {
+                    let mut rng = fastrand::Rng::new();
+                    let mut done = 0;
+                    while Instant::now() < deadline {
+                        op(&mut conn, &mut rng)?;
+                        done += 1;
+                    }
+                    Ok(done)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("rate client panicked"))
+            .sum::<Result<u64>>()
+    })?;
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_is_json_of_about_the_size() {
+        let p = payload(17, 256);
+        assert_eq!(p.len(), 256);
+        let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+        assert_eq!(v["seq"], 17);
+        assert!(serde_json::from_str::<serde_json::Value>(&payload(3, 1)).is_ok());
+    }
+
+    #[test]
+    fn sampler_keeps_wanted_in_order() {
+        let mut rng = fastrand::Rng::with_seed(1);
+        let mut s = Sampler::new(100, 10, &mut rng);
+        for i in 0..100 {
+            s.offer(i, || i);
+        }
+        assert_eq!(s.got.len(), s.wanted.len());
+        assert!(s.got.windows(2).all(|w| w[0] < w[1]));
+    }
+}

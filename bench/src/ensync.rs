@@ -1,0 +1,280 @@
+//! ensync-server: start it, load it over the text protocol, measure.
+
+use std::fmt::Write as _;
+use std::ops::Range;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::common::{self, payload, pick, Cfg, Pacer, Sampler, LIMIT_COUNT, POOL, WINDOW};
+use crate::lineconn::LineConn;
+use crate::procs::{self, RssSampler, Server};
+use crate::report::{self, Memory, Results, Seek};
+
+/// A place in the log a seek can start from.
+type Position = (String, u64);
+
+/// Runs the chosen workloads against a fresh ensync-server.
+pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
+    let dir = tmp.join("ensync");
+    std::fs::create_dir_all(&dir)?;
+    let port = procs::free_port()?;
+    let config = dir.join("ensync.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{}\"\n\
+             data_dir = \"{}\"\nmax_replay_limit = {}\n",
+            procs::free_port()?,
+            dir.join("data").display(),
+            cfg.n.max(cfg.seek_n).max(100_000),
+        ),
+    )?;
+    let args = ["--config".to_owned(), config.display().to_string()];
+    let server = Server::spawn("ensync-server", bin, &args, &dir.join("log"), port)?;
+    let mut res = Results::default();
+    let mut rng = fastrand::Rng::new();
+    let n = cfg.n;
+
+    if cfg.runs("publish") {
+        let pub_name = ["bench/pub".to_owned()];
+        res.publish_1 = Some(report::rounds(cfg, |_| {
+            publish(port, 1, &pub_name, n, cfg.payload)
+        })?);
+        res.publish_8 = Some(report::rounds(cfg, |_| {
+            publish(port, 8, &pub_name, n, cfg.payload)
+        })?);
+    }
+
+    let e0 = ["bench/e0".to_owned()];
+    let mut pool = Sampler::new(n, POOL, &mut rng);
+    if cfg.runs("replay") || cfg.runs("limit") || cfg.runs("memory") {
+        load(port, "bench", &e0, 0..n, cfg.payload, Some(&mut pool))?;
+    }
+    let full =
+        format!("REPLAY;CLIENT_ID=reader;EVENT_NAME=bench/e0;FROM_POSITION=earliest;LIMIT={n}\n");
+    if cfg.runs("replay") {
+        let mut conn = reader(port, "reader", "bench/e0")?;
+        res.replay = Some(report::replay_rounds(cfg, n as u64, || {
+            timed(|| conn.replay(full.as_bytes(), None))
+        })?);
+    }
+
+    if cfg.runs("mixed") {
+        let names: Vec<String> = (0..10).map(|k| format!("bench/m{k}")).collect();
+        load(port, "bench", &names, 0..n, cfg.payload, None)?;
+        let mut conn = reader(port, "reader", "bench/m0")?;
+        let req = format!(
+            "REPLAY;CLIENT_ID=reader;EVENT_NAME=bench/m0;FROM_POSITION=earliest;LIMIT={n}\n"
+        );
+        res.mixed = Some(report::replay_rounds(cfg, n.div_ceil(10) as u64, || {
+            timed(|| conn.replay(req.as_bytes(), None))
+        })?);
+    }
+
+    if cfg.runs("seek") {
+        res.seek = Some(seek(cfg, port, &mut rng)?);
+    }
+
+    if cfg.runs("limit") {
+        let ids = &pool.got;
+        let op = |conn: &mut LineConn, rng: &mut fastrand::Rng| -> Result<()> {
+            let (id, _) = &ids[rng.usize(0..ids.len())];
+            let req = format!("REPLAY;CLIENT_ID=reader;EVENT_NAME=bench/e0;FROM_POSITION={id};LIMIT={LIMIT_COUNT}\n");
+            conn.replay(req.as_bytes(), None).map(drop)
+        };
+        let connect = |_| reader(port, "reader", "bench/e0");
+        let d = cfg.limit_duration();
+        res.limit_1 = Some(report::rounds(cfg, |_| common::rate(1, d, connect, op))?);
+        res.limit_8 = Some(report::rounds(cfg, |_| common::rate(8, d, connect, op))?);
+    }
+
+    if cfg.runs("memory") {
+        res.memory = Some(memory(cfg, &server, port, &full)?);
+    }
+    Ok(res)
+}
+
+/// Runs `f`, returning its result and how long it took.
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Duration)> {
+    let start = Instant::now();
+    let t = f()?;
+    Ok((t, start.elapsed()))
+}
+
+/// A connection logged in as `client`.
+fn connect(port: u16, client: &str) -> Result<LineConn> {
+    let mut conn = LineConn::connect(port)?;
+    conn.command(&format!("CONN;CLIENT_ID={client}\n"), "+PASS:CONNECTED")?;
+    Ok(conn)
+}
+
+/// A connection logged in as `client`, subscribed to `name` (REPLAY needs
+/// a covering subscription).
+fn reader(port: u16, client: &str, name: &str) -> Result<LineConn> {
+    let mut conn = connect(port, client)?;
+    conn.command(
+        &format!("SUB;CLIENT_ID={client};EVENT_NAME={name}\n"),
+        "+PASS:SUBSCRIBED",
+    )?;
+    Ok(conn)
+}
+
+/// Publishes `n` events over `conns` connections; returns events/s.
+fn publish(port: u16, conns: usize, names: &[String], n: usize, size: usize) -> Result<f64> {
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..conns)
+            .map(|k| {
+                let range = n * k / conns..n * (k + 1) / conns;
+                let client = if k == 0 {
+                    "bench".to_owned()
+                } else {
+                    format!("bench{k}")
+                };
+                s.spawn(move || load(port, &client, names, range, size, None))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("publisher panicked"))
+    })?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Publishes events `range` (event `i` named `names[i % len]`) over one
+/// pipelined connection, with up to [`WINDOW`] awaiting their acks;
+/// `sampler` gets (id, timestamp) of the events it wants.
+fn load(
+    port: u16,
+    client: &str,
+    names: &[String],
+    range: Range<usize>,
+    size: usize,
+    mut sampler: Option<&mut Sampler<Position>>,
+) -> Result<()> {
+    let mut conn = connect(port, client)?;
+    let (mut sent, mut acked) = (range.start, range.start);
+    let mut out = String::new();
+    while acked < range.end {
+        if sent < range.end && (sent - acked <= WINDOW * 3 / 4 || sent == acked) {
+            out.clear();
+            while sent < range.end && sent - acked < WINDOW {
+                let name = &names[sent % names.len()];
+                let body = payload(sent, size);
+                writeln!(
+                    out,
+                    "PUB;CLIENT_ID={client};EVENT_NAME={name};PAYLOAD={body};DELIVERY_TO=*"
+                )?;
+                sent += 1;
+            }
+            conn.send(out.as_bytes())?;
+        }
+        conn.wait_line()?;
+        while let Some(line) = conn.buffered_line() {
+            let Some(rest) = line.strip_prefix(b"+PASS:PUBLISHED;IDEM=") else {
+                bail!("publish failed: {}", String::from_utf8_lossy(line));
+            };
+            if let Some(s) = sampler.as_deref_mut() {
+                s.offer(acked - range.start, || parse_ack(rest));
+            }
+            acked += 1;
+        }
+    }
+    Ok(())
+}
+
+/// (id, timestamp) from the rest of a publish ack after `IDEM=`.
+fn parse_ack(rest: &[u8]) -> Position {
+    let text = String::from_utf8_lossy(rest);
+    let (id, ts) = text.split_once(";TIMESTAMP=").unwrap_or((&text, "0"));
+    (id.to_owned(), ts.trim().parse().unwrap_or(0))
+}
+
+/// Seek latency (first record of a LIMIT=1 replay from a random id or
+/// timestamp) at `seek_small` events, then at `seek_n`.
+fn seek(cfg: &Cfg, port: u16, rng: &mut fastrand::Rng) -> Result<Seek> {
+    let s0 = ["bench/s0".to_owned()];
+    let small = cfg.seek_small;
+    let mut pool1 = Sampler::new(small, POOL, rng);
+    load(port, "bench", &s0, 0..small, cfg.payload, Some(&mut pool1))?;
+    let small_us = seek_samples(cfg, port, rng, &pool1.got, &[], small, small)?;
+    let mut pool2 = Sampler::new(cfg.seek_n - small, POOL, rng);
+    load(
+        port,
+        "bench",
+        &s0,
+        small..cfg.seek_n,
+        cfg.payload,
+        Some(&mut pool2),
+    )?;
+    let large_us = seek_samples(cfg, port, rng, &pool1.got, &pool2.got, small, cfg.seek_n)?;
+    Ok(Seek::new(small, cfg.seek_n, &small_us, &large_us))
+}
+
+/// `cfg.seek_samples` seek latencies in µs, alternating id and timestamp.
+fn seek_samples(
+    cfg: &Cfg,
+    port: u16,
+    rng: &mut fastrand::Rng,
+    small: &[Position],
+    rest: &[Position],
+    small_len: usize,
+    total: usize,
+) -> Result<Vec<f64>> {
+    let mut conn = reader(port, "seeker", "bench/s0")?;
+    let mut out = Vec::with_capacity(cfg.seek_samples);
+    for i in 0..cfg.seek_samples {
+        let (id, ts) = pick(rng, small, rest, small_len, total);
+        let from = if i % 2 == 0 {
+            id.clone()
+        } else {
+            ts.to_string()
+        };
+        let req =
+            format!("REPLAY;CLIENT_ID=seeker;EVENT_NAME=bench/s0;FROM_POSITION={from};LIMIT=1\n");
+        let took = conn
+            .first_record(req.as_bytes())
+            .with_context(|| format!("seek from {from}"))?;
+        out.push(took.as_secs_f64() * 1e6);
+    }
+    // No live deliveries to this subscription while more events load.
+    conn.command(
+        "UNSUB;CLIENT_ID=seeker;EVENT_NAME=bench/s0\n",
+        "+PASS:UNSUBSCRIBED",
+    )?;
+    Ok(out)
+}
+
+/// Server RSS growth during a full replay to a fast and to a slow reader.
+fn memory(cfg: &Cfg, server: &Server, port: u16, full: &str) -> Result<Memory> {
+    let pid = server.pid();
+    let before = procs::rss_kib(pid)?;
+    let rss = RssSampler::start(pid);
+    let fast = reader(port, "reader", "bench/e0")?.replay(full.as_bytes(), None)?;
+    let fast_peak = rss.finish();
+    if fast.lines != cfg.n as u64 {
+        bail!(
+            "memory: fast replay got {} of {} records",
+            fast.lines,
+            cfg.n
+        );
+    }
+
+    let slow_before = procs::rss_kib(pid)?;
+    let rss = RssSampler::start(pid);
+    let mut pacer = Pacer::new(Duration::from_secs_f64(cfg.slow_secs));
+    let mut conn = reader(port, "reader", "bench/e0")?;
+    let slow = conn.replay(full.as_bytes(), Some(&mut pacer))?;
+    drop(conn);
+    std::thread::sleep(Duration::from_millis(100));
+    let slow_peak = rss.finish();
+    Ok(Memory::new(
+        before,
+        fast_peak,
+        slow_before,
+        slow_peak,
+        slow.bytes,
+    ))
+}

@@ -1,0 +1,152 @@
+//! `ensync-bench`: ensync-server against Redis Streams, NATS JetStream and
+//! an in-process raw loopback ceiling, on the same events.
+
+mod ceiling;
+mod common;
+mod ensync;
+mod lineconn;
+mod nats;
+mod procs;
+mod redis;
+mod report;
+mod stats;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use common::Cfg;
+use procs::{CLIENT_CPU, SERVER_CPU};
+use report::{Report, SYSTEMS};
+
+const WORKLOADS: [&str; 6] = ["publish", "replay", "mixed", "seek", "limit", "memory"];
+
+/// Benchmarks ensync-server against redis-server, nats-server and a raw
+/// loopback ceiling; prints a table and writes every number as JSON.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Events per log.
+    #[arg(long, default_value_t = 1_000_000)]
+    n: usize,
+    /// Approximate payload size in bytes.
+    #[arg(long, default_value_t = 256)]
+    payload: usize,
+    /// Events in the seek log.
+    #[arg(long, default_value_t = 10_000_000)]
+    seek_n: usize,
+    /// Rounds of each throughput measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Systems to run (ensync,redis,nats,ceiling).
+    #[arg(long, value_delimiter = ',', default_values_t = SYSTEMS.map(String::from))]
+    only: Vec<String>,
+    /// Workloads to run (publish,replay,mixed,seek,limit,memory).
+    #[arg(long, value_delimiter = ',', default_values_t = WORKLOADS.map(String::from))]
+    workloads: Vec<String>,
+    /// The ensync-server binary.
+    #[arg(long, default_value = "target/release/ensync-server")]
+    server_bin: PathBuf,
+    /// Where to write the JSON results.
+    #[arg(long, default_value = "bench.json")]
+    out: PathBuf,
+    /// Tiny run: n=2000, seek-n=5000, rounds=1, short durations.
+    #[arg(long)]
+    smoke: bool,
+    /// Seconds of each LIMIT run.
+    #[arg(long, default_value_t = 5.0)]
+    limit_secs: f64,
+}
+
+impl Args {
+    fn cfg(&self) -> Result<Cfg> {
+        for w in &self.workloads {
+            if !WORKLOADS.contains(&w.as_str()) {
+                bail!("unknown workload {w} (one of {})", WORKLOADS.join(","));
+            }
+        }
+        let (n, seek_n) = if self.smoke {
+            (2000, 5000)
+        } else {
+            (self.n, self.seek_n)
+        };
+        if n == 0 || seek_n < 100 {
+            bail!("--n must be positive and --seek-n at least 100");
+        }
+        Ok(Cfg {
+            n,
+            payload: self.payload,
+            seek_n,
+            seek_small: if self.smoke {
+                seek_n / 100
+            } else {
+                seek_n.min(100_000)
+            },
+            rounds: if self.smoke { 1 } else { self.rounds.max(1) },
+            workloads: self.workloads.clone(),
+            limit_secs: if self.smoke { 0.3 } else { self.limit_secs },
+            seek_samples: if self.smoke { 200 } else { 2000 },
+            slow_secs: if self.smoke { 0.5 } else { 5.0 },
+        })
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let cfg = args.cfg()?;
+    for s in &args.only {
+        if !SYSTEMS.contains(&s.as_str()) {
+            bail!("unknown system {s} (one of {})", SYSTEMS.join(","));
+        }
+    }
+    let runs = |s: &str| args.only.iter().any(|o| o == s);
+    // Before pinning: the machine line counts every core.
+    let machine = procs::machine();
+    let mut versions = BTreeMap::new();
+    let mut bins = BTreeMap::new();
+    if runs("ensync") {
+        if !args.server_bin.is_file() {
+            bail!(
+                "{} not found: build it (cargo build --release --workspace) or pass --server-bin",
+                args.server_bin.display()
+            );
+        }
+        versions.insert("ensync", procs::version(&args.server_bin));
+    }
+    for (system, program) in [("redis", "redis-server"), ("nats", "nats-server")] {
+        if runs(system) {
+            let bin = procs::find_program(program)?;
+            versions.insert(system, procs::version(&bin));
+            bins.insert(system, bin);
+        }
+    }
+    procs::pin_current_thread(CLIENT_CPU).context("pinning the bench client")?;
+    let tmp = tempfile::tempdir()?;
+    let mut report = Report {
+        machine,
+        pinning: format!("servers on CPU {SERVER_CPU}, bench client on CPU {CLIENT_CPU}"),
+        versions,
+        config: cfg.clone(),
+        systems: BTreeMap::new(),
+        targets: Vec::new(),
+    };
+    for system in SYSTEMS.into_iter().filter(|s| runs(s)) {
+        eprintln!("running {system} ...");
+        let results = match system {
+            "ensync" => ensync::run(&cfg, &args.server_bin, tmp.path()),
+            "redis" => redis::run(&cfg, &bins["redis"], tmp.path()),
+            "nats" => nats::run(&cfg, &bins["nats"], tmp.path()),
+            _ => ceiling::run(&cfg),
+        }
+        .with_context(|| format!("{system} benchmark"))?;
+        report.systems.insert(system, results);
+    }
+    report.evaluate();
+    print!("{}", report.table());
+    std::fs::write(&args.out, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", args.out.display()))?;
+    eprintln!("wrote {}", args.out.display());
+    Ok(())
+}
