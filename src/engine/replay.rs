@@ -156,13 +156,16 @@ impl Stream {
         if self.sent == self.count {
             return None;
         }
-        let mut buf = BytesMut::with_capacity(REPLAY_CHUNK_BYTES + 8 * 1024);
+        let left = self.count - self.sent;
+        // A small replay needs a small buffer: ~1 KiB a record, grown if
+        // not enough.
+        let guess = usize::try_from(left.saturating_mul(1024)).unwrap_or(usize::MAX);
+        let mut buf = BytesMut::with_capacity(guess.min(REPLAY_CHUNK_BYTES + 8 * 1024));
         let (mut in_chunk, mut resume) = (0u64, None);
         let mut failed = None;
         let ids = self.job.ids();
         let (job, taken) = (&self.job, &self.taken);
         let (acked_marks, unacked_marks) = (&self.acked_marks, &self.unacked_marks);
-        let left = self.count - self.sent;
         let scanned = store.scan(&job.pattern, self.from..=self.last, &mut |event| {
             if !event.is_addressed_to(&ids) {
                 return ControlFlow::Continue(());

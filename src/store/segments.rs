@@ -1,0 +1,309 @@
+//! Append-only segment files that hold the bytes of event chunks.
+//!
+//! sled keeps, for each chunk, where its bytes lie ([`Loc`]); the bytes
+//! themselves are appended to the newest segment file and read back with
+//! positioned reads. A chunk is written once and never copied again:
+//! sled's leaves hold 16-byte locations instead of the chunks, so inserting
+//! into them stays cheap, and reads come from the operating system's page
+//! cache rather than from a cache in the server's own memory.
+//!
+//! Durability follows the commit: [`Segments::sync`] makes the appended
+//! bytes durable before sled makes the locations durable, so a location
+//! that survives a crash always points at bytes that did. Bytes appended
+//! after the last sync of sled are unreferenced after a crash: harmless,
+//! removed with their segment. Retention removes a segment once sled no
+//! longer references it ([`Segments::retire`]), after the next sync.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use super::{Result, StoreError};
+
+/// A segment is closed once it holds this many bytes.
+const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+/// The directory, inside the store's, that holds the segments.
+const DIR: &str = "segments";
+
+/// Where a chunk's bytes lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Loc {
+    pub segment: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+impl Loc {
+    /// `segment: u32 BE, offset: u64 BE, len: u32 BE`.
+    pub fn encode(self) -> [u8; 16] {
+        let mut out = [0; 16];
+        out[..4].copy_from_slice(&self.segment.to_be_bytes());
+        out[4..12].copy_from_slice(&self.offset.to_be_bytes());
+        out[12..].copy_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
+    pub fn decode(value: &[u8]) -> Result<Self> {
+        let bytes: &[u8; 16] = value
+            .try_into()
+            .map_err(|_| StoreError::Damaged("a chunk location is not 16 bytes".into()))?;
+        let (segment, rest) = bytes.split_at(4);
+        let (offset, len) = rest.split_at(8);
+        Ok(Self {
+            segment: u32::from_be_bytes(segment.try_into().expect("4 bytes")),
+            offset: u64::from_be_bytes(offset.try_into().expect("8 bytes")),
+            len: u32::from_be_bytes(len.try_into().expect("4 bytes")),
+        })
+    }
+}
+
+/// The segment files of one store.
+#[derive(Debug)]
+pub(crate) struct Segments {
+    dir: PathBuf,
+    files: RwLock<BTreeMap<u32, Arc<File>>>,
+    writing: Mutex<Writing>,
+}
+
+/// The segment being appended to, and what waits for the next sync.
+#[derive(Debug)]
+struct Writing {
+    segment: u32,
+    file: Arc<File>,
+    len: u64,
+    /// Appended to since the last sync.
+    dirty: bool,
+    /// Closed segments not yet synced.
+    closed: Vec<Arc<File>>,
+    /// Segments no longer referenced once sled's next sync lands.
+    retired: Vec<u32>,
+}
+
+fn io_error(what: &str, path: &Path, e: &std::io::Error) -> StoreError {
+    StoreError::Backend(format!("{what} {}: {e}", path.display()))
+}
+
+impl Segments {
+    /// Opens the segments under `store_dir`, creating the first if none.
+    pub fn open(store_dir: &Path) -> Result<Self> {
+        let dir = store_dir.join(DIR);
+        fs::create_dir_all(&dir).map_err(|e| io_error("cannot create", &dir, &e))?;
+        let mut files = BTreeMap::new();
+        let listing = fs::read_dir(&dir).map_err(|e| io_error("cannot list", &dir, &e))?;
+        for entry in listing {
+            let path = entry.map_err(|e| io_error("cannot list", &dir, &e))?.path();
+            let Some(segment) = segment_of(&path) else {
+                continue;
+            };
+            files.insert(segment, Arc::new(open_file(&path, false)?));
+        }
+        let (segment, file) = match files.last_key_value() {
+            Some((segment, file)) => (*segment, Arc::clone(file)),
+            None => {
+                let file = Arc::new(create(&dir, 1)?);
+                files.insert(1, Arc::clone(&file));
+                (1, file)
+            }
+        };
+        let len = file
+            .metadata()
+            .map_err(|e| io_error("cannot read", &dir, &e))?
+            .len();
+        Ok(Self {
+            dir,
+            files: RwLock::new(files),
+            writing: Mutex::new(Writing {
+                segment,
+                file,
+                len,
+                dirty: false,
+                closed: Vec::new(),
+                retired: Vec::new(),
+            }),
+        })
+    }
+
+    fn writing(&self) -> MutexGuard<'_, Writing> {
+        self.writing.lock().expect("segment lock is never poisoned")
+    }
+
+    /// Appends `bytes`; durable after the next [`Segments::sync`].
+    pub fn append(&self, bytes: &[u8]) -> Result<Loc> {
+        let len = u32::try_from(bytes.len())
+            .map_err(|_| StoreError::Backend("a chunk over 4 GiB".into()))?;
+        let mut w = self.writing();
+        if w.len > 0 && w.len + u64::from(len) > SEGMENT_BYTES {
+            let segment = w.segment + 1;
+            let file = Arc::new(create(&self.dir, segment)?);
+            self.files
+                .write()
+                .expect("segment lock is never poisoned")
+                .insert(segment, Arc::clone(&file));
+            let old = std::mem::replace(&mut w.file, file);
+            if w.dirty {
+                w.closed.push(old);
+            }
+            w.segment = segment;
+            w.len = 0;
+        }
+        let loc = Loc {
+            segment: w.segment,
+            offset: w.len,
+            len,
+        };
+        w.file
+            .write_all_at(bytes, w.len)
+            .map_err(|e| io_error("cannot write to", &self.path(w.segment), &e))?;
+        w.len += u64::from(len);
+        w.dirty = true;
+        Ok(loc)
+    }
+
+    /// Makes every appended byte durable.
+    pub fn sync(&self) -> Result<()> {
+        let mut w = self.writing();
+        for file in std::mem::take(&mut w.closed) {
+            file.sync_data()
+                .map_err(|e| io_error("cannot sync", &self.dir, &e))?;
+        }
+        if w.dirty {
+            w.file
+                .sync_data()
+                .map_err(|e| io_error("cannot sync", &self.path(w.segment), &e))?;
+            w.dirty = false;
+        }
+        Ok(())
+    }
+
+    /// The segment being appended to: never retired.
+    pub fn current(&self) -> u32 {
+        self.writing().segment
+    }
+
+    /// Marks `segment` for removal once sled has synced the change that
+    /// stopped referencing it ([`Segments::remove_retired`]).
+    pub fn retire(&self, segment: u32) {
+        self.writing().retired.push(segment);
+    }
+
+    /// Removes the retired segments: call after sled's sync.
+    pub fn remove_retired(&self) -> Result<()> {
+        let retired = std::mem::take(&mut self.writing().retired);
+        for segment in retired {
+            self.files
+                .write()
+                .expect("segment lock is never poisoned")
+                .remove(&segment);
+            let path = self.path(segment);
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("cannot remove", &path, &e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the chunk at `loc` into `buf` (replacing what it held).
+    pub fn read(&self, loc: Loc, buf: &mut Vec<u8>) -> Result<()> {
+        let file = self
+            .files
+            .read()
+            .expect("segment lock is never poisoned")
+            .get(&loc.segment)
+            .cloned()
+            .ok_or_else(|| StoreError::Damaged(format!("segment {} is missing", loc.segment)))?;
+        buf.clear();
+        buf.resize(loc.len as usize, 0);
+        file.read_exact_at(buf, loc.offset).map_err(|e| {
+            StoreError::Damaged(format!(
+                "segment {} has no {} bytes at {}: {e}",
+                loc.segment, loc.len, loc.offset
+            ))
+        })
+    }
+
+    fn path(&self, segment: u32) -> PathBuf {
+        self.dir.join(file_name(segment))
+    }
+}
+
+fn file_name(segment: u32) -> String {
+    format!("{segment:010}.seg")
+}
+
+fn segment_of(path: &Path) -> Option<u32> {
+    let name = path.file_name()?.to_str()?;
+    name.strip_suffix(".seg")?.parse().ok()
+}
+
+fn open_file(path: &Path, create: bool) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(create)
+        .open(path)
+        .map_err(|e| io_error("cannot open", path, &e))
+}
+
+/// Creates segment `segment` and makes its directory entry durable.
+fn create(dir: &Path, segment: u32) -> Result<File> {
+    let file = open_file(&dir.join(file_name(segment)), true)?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("cannot sync", dir, &e))?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_read_back_across_segments_and_reopen() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let chunk = |i: u8| vec![i; 20 * 1024 * 1024];
+        let locs = {
+            let segments = Segments::open(dir.path())?;
+            let locs: Vec<Loc> = (0..5)
+                .map(|i| segments.append(&chunk(i)))
+                .collect::<Result<_>>()?;
+            segments.sync()?;
+            locs
+        };
+        assert!(locs.iter().any(|l| l.segment > 1), "{locs:?}");
+        let segments = Segments::open(dir.path())?;
+        let mut buf = Vec::new();
+        for (i, loc) in (0u8..).zip(&locs) {
+            assert_eq!(Loc::decode(&loc.encode())?, *loc);
+            segments.read(*loc, &mut buf)?;
+            assert!(buf == chunk(i), "chunk {i}");
+        }
+        // Appends continue after what is there.
+        let next = segments.append(b"more")?;
+        assert_eq!(next.segment, segments.current());
+        assert!(locs
+            .iter()
+            .all(|l| (l.segment, l.offset) < (next.segment, next.offset)));
+        Ok(())
+    }
+
+    #[test]
+    fn retired_segments_go_only_when_asked() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let segments = Segments::open(dir.path())?;
+        let first = segments.append(&vec![1; 40 * 1024 * 1024])?;
+        let second = segments.append(&vec![2; 40 * 1024 * 1024])?;
+        assert_ne!(first.segment, second.segment);
+        segments.retire(first.segment);
+        let mut buf = Vec::new();
+        segments.read(first, &mut buf)?;
+        segments.remove_retired()?;
+        assert!(segments.read(first, &mut buf).is_err());
+        segments.read(second, &mut buf)?;
+        assert_eq!(buf.len(), 40 * 1024 * 1024);
+        Ok(())
+    }
+}
