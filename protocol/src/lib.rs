@@ -20,5 +20,7 @@ pub use codec::{EnsyncCodec, Frame, DEFAULT_MAX_LINE_LEN};
 pub use command::Command;
 pub use error::{FieldError, ParseError};
 pub use parse::parse_command;
-pub use record::{encode_record, Marks, RecordFields, RenderedMarks, ReplayInfo, StoredRecord};
+pub use record::{
+    encode_record, encode_record_into, Marks, RecordFields, RenderedMarks, ReplayInfo, StoredRecord,
+};
 pub use reply::{ErrorCode, Pass, Reply};

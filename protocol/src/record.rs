@@ -82,36 +82,44 @@ fn put_json_str(dst: &mut Vec<u8>, s: &str) {
 
 /// Encodes an event into its stored form.
 pub fn encode_record(fields: &RecordFields<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    encode_record_into(fields, &mut out);
+    out
+}
+
+/// [`encode_record`] appended to `out`, after what it holds.
+pub fn encode_record_into(fields: &RecordFields<'_>, out: &mut Vec<u8>) {
     let payload = fields.payload.as_str();
     let members = fields.metadata.map_or("", Metadata::members);
-    let mut out = Vec::with_capacity(HEADER_LEN + 128 + payload.len() + members.len());
+    out.reserve(HEADER_LEN + 128 + payload.len() + members.len());
+    let base = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
+    let body = base + HEADER_LEN;
     out.extend_from_slice(b"{\"idem\":");
-    put_json_str(&mut out, fields.idem);
+    put_json_str(out, fields.idem);
     out.extend_from_slice(b",\"block\":\"");
     out.extend_from_slice(itoa::Buffer::new().format(fields.block).as_bytes());
     out.extend_from_slice(b"\",\"name\":");
-    put_json_str(&mut out, fields.name);
+    put_json_str(out, fields.name);
     out.extend_from_slice(b",\"loggedAt\":");
     out.extend_from_slice(itoa::Buffer::new().format(fields.logged_at).as_bytes());
     out.extend_from_slice(b",\"sender\":");
-    put_json_str(&mut out, fields.sender);
-    let payload_start = out.len() - HEADER_LEN;
+    put_json_str(out, fields.sender);
+    let payload_start = out.len() - body;
     out.extend_from_slice(b",\"payload\":");
     match fields.payload {
         Payload::Json(text) => out.extend_from_slice(text.as_bytes()),
-        Payload::Base64(text) => put_json_str(&mut out, text),
+        Payload::Base64(text) => put_json_str(out, text),
     }
-    let payload_end = out.len() - HEADER_LEN;
+    let payload_end = out.len() - body;
     out.extend_from_slice(b",\"metadata\":{");
     out.extend_from_slice(members.as_bytes());
     let start = u32::try_from(payload_start).expect("record head is short");
     // Payloads are bounded by the line length limit, far below 4 GiB.
     let end = u32::try_from(payload_end).unwrap_or(u32::MAX);
-    out[0..4].copy_from_slice(&start.to_le_bytes());
-    out[4..8].copy_from_slice(&end.to_le_bytes());
-    out[8] = u8::from(!members.is_empty());
-    out
+    out[base..base + 4].copy_from_slice(&start.to_le_bytes());
+    out[base + 4..base + 8].copy_from_slice(&end.to_le_bytes());
+    out[base + 8] = u8::from(!members.is_empty());
 }
 
 /// A stored record, checked and ready to be written.

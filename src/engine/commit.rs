@@ -162,6 +162,11 @@ fn run(
         let alone = first.op.runs_alone();
         ops.push(first.op);
         waiters.push((first.done, first.budget));
+        // Jobs taken since the last yield: while connections keep adding,
+        // give them the CPU once more before committing. Woken by the
+        // first job, this thread would otherwise preempt the connections
+        // mid-burst and commit (and sync) a few jobs at a time.
+        let mut taken_since_yield = 0;
         while !alone && ops.len() < MAX_COMMIT_BATCH && bytes < MAX_COMMIT_BATCH_BYTES {
             match jobs.try_recv() {
                 Ok(Some(job)) if job.op.runs_alone() => {
@@ -172,10 +177,15 @@ fn run(
                     bytes += job.budget.num_permits();
                     ops.push(job.op);
                     waiters.push((job.done, job.budget));
+                    taken_since_yield += 1;
                 }
                 Ok(None) => {
                     stopping = true;
                     break;
+                }
+                Err(_) if taken_since_yield > 0 => {
+                    taken_since_yield = 0;
+                    std::thread::yield_now();
                 }
                 Err(_) => break,
             }

@@ -235,12 +235,6 @@ pub struct Appended {
     pub idem: String,
     /// Its `loggedAt`.
     pub logged_at: u64,
-    /// Its name.
-    pub name: EventName,
-    /// Its recipients.
-    pub recipients: Vec<Recipient>,
-    /// Its stored record (see `ensync_protocol::record`).
-    pub record: bytes::Bytes,
 }
 
 /// A durable subscription.

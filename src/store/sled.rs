@@ -48,9 +48,8 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use bytes::Bytes;
 use ensync_protocol::field::{ClientId, EventId, Pattern, Position};
-use ensync_protocol::{encode_record, RecordFields};
+use ensync_protocol::{encode_record_into, RecordFields};
 use sled::{Batch, Db, Tree};
 
 use super::segments::{Loc, Segments};
@@ -977,7 +976,9 @@ impl EventLog for SledLog {
                         batch.insert(key, &[]);
                     }
                     let idem = self.idem(seq);
-                    let record = encode_record(&RecordFields {
+                    value.clear();
+                    encode_recipients(&event.recipients, &mut value);
+                    let fields = RecordFields {
                         idem: &idem,
                         block: seq,
                         name,
@@ -985,18 +986,13 @@ impl EventLog for SledLog {
                         sender: event.sender.as_str(),
                         payload: &event.payload,
                         metadata: event.metadata.as_ref(),
-                    });
-                    value.clear();
-                    encode_recipients(&event.recipients, &mut value);
-                    value.extend_from_slice(&record);
+                    };
+                    encode_record_into(&fields, &mut value);
                     chunks.push(name, seq, &value);
                     Applied::Published(Appended {
                         seq,
                         idem,
                         logged_at: ts,
-                        name: event.name.clone(),
-                        recipients: event.recipients.clone(),
-                        record: Bytes::from(record),
                     })
                 }
                 WriteOp::Subscribe { client, pattern } => {
