@@ -291,6 +291,39 @@ async fn replay_count_is_min_of_limit_and_matching_events() {
     srv.stop().await;
 }
 
+/// A small replay whose records do not fit in one chunk (here 80 events
+/// of ~8 KiB, 640 KiB) is streamed in pieces yet counts and orders alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_replays_of_large_events_are_complete_and_in_order() {
+    let (_dir, srv) = temp_server().await;
+    let mut p = srv.client().await;
+    p.conn("pub").await;
+    let pad = "x".repeat(8 * 1024);
+    let evs = p
+        .publish_many("pub", 80, |i| {
+            (NAME.to_string(), format!("{{\"i\":{i},\"pad\":\"{pad}\"}}"))
+        })
+        .await;
+    let ids = pub_idems(&evs);
+    let mut r = srv.client().await;
+    r.conn("reader").await;
+    r.sub("reader", NAME).await;
+    for (from, limit) in [(0, 100), (5, 75), (40, 1)] {
+        let rep = r
+            .replay(
+                "reader",
+                NAME,
+                &format!("FROM_POSITION={};LIMIT={limit}", ids[from]),
+            )
+            .await;
+        let want = &ids[from..(from + limit).min(80)];
+        assert_eq!(rep.header, header(NAME, want.len()), "from {from}");
+        assert_eq!(rep.idems(), want, "from {from} LIMIT={limit}");
+    }
+    r.ping().await;
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_limit_outside_1_to_max_is_invalid_parameters() {
     let (_dir, srv) = temp_server().await;

@@ -7,8 +7,10 @@
 //! resume after the last event they encoded.
 //!
 //! A small replay (LIMIT at most `INLINE_REPLAY_LIMIT`) runs on the
-//! connection's own task, a slice at a time between writes: no thread
-//! hand-offs, so a seek costs one store lookup and one write. A larger one
+//! connection's own task: no thread hand-offs. When its records fit in
+//! one chunk, as they nearly always do, it takes one pass that counts as
+//! it encodes, so a seek costs one store lookup and one write; otherwise
+//! the two passes run a slice at a time between writes. A larger one
 //! runs on a blocking thread and hands its chunks to the connection through
 //! a channel of `REPLAY_CHUNKS_AHEAD`. Either way a replay holds a bounded
 //! number of chunks in memory, whatever its size and however slowly the
@@ -66,6 +68,8 @@ pub enum RecordSource {
     Channel(mpsc::Receiver<Chunk>),
     /// Encoded on the caller's task, a chunk per call.
     Inline(Box<InlineStream>),
+    /// Encoded already: the whole replay in one chunk.
+    Ready(Option<Records>),
 }
 
 impl RecordSource {
@@ -74,6 +78,7 @@ impl RecordSource {
         match self {
             RecordSource::Channel(rx) => rx.recv().await,
             RecordSource::Inline(stream) => stream.next(),
+            RecordSource::Ready(records) => records.take().map(Ok),
         }
     }
 }
@@ -157,10 +162,7 @@ impl Stream {
             return None;
         }
         let left = self.count - self.sent;
-        // A small replay needs a small buffer: ~1 KiB a record, grown if
-        // not enough.
-        let guess = usize::try_from(left.saturating_mul(1024)).unwrap_or(usize::MAX);
-        let mut buf = BytesMut::with_capacity(guess.min(REPLAY_CHUNK_BYTES + 8 * 1024));
+        let mut buf = BytesMut::with_capacity(small_buffer(left));
         let (mut in_chunk, mut resume) = (0u64, None);
         let mut failed = None;
         let ids = self.job.ids();
@@ -272,6 +274,16 @@ pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStr
     let pin = engine.pins.pin();
     if limit <= INLINE_REPLAY_LIMIT {
         let store = Arc::clone(&engine.store);
+        match one_pass(store.as_ref(), &job) {
+            Ok(Some(records)) => {
+                return ReplayStream {
+                    header: started(records.count),
+                    records: (records.count > 0).then_some(RecordSource::Ready(Some(records))),
+                }
+            }
+            Ok(None) => {}
+            Err(reply) => return ReplayStream::refused(reply),
+        }
         return match count_pass(store.as_ref(), job, pin) {
             Ok(Some(stream)) => ReplayStream {
                 header: started(stream.count),
@@ -352,6 +364,62 @@ fn bounds(store: &dyn EventLog, job: &RangeJob) -> Result<Option<(u64, u64)>, Re
         },
     };
     Ok((start <= end).then_some((start, end)))
+}
+
+/// A small replay in one pass, counted as it is encoded: its records when
+/// they fit in one chunk, or `None` when they do not (then the count pass
+/// and the stream pass take it, a chunk at a time).
+fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Reply> {
+    let Some((start, end)) = bounds(store, job)? else {
+        return Ok(Some(Records {
+            lines: Bytes::new(),
+            count: 0,
+        }));
+    };
+    let (acked_marks, unacked_marks) = (job.marks(true), job.marks(false));
+    let ids = job.ids();
+    let mut buf = BytesMut::with_capacity(small_buffer(job.limit));
+    let (mut count, mut fits, mut failed) = (0, true, None);
+    let scanned = store.scan(&job.pattern, start..=end, &mut |event| {
+        if !event.is_addressed_to(&ids) {
+            return ControlFlow::Continue(());
+        }
+        let acked = match job.acked(store, event.seq) {
+            Ok(acked) => acked,
+            Err(e) => {
+                failed = Some(e);
+                return ControlFlow::Break(());
+            }
+        };
+        if acked && job.only_unacked {
+            return ControlFlow::Continue(());
+        }
+        let marks = if acked { &acked_marks } else { &unacked_marks };
+        event.record.write_rendered_line(&mut buf, marks);
+        count += 1;
+        if buf.len() > REPLAY_CHUNK_BYTES {
+            fits = false;
+            return ControlFlow::Break(());
+        }
+        if count == job.limit {
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
+    if let Some(e) = scanned.err().or(failed) {
+        return Err(internal(&e));
+    }
+    Ok(fits.then(|| Records {
+        lines: buf.freeze(),
+        count,
+    }))
+}
+
+/// A buffer for `records` records: ~1 KiB each, up to a chunk; it grows
+/// if that is not enough.
+fn small_buffer(records: u64) -> usize {
+    let guess = usize::try_from(records.saturating_mul(1024)).unwrap_or(usize::MAX);
+    guess.min(REPLAY_CHUNK_BYTES + 8 * 1024)
 }
 
 /// Resolves the range and counts what the replay sends: the stream to

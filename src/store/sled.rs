@@ -84,7 +84,7 @@ const DISCARDED: u8 = 1;
 /// A chunk is closed once it holds this many bytes: large enough that a
 /// scan reads many records per value, small enough that finding one event
 /// in it (by id) stays cheap.
-const MAX_CHUNK_BYTES: usize = 64 * 1024;
+const MAX_CHUNK_BYTES: usize = 16 * 1024;
 /// Bytes before each value in a chunk: seq and length.
 const ENTRY_HEAD: usize = 12;
 /// Most chunk summaries one look for directly addressed events reads per
