@@ -199,6 +199,7 @@ fn seek(cfg: &Cfg, port: u16, rng: &mut fastrand::Rng) -> Result<Seek> {
     let small = cfg.seek_small;
     let mut pool1 = Sampler::new(small, POOL, rng);
     load(port, "bench", &s0, 0..small, cfg.payload, Some(&mut pool1))?;
+    procs::settle();
     let small_us = seek_samples(cfg, port, rng, &pool1.got, &[], small, small)?;
     let mut pool2 = Sampler::new(cfg.seek_n - small, POOL, rng);
     load(
@@ -209,6 +210,7 @@ fn seek(cfg: &Cfg, port: u16, rng: &mut fastrand::Rng) -> Result<Seek> {
         cfg.payload,
         Some(&mut pool2),
     )?;
+    procs::settle();
     let large_us = seek_samples(cfg, port, rng, &pool1.got, &pool2.got, small, cfg.seek_n)?;
     Ok(Seek::new(small, cfg.seek_n, &small_us, &large_us))
 }

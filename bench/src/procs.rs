@@ -98,6 +98,15 @@ impl Drop for Server {
     }
 }
 
+/// Writes back what a load left dirty and lets the machine go quiet:
+/// latencies measured right after loading millions of events otherwise
+/// measure the kernel writing gigabytes back on the server's CPU.
+pub fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    std::thread::sleep(std::time::Duration::from_secs(1));
+}
+
 /// Resident set size of process `pid` in KiB (VmRSS).
 pub fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -681,12 +681,18 @@ impl Hub {
         for &i in &active {
             // History before the subscription holds only events addressed
             // to the client directly: skip what the store knows has none.
+            // Each look is bounded; while looks make progress, the scan
+            // waits for the next pull, so a long history is skipped in
+            // short steps between the connection's replies.
             let sub = &state.subs[i];
             if sub.cursor < sub.since {
                 let history = sub.cursor + 1..=sub.since.min(head);
                 let skip = self.store.undirected_until(&sub.pattern, history, &ids)?;
-                let sub = &mut state.subs[i];
-                sub.cursor = sub.cursor.max(skip);
+                if skip > sub.cursor {
+                    state.subs[i].cursor = skip;
+                    ends.push((i, skip));
+                    continue;
+                }
             }
             let sub = &state.subs[i];
             let room = cap - sub.owned.len();

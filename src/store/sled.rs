@@ -10,6 +10,8 @@
 //! | `e` name `\0` first seq     | where the chunk lies: events of one name |
 //! |                             | in seq order, in a segment file          |
 //! | `g` segment                 | the last seq the segment holds           |
+//! | `r` name `\0` recipient     | the first seq of name addressed to the   |
+//! |                             | recipient by id or key (not by `*`)      |
 //! | `c` name `\0` first seq     | the chunk's summary: last seq, count, and |
 //! |                             | the recipients all its events share      |
 //! | `b` first seq               | the commit's chunks: (first seq, name)*  |
@@ -48,7 +50,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
-use ensync_protocol::field::{ClientId, EventId, Pattern, Position};
+use ensync_protocol::field::{ClientId, EventId, Pattern, Position, Recipient};
 use ensync_protocol::{encode_record_into, RecordFields};
 use sled::{Batch, Db, Tree};
 
@@ -70,6 +72,7 @@ const DEFERRED: u8 = b'd';
 const SETTLER: u8 = b's';
 const OPERATION: u8 = b'o';
 const SEGMENT: u8 = b'g';
+const DIRECT: u8 = b'r';
 const REPLAY_QUEUE: u8 = b'q';
 const EPOCH_KEY: &[u8] = b"mepoch";
 const LAST_KEY: &[u8] = b"mlast";
@@ -78,6 +81,8 @@ const SIZE_KEY: &[u8] = b"msize";
 const SUMMARIES_KEY: &[u8] = b"msummaries";
 /// Present once every chunk's bytes are in segment files.
 const SEGMENTS_KEY: &[u8] = b"msegments";
+/// Present once the `r` table covers every event.
+const DIRECTS_KEY: &[u8] = b"mdirects";
 /// Settlement values: the first byte says which.
 const ACKED: u8 = 0;
 const DISCARDED: u8 = 1;
@@ -89,7 +94,7 @@ const MAX_CHUNK_BYTES: usize = 16 * 1024;
 const ENTRY_HEAD: usize = 12;
 /// Most chunk summaries one look for directly addressed events reads per
 /// name: bounds the time it takes.
-const SKIP_SUMMARIES: usize = 4096;
+const SKIP_SUMMARIES: usize = 256;
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -105,6 +110,8 @@ struct Tail {
     /// Bytes of event chunks stored.
     bytes: u64,
     names: HashSet<String>,
+    /// Keys of the `r` table.
+    directs: HashSet<Vec<u8>>,
 }
 
 /// An event log in a sled database directory.
@@ -253,14 +260,7 @@ fn summarize_chunks(tree: &Tree, segments: &Segments) -> Result<()> {
     for entry in tree.scan_prefix([CHUNK]) {
         let (key, loc) = entry?;
         segments.read(Loc::decode(&loc)?, &mut chunk)?;
-        let damaged = || StoreError::Damaged("a chunk key is cut short".into());
-        let split = key
-            .len()
-            .checked_sub(9)
-            .filter(|at| *at >= 1)
-            .ok_or_else(damaged)?;
-        let name = utf8(&key[1..split])?;
-        let first = be_u64(&key[split + 1..])?;
+        let (name, first) = split_chunk_key(&key)?;
         let mut summary: Option<Summary> = None;
         let mut pos = 0;
         while pos < chunk.len() {
@@ -328,6 +328,54 @@ fn segment_of_key(key: &[u8]) -> Result<u32> {
         .and_then(|b| b.try_into().ok())
         .map(u32::from_be_bytes)
         .ok_or_else(|| StoreError::Damaged("a segment key is cut short".into()))
+}
+
+/// The name and first seq a chunk (or summary) key holds.
+fn split_chunk_key(key: &[u8]) -> Result<(&str, u64)> {
+    let split = key
+        .len()
+        .checked_sub(9)
+        .filter(|at| *at >= 1)
+        .ok_or_else(|| StoreError::Damaged("a chunk key is cut short".into()))?;
+    Ok((utf8(&key[1..split])?, be_u64(&key[split + 1..])?))
+}
+
+fn direct_key(name: &str, recipient: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + recipient.len() + 2);
+    key.push(DIRECT);
+    key.extend_from_slice(name.as_bytes());
+    key.push(0);
+    key.extend_from_slice(recipient);
+    key
+}
+
+/// Writes the `r` table of a store from before it was kept.
+fn index_direct_events(tree: &Tree, segments: &Segments) -> Result<()> {
+    let mut firsts: HashMap<Vec<u8>, u64> = HashMap::new();
+    let mut chunk = Vec::new();
+    for entry in tree.scan_prefix([CHUNK]) {
+        let (key, loc) = entry?;
+        let (name, _) = split_chunk_key(&key)?;
+        segments.read(Loc::decode(&loc)?, &mut chunk)?;
+        let mut pos = 0;
+        while pos < chunk.len() {
+            let (seq, value, next) = entry_at(&chunk, pos)?;
+            for recipient in recipients_of(value).split(|b| *b == 0) {
+                if recipient != b"*" && !recipient.is_empty() {
+                    let first = firsts.entry(direct_key(name, recipient)).or_insert(seq);
+                    *first = (*first).min(seq);
+                }
+            }
+            pos = next;
+        }
+    }
+    let mut batch = Batch::default();
+    for (key, first) in firsts {
+        batch.insert(key, &first.to_be_bytes());
+    }
+    batch.insert(DIRECTS_KEY, &[]);
+    tree.apply_batch(batch)?;
+    Ok(())
 }
 
 /// A chunk being built.
@@ -573,6 +621,14 @@ impl SledLog {
             summarize_chunks(&tree, &segments)?;
             db.flush()?;
         }
+        if tree.get(DIRECTS_KEY)?.is_none() {
+            index_direct_events(&tree, &segments)?;
+            db.flush()?;
+        }
+        let mut directs = HashSet::new();
+        for entry in tree.scan_prefix([DIRECT]) {
+            directs.insert(entry?.0.to_vec());
+        }
         let mut settlers = HashSet::new();
         for entry in tree.scan_prefix([SETTLER]) {
             settlers.insert(utf8(&entry?.0[1..])?.to_owned());
@@ -587,6 +643,7 @@ impl SledLog {
                 last_ts,
                 bytes,
                 names,
+                directs,
             }),
             bytes: AtomicU64::new(bytes),
             settlers: RwLock::new(settlers),
@@ -877,6 +934,20 @@ impl SledLog {
         identities: &[&str],
     ) -> Result<u64> {
         let (start, end) = (*seqs.start(), *seqs.end());
+        // Where the name's direct events for these identities begin.
+        let mut first_direct = u64::MAX;
+        for id in identities {
+            if let Some(first) = self.tree.get(direct_key(name, id.as_bytes()))? {
+                first_direct = first_direct.min(be_u64(&first)?);
+            }
+        }
+        if first_direct > end {
+            return Ok(end);
+        }
+        if first_direct >= start {
+            return Ok(first_direct - 1);
+        }
+        // They began before `start`: the summaries tell where more lie.
         let from = self.summary_at_or_before(name, start)?;
         let mut reached = end;
         for (read, entry) in self.tree.range(from..=summary_key(name, end)).enumerate() {
@@ -951,6 +1022,7 @@ impl EventLog for SledLog {
         }
         let (mut seq, mut ts) = (tail.last_seq, tail.last_ts);
         let mut new_names: Vec<&str> = Vec::new();
+        let mut new_directs: Vec<Vec<u8>> = Vec::new();
         let mut new_settlers: Vec<&str> = Vec::new();
         let mut batch = Batch::default();
         let mut chunks = Chunks::default();
@@ -974,6 +1046,15 @@ impl EventLog for SledLog {
                         let mut key = vec![NAME];
                         key.extend_from_slice(name.as_bytes());
                         batch.insert(key, &[]);
+                    }
+                    for recipient in &event.recipients {
+                        if let Recipient::Client(id) = recipient {
+                            let key = direct_key(name, id.as_str().as_bytes());
+                            if !tail.directs.contains(&key) && !new_directs.contains(&key) {
+                                batch.insert(key.as_slice(), &seq.to_be_bytes());
+                                new_directs.push(key);
+                            }
+                        }
                     }
                     let idem = self.idem(seq);
                     value.clear();
@@ -1133,6 +1214,7 @@ impl EventLog for SledLog {
         self.bytes.store(tail.bytes, Ordering::Release);
         let new_names: Vec<String> = new_names.into_iter().map(str::to_owned).collect();
         tail.names.extend(new_names);
+        tail.directs.extend(new_directs);
         if !new_settlers.is_empty() {
             self.settlers
                 .write()
@@ -1686,6 +1768,35 @@ mod chunked_log {
         drop(log);
         let log = SledLog::open(dir.path())?;
         assert_eq!(seqs(&log, "big/one", 1..=150), left);
+        Ok(())
+    }
+
+    #[test]
+    fn a_store_without_the_direct_index_gets_it_when_opened() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let index = |log: &SledLog| -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+            log.tree
+                .scan_prefix([DIRECT])
+                .map(|e| e.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(Into::into))
+                .collect()
+        };
+        let written = {
+            let log = SledLog::open(dir.path())?;
+            fill_for_counts(&log);
+            let written = index(&log)?;
+            let mut batch = Batch::default();
+            for (key, _) in &written {
+                batch.remove(key.as_slice());
+            }
+            batch.remove(DIRECTS_KEY);
+            log.tree.apply_batch(batch)?;
+            log.flush()?;
+            written
+        };
+        // alice and bob, on m/a, m/b and g/one.
+        assert_eq!(written.len(), 3, "{written:?}");
+        let log = SledLog::open(dir.path())?;
+        assert_eq!(index(&log)?, written);
         Ok(())
     }
 
