@@ -265,6 +265,7 @@ async fn seek(cfg: &Cfg, js: &Context) -> Result<Seek> {
     let mut rng = fastrand::Rng::new();
     let mut pool1 = Sampler::new(small, POOL, &mut rng);
     load(js, &subjects, 0..small, cfg.payload, Some(&mut pool1)).await?;
+    procs::settle();
     let stream = js.get_stream("SEEK").await?;
     let mut small_us = Vec::new();
     for i in 0..samples {
@@ -288,6 +289,7 @@ async fn seek(cfg: &Cfg, js: &Context) -> Result<Seek> {
         Some(&mut pool2),
     )
     .await?;
+    procs::settle();
     let mut large_us = Vec::new();
     for i in 0..samples {
         let policy = if i % 2 == 0 {

@@ -381,6 +381,7 @@ fn seek(cfg: &Cfg, port: u16, rng: &mut fastrand::Rng) -> Result<Seek> {
     let small = cfg.seek_small;
     let mut pool1 = Sampler::new(small, POOL, rng);
     load(port, &key, 0..small, cfg.payload, Some(&mut pool1))?;
+    procs::settle();
     let mut conn = Conn::connect(port)?;
     let mut sample = |rng: &mut fastrand::Rng, rest: &[String], total: usize| {
         (0..cfg.seek_samples)
@@ -405,6 +406,7 @@ fn seek(cfg: &Cfg, port: u16, rng: &mut fastrand::Rng) -> Result<Seek> {
     let small_us = sample(rng, &[], small).context("seek at small size")?;
     let mut pool2 = Sampler::new(cfg.seek_n - small, POOL, rng);
     load(port, &key, small..cfg.seek_n, cfg.payload, Some(&mut pool2))?;
+    procs::settle();
     let large_us = sample(rng, &pool2.got, cfg.seek_n).context("seek at seek-n")?;
     Ok(Seek::new(small, cfg.seek_n, &small_us, &large_us))
 }
