@@ -124,6 +124,9 @@ pub struct SledLog {
     tail: Mutex<Tail>,
     /// Mirrors `Tail::bytes` for readers that must not wait on a commit.
     bytes: AtomicU64,
+    /// The oldest stored seq, 0 when the log is empty: every replay needs
+    /// it, so it is kept rather than looked up.
+    oldest: AtomicU64,
     /// Clients with at least one settlement.
     settlers: RwLock<HashSet<String>>,
 }
@@ -606,6 +609,10 @@ impl SledLog {
         for entry in tree.scan_prefix([NAME]) {
             names.insert(utf8(&entry?.0[1..])?.to_owned());
         }
+        let oldest = match tree.scan_prefix([COMMIT]).next() {
+            Some(entry) => be_u64(&entry?.0[1..])?,
+            None => 0,
+        };
         let bytes = match tree.get(SIZE_KEY)? {
             Some(v) => be_u64(&v)?,
             // A store from before the size was kept: count it once.
@@ -646,6 +653,7 @@ impl SledLog {
                 directs,
             }),
             bytes: AtomicU64::new(bytes),
+            oldest: AtomicU64::new(oldest),
             settlers: RwLock::new(settlers),
         })
     }
@@ -805,14 +813,15 @@ impl SledLog {
             self.segments.retire(segment);
         }
         self.bytes.store(tail.bytes, Ordering::Release);
+        // Commits are removed whole and their seqs have no gaps: the next
+        // commit starts right after, unless none is left.
+        let oldest = if through < tail.last_seq {
+            through + 1
+        } else {
+            0
+        };
+        self.oldest.store(oldest, Ordering::Release);
         Ok(done)
-    }
-
-    fn oldest_seq(&self) -> Result<Option<u64>> {
-        match self.tree.scan_prefix([COMMIT]).next() {
-            Some(entry) => Ok(Some(be_u64(&entry?.0[1..])?)),
-            None => Ok(None),
-        }
     }
 
     /// Finds the stored event `seq`: its name and value.
@@ -1208,6 +1217,9 @@ impl EventLog for SledLog {
             }
         }
         self.tree.apply_batch(batch)?;
+        if seq > tail.last_seq && self.oldest.load(Ordering::Acquire) == 0 {
+            self.oldest.store(tail.last_seq + 1, Ordering::Release);
+        }
         tail.last_seq = seq;
         tail.last_ts = ts;
         tail.bytes += added;
@@ -1238,7 +1250,7 @@ impl EventLog for SledLog {
         side: Side,
     ) -> Result<Result<Resolved, UnknownPosition>> {
         let last = self.last_seq();
-        let Some(oldest) = self.oldest_seq()? else {
+        let Some(oldest) = EventLog::oldest(self)? else {
             return Ok(match position {
                 Position::Event(_) => Err(UnknownPosition),
                 _ => Ok(Resolved::Nothing),
@@ -1410,7 +1422,7 @@ impl EventLog for SledLog {
     }
 
     fn oldest(&self) -> Result<Option<u64>> {
-        self.oldest_seq()
+        Ok(Some(self.oldest.load(Ordering::Acquire)).filter(|seq| *seq > 0))
     }
 
     fn stored_bytes(&self) -> u64 {
