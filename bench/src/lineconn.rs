@@ -12,22 +12,16 @@ use crate::common::Pacer;
 /// Read buffer size.
 const BUF: usize = 512 * 1024;
 
-/// One connection with a large read buffer.
-pub struct LineConn {
+/// A TCP connection with a large, growable read buffer: what the line
+/// client here and the RESP client read through.
+pub struct Socket {
     stream: TcpStream,
     buf: Vec<u8>,
     start: usize,
     end: usize,
 }
 
-/// Lines and bytes received by a replay.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Received {
-    pub lines: u64,
-    pub bytes: u64,
-}
-
-impl LineConn {
+impl Socket {
     pub fn connect(port: u16) -> Result<Self> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_nodelay(true)?;
@@ -42,6 +36,59 @@ impl LineConn {
     pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
         self.stream.write_all(bytes)?;
         Ok(())
+    }
+
+    /// Reads more bytes after what is buffered, compacting or growing the
+    /// buffer first; fails on end of stream.
+    pub fn fill(&mut self) -> Result<usize> {
+        if self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            self.buf.resize(self.buf.len() * 2, 0);
+        }
+        let read = self.stream.read(&mut self.buf[self.end..])?;
+        if read == 0 {
+            bail!("connection closed by the server");
+        }
+        self.end += read;
+        Ok(read)
+    }
+
+    /// What is buffered and not consumed.
+    pub fn data(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    /// Drops the first `n` buffered bytes.
+    pub fn consume(&mut self, n: usize) {
+        self.start += n;
+    }
+}
+
+/// One line-protocol connection.
+pub struct LineConn {
+    sock: Socket,
+}
+
+/// Lines and bytes received by a replay.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Received {
+    pub lines: u64,
+    pub bytes: u64,
+}
+
+impl LineConn {
+    pub fn connect(port: u16) -> Result<Self> {
+        Ok(Self {
+            sock: Socket::connect(port)?,
+        })
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        self.sock.send(bytes)
     }
 
     /// Sends `request` and returns its one reply line, which must start
@@ -59,37 +106,18 @@ impl LineConn {
         Ok(())
     }
 
-    /// Reads more bytes after `end`, compacting or growing the buffer
-    /// first; fails on end of stream.
-    fn fill(&mut self) -> Result<usize> {
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.end == self.buf.len() {
-            self.buf.resize(self.buf.len() * 2, 0);
-        }
-        let read = self.stream.read(&mut self.buf[self.end..])?;
-        if read == 0 {
-            bail!("connection closed by the server");
-        }
-        self.end += read;
-        Ok(read)
-    }
-
     /// The next complete line already in the buffer (without `\n`).
     pub fn buffered_line(&mut self) -> Option<&[u8]> {
-        let at = memchr::memchr(b'\n', &self.buf[self.start..self.end])?;
-        let line = self.start..self.start + at;
-        self.start += at + 1;
-        Some(&self.buf[line])
+        let at = memchr::memchr(b'\n', self.sock.data())?;
+        let line = self.sock.start..self.sock.start + at;
+        self.sock.consume(at + 1);
+        Some(&self.sock.buf[line])
     }
 
     /// Reads until at least one complete line is buffered.
     pub fn wait_line(&mut self) -> Result<()> {
-        while memchr::memchr(b'\n', &self.buf[self.start..self.end]).is_none() {
-            self.fill()?;
+        while memchr::memchr(b'\n', self.sock.data()).is_none() {
+            self.sock.fill()?;
         }
         Ok(())
     }
@@ -118,19 +146,18 @@ impl LineConn {
             return Ok(got);
         }
         loop {
-            let data = &self.buf[self.start..self.end];
+            let data = self.sock.data();
             for at in memchr::memchr_iter(b'\n', data) {
                 got.lines += 1;
                 if got.lines == count {
                     got.bytes += at as u64 + 1;
-                    self.start += at + 1;
+                    self.sock.consume(at + 1);
                     return Ok(got);
                 }
             }
             got.bytes += data.len() as u64;
-            self.start = 0;
-            self.end = 0;
-            let read = self.fill()?;
+            self.sock.consume(data.len());
+            let read = self.sock.fill()?;
             if let Some(p) = pacer.as_deref_mut() {
                 if !p.read(read) {
                     return Ok(got);

@@ -1,8 +1,6 @@
 //! Redis Streams (XADD / XRANGE) with a lean zero-copy RESP reader: array
 //! headers are parsed, bulk strings skipped by their length.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -10,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::common::{self, payload, pick, Cfg, Pacer, Sampler, LIMIT_COUNT, POOL, WINDOW};
-use crate::lineconn::Received;
+use crate::lineconn::{Received, Socket};
 use crate::procs::{self, RssSampler, Server};
 use crate::report::{self, Memory, Results, Seek};
 
@@ -115,65 +113,30 @@ pub fn xrange(buf: &[u8]) -> Result<Option<XRange>> {
     }))
 }
 
-/// One RESP connection with a growable read buffer.
-struct Conn {
-    stream: TcpStream,
-    buf: Vec<u8>,
-    start: usize,
-    end: usize,
-}
+/// One RESP connection.
+struct Conn(Socket);
 
 impl Conn {
     fn connect(port: u16) -> Result<Self> {
-        let stream = TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_nodelay(true)?;
-        Ok(Self {
-            stream,
-            buf: vec![0; 512 * 1024],
-            start: 0,
-            end: 0,
-        })
+        Socket::connect(port).map(Self)
     }
 
     fn send(&mut self, bytes: &[u8]) -> Result<()> {
-        self.stream.write_all(bytes)?;
-        Ok(())
-    }
-
-    /// Reads more (compacting or growing the buffer); the bytes read.
-    fn fill(&mut self) -> Result<usize> {
-        if self.start > 0 {
-            self.buf.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
-        }
-        if self.end == self.buf.len() {
-            self.buf.resize(self.buf.len() * 2, 0);
-        }
-        let read = self.stream.read(&mut self.buf[self.end..])?;
-        if read == 0 {
-            bail!("redis closed the connection");
-        }
-        self.end += read;
-        Ok(read)
-    }
-
-    fn data(&self) -> &[u8] {
-        &self.buf[self.start..self.end]
+        self.0.send(bytes)
     }
 
     /// Reads a whole XRANGE reply; returns it with its last id copied out.
     fn read_xrange(&mut self, mut pacer: Option<&mut Pacer>) -> Result<(XRange, Option<String>)> {
         loop {
-            if let Some(x) = xrange(self.data())? {
+            if let Some(x) = xrange(self.0.data())? {
                 let id = x
                     .last_id
                     .clone()
-                    .map(|r| String::from_utf8_lossy(&self.data()[r]).into_owned());
-                self.start += x.len;
+                    .map(|r| String::from_utf8_lossy(&self.0.data()[r]).into_owned());
+                self.0.consume(x.len);
                 return Ok((x, id));
             }
-            let read = self.fill()?;
+            let read = self.0.fill()?;
             if let Some(p) = pacer.as_deref_mut() {
                 p.read(read);
             }
@@ -342,14 +305,14 @@ fn load(
             }
             conn.send(&out)?;
         }
-        conn.fill()?;
-        while let Some((id, next)) = bulk(conn.data(), 0)? {
+        conn.0.fill()?;
+        while let Some((id, next)) = bulk(conn.0.data(), 0)? {
             if let Some(s) = sampler.as_deref_mut() {
                 s.offer(acked - range.start, || {
-                    String::from_utf8_lossy(&conn.data()[id]).into_owned()
+                    String::from_utf8_lossy(&conn.0.data()[id]).into_owned()
                 });
             }
-            conn.start += next;
+            conn.0.consume(next);
             acked += 1;
         }
     }
