@@ -444,6 +444,11 @@ impl DeliveryTo {
     pub fn recipients(&self) -> &[Recipient] {
         &self.0
     }
+
+    /// The recipients, taken out.
+    pub fn into_recipients(self) -> Vec<Recipient> {
+        self.0
+    }
 }
 
 impl FromStr for DeliveryTo {

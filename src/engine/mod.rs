@@ -267,13 +267,12 @@ impl Engine {
     pub async fn execute(&self, client: &ClientId, cmd: Command) -> Outcome {
         match cmd {
             Command::Pub(p) => {
-                let recipients = p.delivery_to.recipients().to_vec();
                 let op = WriteOp::Publish(NewEvent {
                     name: p.event_name,
                     sender: p.client_id,
                     payload: p.payload,
                     metadata: p.metadata,
-                    recipients,
+                    recipients: p.delivery_to.into_recipients(),
                 });
                 self.commit_then(op, |applied| match applied {
                     Applied::Published(event) => Reply::Pass(Pass::Published {
