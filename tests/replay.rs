@@ -324,6 +324,43 @@ async fn small_replays_of_large_events_are_complete_and_in_order() {
     srv.stop().await;
 }
 
+/// A small replay whose matches lie far apart (here behind 3,000 events
+/// addressed to someone else) is found whole and in order all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_replays_find_sparse_matches_behind_long_stretches() {
+    let (_dir, srv) = temp_server().await;
+    let mut p = srv.client().await;
+    p.conn("pub").await;
+    let others: Vec<String> = (0..3000)
+        .map(|i| {
+            format!("PUB;CLIENT_ID=pub;EVENT_NAME={NAME};PAYLOAD={{\"i\":{i}}};DELIVERY_TO=carol")
+        })
+        .collect();
+    p.pipeline(&others, others.len()).await;
+    let mine = p
+        .publish_many("pub", 3, |i| {
+            (NAME.to_string(), format!("{{\"mine\":{i}}}"))
+        })
+        .await;
+    let mut r = srv.client().await;
+    r.conn("reader").await;
+    r.sub("reader", NAME).await;
+    for limit in [1, 3, 50] {
+        let rep = r
+            .replay(
+                "reader",
+                NAME,
+                &format!("FROM_POSITION=earliest;LIMIT={limit}"),
+            )
+            .await;
+        let want = &pub_idems(&mine)[..limit.min(3)];
+        assert_eq!(rep.header, header(NAME, want.len()), "LIMIT={limit}");
+        assert_eq!(rep.idems(), want, "LIMIT={limit}");
+    }
+    r.ping().await;
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_limit_outside_1_to_max_is_invalid_parameters() {
     let (_dir, srv) = temp_server().await;

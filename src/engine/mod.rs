@@ -31,7 +31,7 @@ mod subs;
 pub use commit::Committed;
 pub use delivery::Attachment;
 pub use operations::{OpError, OpState, OperationStatus, ReplayRequest};
-pub use replay::{Chunk, InlineStream, RecordSource, Records, ReplayStream};
+pub use replay::{Chunk, RecordSource, Records, ReplayStream};
 use subs::Registry;
 
 /// Why the engine could not start.

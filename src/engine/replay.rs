@@ -6,15 +6,15 @@
 //! The stream pass runs in slices that each end after one chunk and
 //! resume after the last event they encoded.
 //!
-//! A small replay (LIMIT at most `INLINE_REPLAY_LIMIT`) runs on the
-//! connection's own task: no thread hand-offs. When its records fit in
-//! one chunk, as they nearly always do, it takes one pass that counts as
-//! it encodes, so a seek costs one store lookup and one write; otherwise
-//! the two passes run a slice at a time between writes. A larger one
-//! runs on a blocking thread and hands its chunks to the connection through
-//! a channel of `REPLAY_CHUNKS_AHEAD`. Either way a replay holds a bounded
-//! number of chunks in memory, whatever its size and however slowly the
-//! client reads. A pin keeps retention from removing what the replay has
+//! A small replay (LIMIT at most `INLINE_REPLAY_LIMIT`) first tries one
+//! pass on the connection's own task that counts as it encodes: no thread
+//! hand-offs, so a seek costs one store lookup and one write. It gives up
+//! when the records outgrow one chunk or the search grows long; then, as
+//! for a larger replay, a blocking thread makes the two passes and hands
+//! its chunks to the connection through a channel of
+//! `REPLAY_CHUNKS_AHEAD`. Either way a replay holds a bounded number of
+//! chunks in memory, whatever its size and however slowly the client
+//! reads. A pin keeps retention from removing what the replay has
 //! counted and not yet sent.
 
 use std::ops::{ControlFlow, RangeInclusive};
@@ -66,8 +66,6 @@ impl ReplayStream {
 pub enum RecordSource {
     /// Encoded by a blocking thread, a chunk at a time.
     Channel(mpsc::Receiver<Chunk>),
-    /// Encoded on the caller's task, a chunk per call.
-    Inline(Box<InlineStream>),
     /// Encoded already: the whole replay in one chunk.
     Ready(Option<Records>),
 }
@@ -77,7 +75,6 @@ impl RecordSource {
     pub async fn next(&mut self) -> Option<Chunk> {
         match self {
             RecordSource::Channel(rx) => rx.recv().await,
-            RecordSource::Inline(stream) => stream.next(),
             RecordSource::Ready(records) => records.take().map(Ok),
         }
     }
@@ -216,27 +213,6 @@ impl Stream {
     }
 }
 
-/// A small replay's stream, encoded on the connection's task.
-pub struct InlineStream {
-    store: Arc<dyn EventLog>,
-    stream: Stream,
-}
-
-impl std::fmt::Debug for InlineStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InlineStream")
-            .field("count", &self.stream.count)
-            .field("sent", &self.stream.sent)
-            .finish_non_exhaustive()
-    }
-}
-
-impl InlineStream {
-    fn next(&mut self) -> Option<Chunk> {
-        self.stream.next_chunk(self.store.as_ref())
-    }
-}
-
 /// Starts a range replay for `client`.
 pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStream {
     let max = engine.config.max_replay_limit;
@@ -281,20 +257,10 @@ pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStr
                     records: (records.count > 0).then_some(RecordSource::Ready(Some(records))),
                 }
             }
+            // Too large, or too long a search: a blocking thread takes it.
             Ok(None) => {}
             Err(reply) => return ReplayStream::refused(reply),
         }
-        return match count_pass(store.as_ref(), job, pin) {
-            Ok(Some(stream)) => ReplayStream {
-                header: started(stream.count),
-                records: Some(RecordSource::Inline(Box::new(InlineStream {
-                    store,
-                    stream,
-                }))),
-            },
-            Ok(None) => ReplayStream::refused(started(0)),
-            Err(reply) => ReplayStream::refused(reply),
-        };
     }
     let (header_tx, header_rx) = oneshot::channel();
     let (tx, rx) = mpsc::channel(REPLAY_CHUNKS_AHEAD);
@@ -366,9 +332,12 @@ fn bounds(store: &dyn EventLog, job: &RangeJob) -> Result<Option<(u64, u64)>, Re
     Ok((start <= end).then_some((start, end)))
 }
 
-/// A small replay in one pass, counted as it is encoded: its records when
-/// they fit in one chunk, or `None` when they do not (then the count pass
-/// and the stream pass take it, a chunk at a time).
+/// A small replay in one pass on the connection's task, counted as it is
+/// encoded: its records when they fit in one chunk and were found within
+/// `ONE_PASS_VISITS` events, or `None` (then the count pass and the stream
+/// pass take it on a blocking thread). The bound keeps a replay whose
+/// matches are sparse (ONLY_UNACKED over acknowledged history, events
+/// mostly addressed to others) from holding the connection's thread.
 fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Reply> {
     let Some((start, end)) = bounds(store, job)? else {
         return Ok(Some(Records {
@@ -379,8 +348,13 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Rep
     let (acked_marks, unacked_marks) = (job.marks(true), job.marks(false));
     let ids = job.ids();
     let mut buf = BytesMut::with_capacity(small_buffer(job.limit));
-    let (mut count, mut fits, mut failed) = (0, true, None);
+    let (mut count, mut visited, mut fits, mut failed) = (0, 0, true, None);
     let scanned = store.scan(&job.pattern, start..=end, &mut |event| {
+        visited += 1;
+        if visited > ONE_PASS_VISITS {
+            fits = false;
+            return ControlFlow::Break(());
+        }
         if !event.is_addressed_to(&ids) {
             return ControlFlow::Continue(());
         }
@@ -414,6 +388,9 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Rep
         count,
     }))
 }
+
+/// Events one pass on a connection's task looks at, at most.
+const ONE_PASS_VISITS: usize = 2048;
 
 /// A buffer for `records` records: ~1 KiB each, up to a chunk; it grows
 /// if that is not enough.

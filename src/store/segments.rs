@@ -20,6 +20,8 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use tracing::error;
+
 use super::{Result, StoreError};
 
 /// A segment is closed once it holds this many bytes.
@@ -125,6 +127,47 @@ impl Segments {
         })
     }
 
+    /// Brings the files in line with what sled references (`referenced`:
+    /// segment -> end of its referenced bytes) after an open. A segment
+    /// nothing references is removed: retired before a crash, or written
+    /// by a commit that never landed. New bytes never go over referenced
+    /// ones, even if the file lost its tail.
+    pub fn reconcile(&self, referenced: &BTreeMap<u32, u64>) -> Result<()> {
+        let mut w = self.writing();
+        let unreferenced: Vec<u32> = self
+            .files
+            .read()
+            .expect("segment lock is never poisoned")
+            .keys()
+            .copied()
+            .filter(|s| *s != w.segment && !referenced.contains_key(s))
+            .collect();
+        w.retired.extend(unreferenced);
+        if let Some(&end) = referenced.get(&w.segment) {
+            if end > w.len {
+                error!(
+                    segment = w.segment,
+                    kept = w.len,
+                    referenced = end,
+                    "a segment file is shorter than what the store references; the events in the missing part cannot be read"
+                );
+                w.len = end;
+            }
+        }
+        for segment in referenced.keys() {
+            if !self
+                .files
+                .read()
+                .expect("segment lock is never poisoned")
+                .contains_key(segment)
+            {
+                error!(segment, "a segment file the store references is missing");
+            }
+        }
+        drop(w);
+        self.remove_retired()
+    }
+
     fn writing(&self) -> MutexGuard<'_, Writing> {
         self.writing.lock().expect("segment lock is never poisoned")
     }
@@ -164,9 +207,10 @@ impl Segments {
     /// Makes every appended byte durable.
     pub fn sync(&self) -> Result<()> {
         let mut w = self.writing();
-        for file in std::mem::take(&mut w.closed) {
+        while let Some(file) = w.closed.first() {
             file.sync_data()
                 .map_err(|e| io_error("cannot sync", &self.dir, &e))?;
+            w.closed.remove(0);
         }
         if w.dirty {
             w.file

@@ -44,7 +44,7 @@
 //! timestamp to a seq; the `b` table finds the chunk holding any seq.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::ops::{ControlFlow, RangeInclusive};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -110,8 +110,6 @@ struct Tail {
     /// Bytes of event chunks stored.
     bytes: u64,
     names: HashSet<String>,
-    /// Keys of the `r` table.
-    directs: HashSet<Vec<u8>>,
 }
 
 /// An event log in a sled database directory.
@@ -294,30 +292,69 @@ fn summarize_chunks(tree: &Tree, segments: &Segments) -> Result<()> {
 /// itself) into segments.
 fn move_chunks_to_segments(tree: &Tree, segments: &Segments) -> Result<()> {
     let mut batch = Batch::default();
-    let mut last_in: Vec<(u32, u64)> = Vec::new();
-    for entry in tree.scan_prefix([CHUNK]) {
-        let (key, chunk) = entry?;
-        let mut last = 0;
-        let mut pos = 0;
-        while pos < chunk.len() {
-            let (seq, _, next) = entry_at(&chunk, pos)?;
-            last = seq;
-            pos = next;
+    let mut marks = Marks::default();
+    // Commit by commit, so that segments hold the log in seq order and
+    // retention frees them oldest first.
+    for entry in tree.scan_prefix([COMMIT]) {
+        let (_, index) = entry?;
+        for (first, name) in decode_commit(&index)? {
+            let key = chunk_key(name, first);
+            let Some(chunk) = tree.get(&key)? else {
+                continue;
+            };
+            let mut last = first;
+            let mut pos = 0;
+            while pos < chunk.len() {
+                let (seq, _, next) = entry_at(&chunk, pos)?;
+                last = seq;
+                pos = next;
+            }
+            let loc = segments.append(&chunk)?;
+            marks.add(loc, last);
+            batch.insert(key, &loc.encode());
         }
-        let loc = segments.append(&chunk)?;
-        match last_in.last_mut() {
-            Some((segment, at)) if *segment == loc.segment => *at = (*at).max(last),
-            _ => last_in.push((loc.segment, last)),
-        }
-        batch.insert(key, &loc.encode());
     }
-    for (segment, last) in last_in {
-        batch.insert(&segment_key(segment), &last.to_be_bytes());
-    }
+    marks.write(&mut batch);
     batch.insert(SEGMENTS_KEY, &[]);
     segments.sync()?;
     tree.apply_batch(batch)?;
     Ok(())
+}
+
+/// What the `g` table keeps of a segment: the last seq it holds and where
+/// its referenced bytes end.
+#[derive(Debug, Default)]
+struct Marks(Vec<(u32, u64, u64)>);
+
+impl Marks {
+    /// Notes a chunk of events up to `last` stored at `loc`.
+    fn add(&mut self, loc: Loc, last: u64) {
+        let end = loc.offset + u64::from(loc.len);
+        match self.0.iter_mut().find(|(s, _, _)| *s == loc.segment) {
+            Some((_, l, e)) => {
+                *l = (*l).max(last);
+                *e = (*e).max(end);
+            }
+            None => self.0.push((loc.segment, last, end)),
+        }
+    }
+
+    fn write(self, batch: &mut Batch) {
+        for (segment, last, end) in self.0 {
+            let mut value = [0; 16];
+            value[..8].copy_from_slice(&last.to_be_bytes());
+            value[8..].copy_from_slice(&end.to_be_bytes());
+            batch.insert(&segment_key(segment), &value);
+        }
+    }
+}
+
+/// A `g` value: the segment's last seq and the end of its referenced bytes.
+fn decode_mark(value: &[u8]) -> Result<(u64, u64)> {
+    match value.get(..8).zip(value.get(8..16)) {
+        Some((last, end)) => Ok((be_u64(last)?, be_u64(end)?)),
+        None => Err(StoreError::Damaged("a segment mark is cut short".into())),
+    }
 }
 
 fn segment_key(segment: u32) -> [u8; 5] {
@@ -439,7 +476,7 @@ impl Chunks {
         };
         let mut index = Vec::new();
         let mut bytes = 0;
-        let mut last_in: Vec<(u32, u64)> = Vec::new();
+        let mut marks = Marks::default();
         for chunk in self.built {
             let Building {
                 name,
@@ -453,17 +490,12 @@ impl Chunks {
             index.extend_from_slice(&len.to_le_bytes());
             index.extend_from_slice(name.as_bytes());
             let loc = segments.append(&entries)?;
-            match last_in.iter_mut().find(|(s, _)| *s == loc.segment) {
-                Some((_, last)) => *last = (*last).max(summary.last),
-                None => last_in.push((loc.segment, summary.last)),
-            }
+            marks.add(loc, summary.last);
             batch.insert(chunk_key(&name, first), &loc.encode());
             batch.insert(summary_key(&name, first), summary.encode());
         }
         batch.insert(&num_key(COMMIT, commit_first), index);
-        for (segment, last) in last_in {
-            batch.insert(&segment_key(segment), &last.to_be_bytes());
-        }
+        marks.write(batch);
         Ok(bytes)
     }
 }
@@ -471,6 +503,7 @@ impl Chunks {
 /// Reads the events of one name in seq order, chunk by chunk.
 struct Cursor<'n> {
     name: &'n str,
+    tree: &'n Tree,
     segments: &'n Segments,
     chunks: sled::Iter,
     chunk: Vec<u8>,
@@ -484,7 +517,7 @@ struct Cursor<'n> {
 impl<'n> Cursor<'n> {
     /// A cursor at the first event of `name` with seq in `seqs`.
     fn new(
-        tree: &Tree,
+        tree: &'n Tree,
         segments: &'n Segments,
         name: &'n str,
         seqs: &RangeInclusive<u64>,
@@ -500,6 +533,7 @@ impl<'n> Cursor<'n> {
         };
         let mut cursor = Self {
             name,
+            tree,
             segments,
             chunks: tree.range(from..=chunk_key(name, end)),
             chunk: Vec::new(),
@@ -526,8 +560,13 @@ impl<'n> Cursor<'n> {
             }
             match self.chunks.next() {
                 Some(entry) => {
-                    let loc = Loc::decode(&entry?.1)?;
-                    self.segments.read(loc, &mut self.chunk)?;
+                    let (key, loc) = entry?;
+                    match self.segments.read(Loc::decode(&loc)?, &mut self.chunk) {
+                        Ok(()) => {}
+                        // Removed by retention since the scan began: gone.
+                        Err(_) if !self.tree.contains_key(&key)? => self.chunk.clear(),
+                        Err(e) => return Err(e),
+                    }
                     pos = 0;
                 }
                 None => {
@@ -584,6 +623,12 @@ impl SledLog {
             move_chunks_to_segments(&tree, &segments)?;
             db.flush()?;
         }
+        let mut referenced = BTreeMap::new();
+        for entry in tree.scan_prefix([SEGMENT]) {
+            let (key, mark) = entry?;
+            referenced.insert(segment_of_key(&key)?, decode_mark(&mark)?.1);
+        }
+        segments.reconcile(&referenced)?;
         let epoch = match tree.get(EPOCH_KEY)? {
             Some(v) => u32::from_be_bytes(
                 v.as_ref()
@@ -632,10 +677,7 @@ impl SledLog {
             index_direct_events(&tree, &segments)?;
             db.flush()?;
         }
-        let mut directs = HashSet::new();
-        for entry in tree.scan_prefix([DIRECT]) {
-            directs.insert(entry?.0.to_vec());
-        }
+
         let mut settlers = HashSet::new();
         for entry in tree.scan_prefix([SETTLER]) {
             settlers.insert(utf8(&entry?.0[1..])?.to_owned());
@@ -650,7 +692,6 @@ impl SledLog {
                 last_ts,
                 bytes,
                 names,
-                directs,
             }),
             bytes: AtomicU64::new(bytes),
             oldest: AtomicU64::new(oldest),
@@ -660,12 +701,17 @@ impl SledLog {
 
     /// The bytes of the chunk of `name` that starts at `first`.
     fn chunk(&self, name: &str, first: u64) -> Result<Option<Vec<u8>>> {
-        let Some(loc) = self.tree.get(chunk_key(name, first))? else {
+        let key = chunk_key(name, first);
+        let Some(loc) = self.tree.get(&key)? else {
             return Ok(None);
         };
         let mut chunk = Vec::new();
-        self.segments.read(Loc::decode(&loc)?, &mut chunk)?;
-        Ok(Some(chunk))
+        match self.segments.read(Loc::decode(&loc)?, &mut chunk) {
+            Ok(()) => Ok(Some(chunk)),
+            // Removed by retention since it was looked up: gone.
+            Err(_) if !self.tree.contains_key(&key)? => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn idem(&self, seq: u64) -> String {
@@ -798,13 +844,12 @@ impl SledLog {
         let current = self.segments.current();
         let mut retired = Vec::new();
         for entry in self.tree.scan_prefix([SEGMENT]) {
-            let (key, last) = entry?;
+            let (key, mark) = entry?;
             let segment = segment_of_key(&key)?;
-            if be_u64(&last)? > through || segment == current {
-                break;
+            if decode_mark(&mark)?.0 <= through && segment != current {
+                batch.remove(key);
+                retired.push(segment);
             }
-            batch.remove(key);
-            retired.push(segment);
         }
         tail.bytes -= done.bytes.min(tail.bytes);
         batch.insert(SIZE_KEY, &tail.bytes.to_be_bytes());
@@ -1059,7 +1104,9 @@ impl EventLog for SledLog {
                     for recipient in &event.recipients {
                         if let Recipient::Client(id) = recipient {
                             let key = direct_key(name, id.as_str().as_bytes());
-                            if !tail.directs.contains(&key) && !new_directs.contains(&key) {
+                            // NOTE: looked up rather than kept in memory: one
+                            // key per name and recipient ever seen.
+                            if !new_directs.contains(&key) && !self.tree.contains_key(&key)? {
                                 batch.insert(key.as_slice(), &seq.to_be_bytes());
                                 new_directs.push(key);
                             }
@@ -1226,7 +1273,6 @@ impl EventLog for SledLog {
         self.bytes.store(tail.bytes, Ordering::Release);
         let new_names: Vec<String> = new_names.into_iter().map(str::to_owned).collect();
         tail.names.extend(new_names);
-        tail.directs.extend(new_directs);
         if !new_settlers.is_empty() {
             self.settlers
                 .write()
@@ -1735,35 +1781,39 @@ mod chunked_log {
         Ok(())
     }
 
-    #[test]
-    fn retention_removes_segments_it_emptied() -> Result<()> {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let log = SledLog::open(dir.path())?;
-        let big = |_| {
-            let payload: Payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(1 << 20))
-                .parse()
-                .expect("json");
-            WriteOp::Publish(NewEvent {
-                name: "big/one".parse().expect("name"),
-                sender: "tester".parse().expect("id"),
-                payload,
-                metadata: None,
-                recipients: vec![Recipient::All],
-            })
-        };
-        // 150 MiB in commits of 10 MiB: three segments or more.
-        for _ in 0..15 {
-            let ops: Vec<WriteOp> = (0..10).map(big).collect();
+    /// An event of `name` with a 1 MiB payload.
+    fn big(name: &str) -> WriteOp {
+        let payload: Payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(1 << 20))
+            .parse()
+            .expect("json");
+        WriteOp::Publish(NewEvent {
+            name: name.parse().expect("name"),
+            sender: "tester".parse().expect("id"),
+            payload,
+            metadata: None,
+            recipients: vec![Recipient::All],
+        })
+    }
+
+    /// 150 events of 1 MiB on `names` (by turns of ten) in commits of ten:
+    /// three segments or more.
+    fn fill_big(log: &SledLog, names: &[&str]) -> Result<()> {
+        for i in 0..15 {
+            let ops: Vec<WriteOp> = (0..10).map(|_| big(names[i % names.len()])).collect();
             log.apply(&ops, 1_000)?;
             log.flush()?;
         }
-        let files = || {
-            std::fs::read_dir(dir.path().join("segments"))
-                .expect("dir")
-                .count()
-        };
-        let before = files();
-        assert!(before >= 3, "{before} segments");
+        Ok(())
+    }
+
+    fn segment_files(dir: &Path) -> usize {
+        std::fs::read_dir(dir.join("segments"))
+            .expect("segments dir")
+            .count()
+    }
+
+    /// Retention down to 20 MiB.
+    fn trim_to_20_mib(log: &SledLog) -> Result<()> {
         let trim = Trim {
             before_ms: None,
             max_bytes: Some(20 << 20),
@@ -1771,15 +1821,90 @@ mod chunked_log {
             max_commits: usize::MAX,
         };
         log.apply(&[WriteOp::Trim(trim)], 2_000)?;
-        assert_eq!(files(), before, "nothing goes before the sync");
+        Ok(())
+    }
+
+    #[test]
+    fn retention_removes_segments_it_emptied() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = SledLog::open(dir.path())?;
+        fill_big(&log, &["big/one"])?;
+        let before = segment_files(dir.path());
+        assert!(before >= 3, "{before} segments");
+        trim_to_20_mib(&log)?;
+        assert_eq!(
+            segment_files(dir.path()),
+            before,
+            "nothing goes before the sync"
+        );
         log.flush()?;
-        assert!(files() < before, "{} of {before} segments left", files());
+        let after = segment_files(dir.path());
+        assert!(after < before, "{after} of {before} segments left");
         let left = seqs(&log, "big/one", 1..=150);
         assert!(!left.is_empty() && left.len() < 150);
         assert_eq!(*left.last().expect("some left"), 150);
         drop(log);
         let log = SledLog::open(dir.path())?;
         assert_eq!(seqs(&log, "big/one", 1..=150), left);
+        Ok(())
+    }
+
+    #[test]
+    fn segments_retired_before_a_crash_are_removed_when_opened() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (left, before) = {
+            let log = SledLog::open(dir.path())?;
+            fill_big(&log, &["big/one"])?;
+            let before = segment_files(dir.path());
+            trim_to_20_mib(&log)?;
+            // Synced, then the crash: nothing removed.
+            log.segments.sync()?;
+            log.db.flush()?;
+            (seqs(&log, "big/one", 1..=150), before)
+        };
+        assert_eq!(segment_files(dir.path()), before);
+        let log = SledLog::open(dir.path())?;
+        let after = segment_files(dir.path());
+        assert!(after < before, "{after} of {before} segments left");
+        assert_eq!(seqs(&log, "big/one", 1..=150), left);
+        Ok(())
+    }
+
+    #[test]
+    fn retention_frees_segments_of_a_migrated_store() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let log = SledLog::open(dir.path())?;
+            // Names by turns: key order is not seq order.
+            fill_big(&log, &["b/late", "a/early"])?;
+            // As a store written before segment files: chunks in sled.
+            let mut batch = Batch::default();
+            for entry in log.tree.scan_prefix([CHUNK]) {
+                let (key, loc) = entry?;
+                let mut chunk = Vec::new();
+                log.segments.read(Loc::decode(&loc)?, &mut chunk)?;
+                batch.insert(key, chunk);
+            }
+            for entry in log.tree.scan_prefix([SEGMENT]) {
+                batch.remove(entry?.0);
+            }
+            batch.remove(SEGMENTS_KEY);
+            log.tree.apply_batch(batch)?;
+            log.db.flush()?;
+        }
+        std::fs::remove_dir_all(dir.path().join("segments")).expect("remove segments");
+        let log = SledLog::open(dir.path())?;
+        let before = segment_files(dir.path());
+        assert!(before >= 3, "{before} segments");
+        trim_to_20_mib(&log)?;
+        log.flush()?;
+        let left = seqs(&log, "*", 1..=150).len();
+        // At most the segments the events left span, and the one being written.
+        let after = segment_files(dir.path());
+        assert!(
+            after <= 2,
+            "{after} of {before} segments left for {left} MiB"
+        );
         Ok(())
     }
 
