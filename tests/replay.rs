@@ -24,27 +24,36 @@ fn pub_idems(evs: &[Published]) -> Vec<String> {
 /// Publisher `pub` with `n` spaced events on NAME, and a connected,
 /// subscribed `reader`.
 async fn spaced_setup(srv: &TestServer, n: usize) -> (Client, Client, Vec<(String, u64)>) {
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(srv).await;
     let evs = p.publish_spaced("pub", NAME, n).await;
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", NAME).await;
+    let r = reader(srv).await;
     (p, r, evs)
 }
 
 /// Publisher `pub` with `n` pipelined events on NAME (payload `{"i":i}`),
 /// and a connected, subscribed `reader`.
 async fn burst_setup(srv: &TestServer, n: usize) -> (Client, Client, Vec<Published>) {
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(srv).await;
     let evs = p
         .publish_many("pub", n, |i| (NAME.to_string(), format!("{{\"i\":{i}}}")))
         .await;
+    let r = reader(srv).await;
+    (p, r, evs)
+}
+
+/// `pub`, connected.
+async fn publisher(srv: &TestServer) -> Client {
+    let mut p = srv.client().await;
+    p.conn("pub").await;
+    p
+}
+
+/// `reader`, connected and subscribed to NAME.
+async fn reader(srv: &TestServer) -> Client {
     let mut r = srv.client().await;
     r.conn("reader").await;
     r.sub("reader", NAME).await;
-    (p, r, evs)
+    r
 }
 
 fn header(name: &str, count: usize) -> String {
@@ -158,16 +167,13 @@ async fn replay_from_rfc3339_date_time_is_inclusive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_from_earliest_starts_at_the_oldest_event() {
     let (_dir, srv) = temp_server().await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let mut want = Vec::new();
     for i in 0..3 {
         want.push(p.publish("pub", NAME, &format!("{{\"i\":{i}}}")).await.0);
         p.publish("pub", "other/thing/done", "{}").await;
     }
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", NAME).await;
+    let mut r = reader(&srv).await;
     let rep = r.replay("reader", NAME, "FROM_POSITION=earliest").await;
     assert_eq!(rep.header, header(NAME, 3));
     assert_eq!(rep.idems(), want);
@@ -296,8 +302,7 @@ async fn replay_count_is_min_of_limit_and_matching_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_replays_of_large_events_are_complete_and_in_order() {
     let (_dir, srv) = temp_server().await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let pad = "x".repeat(8 * 1024);
     let evs = p
         .publish_many("pub", 80, |i| {
@@ -305,9 +310,7 @@ async fn small_replays_of_large_events_are_complete_and_in_order() {
         })
         .await;
     let ids = pub_idems(&evs);
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", NAME).await;
+    let mut r = reader(&srv).await;
     for (from, limit) in [(0, 100), (5, 75), (40, 1)] {
         let rep = r
             .replay(
@@ -329,8 +332,7 @@ async fn small_replays_of_large_events_are_complete_and_in_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_replays_find_sparse_matches_behind_long_stretches() {
     let (_dir, srv) = temp_server().await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let others: Vec<String> = (0..3000)
         .map(|i| {
             format!("PUB;CLIENT_ID=pub;EVENT_NAME={NAME};PAYLOAD={{\"i\":{i}}};DELIVERY_TO=carol")
@@ -342,9 +344,7 @@ async fn small_replays_find_sparse_matches_behind_long_stretches() {
             (NAME.to_string(), format!("{{\"mine\":{i}}}"))
         })
         .await;
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", NAME).await;
+    let mut r = reader(&srv).await;
     for limit in [1, 3, 50] {
         let rep = r
             .replay(
@@ -421,13 +421,10 @@ async fn replay_limit_max_comes_from_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_include_payloads_false_omits_the_payload_key() {
     let (_dir, srv) = temp_server().await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let payload = r#"{"big":"x","n":[1,2,3]}"#;
     let (idem, ts) = p.publish("pub", NAME, payload).await;
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", NAME).await;
+    let mut r = reader(&srv).await;
 
     for flag in ["false", "FALSE", "False"] {
         let rep = r
@@ -491,8 +488,7 @@ async fn replay_include_payloads_false_omits_the_payload_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replayed_records_carry_replay_marks_after_published_metadata() {
     let (_dir, srv) = temp_server().await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let meta = r#"{"trace":"t-1","nested":{"a":[1,2]},"zeta":null}"#;
     let reply = p
         .cmd(&format!(
@@ -502,9 +498,7 @@ async fn replayed_records_carry_replay_marks_after_published_metadata() {
     let e1 = parse_published(&reply);
     let (e2, t2) = p.publish("pub", NAME, "[1,\"two\"]").await;
 
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", NAME).await;
+    let mut r = reader(&srv).await;
     let before = now_ms();
     let rep = r.replay("reader", NAME, "FROM_POSITION=earliest").await;
     let after = now_ms();
@@ -556,8 +550,7 @@ async fn replayed_records_carry_replay_marks_after_published_metadata() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wildcard_replay_merges_matching_names_in_publication_order() {
     let (_dir, srv) = temp_server().await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let mut want = Vec::new();
     let mut want_ax = Vec::new();
     for i in 0..6 {
@@ -612,8 +605,7 @@ async fn replay_returns_only_events_addressed_to_the_client() {
     carol.conn("carol").await;
     carol.sub("carol", NAME).await;
 
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let (e1, _) = p.publish_to("pub", NAME, "{\"to\":\"bob\"}", "bob").await;
     let (e2, _) = p.publish_to("pub", NAME, "{\"to\":\"all\"}", "*").await;
     let (e3, _) = p
@@ -676,8 +668,7 @@ async fn replay_returns_only_events_addressed_to_the_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_needs_a_subscription_covering_the_event_name() {
     let (_dir, srv) = temp_server().await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     p.publish("pub", "user/a/x", "{}").await;
     p.publish("pub", "user/a/y", "{}").await;
     // Another client's subscription does not count.
@@ -711,9 +702,7 @@ async fn replay_needs_a_subscription_covering_the_event_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_missing_required_keys_gets_the_seed_message() {
     let (_dir, srv) = temp_server().await;
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", NAME).await;
+    let mut r = reader(&srv).await;
     for line in [
         format!("REPLAY;EVENT_NAME={NAME};FROM_POSITION=earliest"),
         format!("REPLAY;CLIENT_ID=reader;EVENT_NAME={NAME}"),
@@ -764,8 +753,7 @@ async fn replay_unparsable_or_unknown_position_is_invalid_position() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_event_replay_answers_one_marked_replay_line() {
     let (_dir, srv) = temp_server().await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let meta = r#"{"k":"v"}"#;
     let e1 = parse_published(
         &p.cmd(&format!(
@@ -774,9 +762,7 @@ async fn single_event_replay_answers_one_marked_replay_line() {
         .await,
     );
     p.publish("pub", NAME, "{}").await;
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", NAME).await;
+    let mut r = reader(&srv).await;
 
     let before = now_ms();
     let got = r
@@ -812,8 +798,7 @@ async fn single_event_replay_answers_one_marked_replay_line() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_event_replay_of_unknown_or_foreign_event_is_not_found() {
     let (_dir, srv) = temp_server().await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let (mine, _) = p.publish("pub", NAME, "{}").await;
     let (other_name, _) = p.publish("pub", "user/profile/deleted", "{}").await;
     let (for_bob, _) = p.publish_to("pub", NAME, "{}", "bob").await;
@@ -922,8 +907,7 @@ async fn same_millisecond_events_replay_in_publication_order() {
 async fn replay_is_a_snapshot_while_another_connection_publishes() {
     let (_dir, srv) = temp_server().await;
     let name = "snap/e/x";
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let pre = p
         .publish_many("pub", 20_000, |i| {
             (name.to_string(), format!("{{\"i\":{i}}}"))
@@ -1106,8 +1090,7 @@ async fn replay_records_all_come_before_the_next_reply() {
 async fn replay_after_restart_is_identical_and_subscriptions_survive() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start_server(dir.path()).await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let mut ids = Vec::new();
     for i in 0..20 {
         let line = if i % 3 == 0 {
@@ -1155,8 +1138,7 @@ async fn replay_after_restart_is_identical_and_subscriptions_survive() {
 async fn events_published_after_restart_follow_earlier_ones() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start_server(dir.path()).await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let first = p
         .publish_many("pub", 10, |i| (NAME.to_string(), format!("{{\"i\":{i}}}")))
         .await;
@@ -1164,16 +1146,13 @@ async fn events_published_after_restart_follow_earlier_ones() {
     srv.stop().await;
 
     let srv = start_server(dir.path()).await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let second = p
         .publish_many("pub", 10, |i| {
             (NAME.to_string(), format!("{{\"i\":{}}}", 10 + i))
         })
         .await;
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", NAME).await;
+    let mut r = reader(&srv).await;
     let rep = r
         .replay("reader", NAME, "FROM_POSITION=earliest;LIMIT=100")
         .await;
@@ -1198,8 +1177,7 @@ async fn events_published_after_restart_follow_earlier_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_of_100000_events_delivers_exactly_count_records() {
     let (_dir, srv) = temp_server().await;
-    let mut p = srv.client().await;
-    p.conn("pub").await;
+    let mut p = publisher(&srv).await;
     let n = 100_000;
     let t0 = Instant::now();
     let evs = p

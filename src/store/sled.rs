@@ -1755,20 +1755,7 @@ mod chunked_log {
             let log = SledLog::open(dir.path())?;
             fill(&log);
             let before = (seqs(&log, "*", 1..=303), log.stored_bytes());
-            // As a store written before segment files: chunks in sled.
-            let mut batch = Batch::default();
-            for entry in log.tree.scan_prefix([CHUNK]) {
-                let (key, loc) = entry?;
-                let mut chunk = Vec::new();
-                log.segments.read(Loc::decode(&loc)?, &mut chunk)?;
-                batch.insert(key, chunk);
-            }
-            for entry in log.tree.scan_prefix([SEGMENT]) {
-                batch.remove(entry?.0);
-            }
-            batch.remove(SEGMENTS_KEY);
-            log.tree.apply_batch(batch)?;
-            log.db.flush()?;
+            chunks_back_into_sled(&log)?;
             before
         };
         std::fs::remove_dir_all(dir.path().join("segments")).expect("remove segments");
@@ -1778,6 +1765,25 @@ mod chunked_log {
         for entry in log.tree.scan_prefix([CHUNK]) {
             Loc::decode(&entry?.1)?;
         }
+        Ok(())
+    }
+
+    /// Makes `log` as a store written before segment files: chunks in
+    /// sled (the segment files are left for the caller to remove).
+    fn chunks_back_into_sled(log: &SledLog) -> Result<()> {
+        let mut batch = Batch::default();
+        for entry in log.tree.scan_prefix([CHUNK]) {
+            let (key, loc) = entry?;
+            let mut chunk = Vec::new();
+            log.segments.read(Loc::decode(&loc)?, &mut chunk)?;
+            batch.insert(key, chunk);
+        }
+        for entry in log.tree.scan_prefix([SEGMENT]) {
+            batch.remove(entry?.0);
+        }
+        batch.remove(SEGMENTS_KEY);
+        log.tree.apply_batch(batch)?;
+        log.db.flush()?;
         Ok(())
     }
 
@@ -1877,20 +1883,7 @@ mod chunked_log {
             let log = SledLog::open(dir.path())?;
             // Names by turns: key order is not seq order.
             fill_big(&log, &["b/late", "a/early"])?;
-            // As a store written before segment files: chunks in sled.
-            let mut batch = Batch::default();
-            for entry in log.tree.scan_prefix([CHUNK]) {
-                let (key, loc) = entry?;
-                let mut chunk = Vec::new();
-                log.segments.read(Loc::decode(&loc)?, &mut chunk)?;
-                batch.insert(key, chunk);
-            }
-            for entry in log.tree.scan_prefix([SEGMENT]) {
-                batch.remove(entry?.0);
-            }
-            batch.remove(SEGMENTS_KEY);
-            log.tree.apply_batch(batch)?;
-            log.db.flush()?;
+            chunks_back_into_sled(&log)?;
         }
         std::fs::remove_dir_all(dir.path().join("segments")).expect("remove segments");
         let log = SledLog::open(dir.path())?;
