@@ -52,8 +52,9 @@ pub const REPLAY_CHUNK_BYTES: usize = 256 * 1024;
 /// written, this bounds a replay's buffers at about 1 MiB, whatever its
 /// LIMIT and however slowly the client reads.
 pub const REPLAY_CHUNKS_AHEAD: usize = 2;
-/// Replays with at most this LIMIT run on the connection's task instead of
-/// a blocking thread: they read a few chunks of the store at most.
+/// Replays with at most this LIMIT first try one pass on the connection's
+/// task (bounded in records, bytes and events looked at) before a blocking
+/// thread takes them.
 pub const INLINE_REPLAY_LIMIT: u32 = 100;
 
 /// Everything the server needs to run.
