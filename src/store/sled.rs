@@ -9,7 +9,8 @@
 //! |-----------------------------|------------------------------------------|
 //! | `e` name `\0` first seq     | where the chunk lies: events of one name |
 //! |                             | in seq order, in a segment file          |
-//! | `g` segment                 | the last seq the segment holds           |
+//! | `g` segment                 | the last seq the segment holds, and where |
+//! |                             | the bytes sled references in it end      |
 //! | `r` name `\0` recipient     | the first seq of name addressed to the   |
 //! |                             | recipient by id or key (not by `*`)      |
 //! | `c` name `\0` first seq     | the chunk's summary: last seq, count, and |
@@ -175,6 +176,43 @@ fn entry_at(chunk: &[u8], pos: usize) -> Result<(u64, &[u8], usize)> {
     Ok((seq, value, start + len))
 }
 
+/// A chunk's entries in order, `(seq, value)`, until the end or the
+/// damage that stops them.
+fn entries(chunk: &[u8]) -> impl Iterator<Item = Result<(u64, &[u8])>> {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        if pos >= chunk.len() {
+            return None;
+        }
+        Some(match entry_at(chunk, pos) {
+            Ok((seq, value, next)) => {
+                pos = next;
+                Ok((seq, value))
+            }
+            Err(e) => {
+                pos = chunk.len();
+                Err(e)
+            }
+        })
+    })
+}
+
+/// Reads the chunk stored under `key` at `loc` into `buf`; `false` when
+/// retention removed it since its location was looked up.
+fn read_chunk(
+    tree: &Tree,
+    segments: &Segments,
+    key: &[u8],
+    loc: &[u8],
+    buf: &mut Vec<u8>,
+) -> Result<bool> {
+    match segments.read(Loc::decode(loc)?, buf) {
+        Ok(()) => Ok(true),
+        Err(_) if !tree.contains_key(key)? => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn put_entry(chunk: &mut Vec<u8>, seq: u64, value: &[u8]) {
     chunk.extend_from_slice(&seq.to_be_bytes());
     // Values are bounded by the line length limit, far below 4 GiB.
@@ -223,6 +261,25 @@ struct Summary {
 }
 
 impl Summary {
+    /// The summary of a chunk that starts with event `seq` for `recipients`,
+    /// before that event is counted in.
+    fn starting(seq: u64, recipients: &[u8]) -> Self {
+        Self {
+            last: seq,
+            count: 0,
+            shared: Some(recipients.to_vec()),
+        }
+    }
+
+    /// Counts event `seq` for `recipients` in.
+    fn add(&mut self, seq: u64, recipients: &[u8]) {
+        self.last = seq;
+        self.count += 1;
+        if self.shared.as_deref().is_some_and(|r| r != recipients) {
+            self.shared = None;
+        }
+    }
+
     /// `last: u64 BE`, `count: u32 LE`, then, if the events share their
     /// recipients, `1` and the encoded list, else `0`.
     fn encode(&self) -> Vec<u8> {
@@ -263,21 +320,12 @@ fn summarize_chunks(tree: &Tree, segments: &Segments) -> Result<()> {
         segments.read(Loc::decode(&loc)?, &mut chunk)?;
         let (name, first) = split_chunk_key(&key)?;
         let mut summary: Option<Summary> = None;
-        let mut pos = 0;
-        while pos < chunk.len() {
-            let (seq, value, next) = entry_at(&chunk, pos)?;
+        for entry in entries(&chunk) {
+            let (seq, value) = entry?;
             let recipients = recipients_of(value);
-            let summary = summary.get_or_insert_with(|| Summary {
-                last: seq,
-                count: 0,
-                shared: Some(recipients.to_vec()),
-            });
-            summary.last = seq;
-            summary.count += 1;
-            if summary.shared.as_deref().is_some_and(|r| r != recipients) {
-                summary.shared = None;
-            }
-            pos = next;
+            summary
+                .get_or_insert_with(|| Summary::starting(seq, recipients))
+                .add(seq, recipients);
         }
         if let Some(summary) = summary {
             batch.insert(summary_key(name, first), summary.encode());
@@ -303,11 +351,8 @@ fn move_chunks_to_segments(tree: &Tree, segments: &Segments) -> Result<()> {
                 continue;
             };
             let mut last = first;
-            let mut pos = 0;
-            while pos < chunk.len() {
-                let (seq, _, next) = entry_at(&chunk, pos)?;
-                last = seq;
-                pos = next;
+            for entry in entries(&chunk) {
+                last = entry?.0;
             }
             let loc = segments.append(&chunk)?;
             marks.add(loc, last);
@@ -370,6 +415,14 @@ fn segment_of_key(key: &[u8]) -> Result<u32> {
         .ok_or_else(|| StoreError::Damaged("a segment key is cut short".into()))
 }
 
+/// The first seq a chunk (or summary) key ends with.
+fn key_first_seq(key: &[u8]) -> Result<u64> {
+    match key.len().checked_sub(8) {
+        Some(at) if at > 1 => be_u64(&key[at..]),
+        _ => Err(StoreError::Damaged("a chunk key is cut short".into())),
+    }
+}
+
 /// The name and first seq a chunk (or summary) key holds.
 fn split_chunk_key(key: &[u8]) -> Result<(&str, u64)> {
     let split = key
@@ -397,16 +450,14 @@ fn index_direct_events(tree: &Tree, segments: &Segments) -> Result<()> {
         let (key, loc) = entry?;
         let (name, _) = split_chunk_key(&key)?;
         segments.read(Loc::decode(&loc)?, &mut chunk)?;
-        let mut pos = 0;
-        while pos < chunk.len() {
-            let (seq, value, next) = entry_at(&chunk, pos)?;
+        for entry in entries(&chunk) {
+            let (seq, value) = entry?;
             for recipient in recipients_of(value).split(|b| *b == 0) {
                 if recipient != b"*" && !recipient.is_empty() {
                     let first = firsts.entry(direct_key(name, recipient)).or_insert(seq);
                     *first = (*first).min(seq);
                 }
             }
-            pos = next;
         }
     }
     let mut batch = Batch::default();
@@ -446,11 +497,7 @@ impl Chunks {
                     name: name.to_owned(),
                     first: seq,
                     entries: Vec::with_capacity(4096),
-                    summary: Summary {
-                        last: seq,
-                        count: 0,
-                        shared: Some(recipients.to_vec()),
-                    },
+                    summary: Summary::starting(seq, recipients),
                 });
                 let i = self.built.len() - 1;
                 self.open.insert(name.to_owned(), i);
@@ -459,12 +506,7 @@ impl Chunks {
         };
         let chunk = &mut self.built[slot];
         put_entry(&mut chunk.entries, seq, value);
-        let summary = &mut chunk.summary;
-        summary.last = seq;
-        summary.count += 1;
-        if summary.shared.as_deref().is_some_and(|r| r != recipients) {
-            summary.shared = None;
-        }
+        chunk.summary.add(seq, recipients);
     }
 
     /// Appends the chunks to the segments and puts where they lie into
@@ -561,11 +603,8 @@ impl<'n> Cursor<'n> {
             match self.chunks.next() {
                 Some(entry) => {
                     let (key, loc) = entry?;
-                    match self.segments.read(Loc::decode(&loc)?, &mut self.chunk) {
-                        Ok(()) => {}
-                        // Removed by retention since the scan began: gone.
-                        Err(_) if !self.tree.contains_key(&key)? => self.chunk.clear(),
-                        Err(e) => return Err(e),
+                    if !read_chunk(self.tree, self.segments, &key, &loc, &mut self.chunk)? {
+                        self.chunk.clear();
                     }
                     pos = 0;
                 }
@@ -706,12 +745,8 @@ impl SledLog {
             return Ok(None);
         };
         let mut chunk = Vec::new();
-        match self.segments.read(Loc::decode(&loc)?, &mut chunk) {
-            Ok(()) => Ok(Some(chunk)),
-            // Removed by retention since it was looked up: gone.
-            Err(_) if !self.tree.contains_key(&key)? => Ok(None),
-            Err(e) => Err(e),
-        }
+        let kept = read_chunk(&self.tree, &self.segments, &key, &loc, &mut chunk)?;
+        Ok(kept.then_some(chunk))
     }
 
     fn idem(&self, seq: u64) -> String {
@@ -886,16 +921,14 @@ impl SledLog {
             let Some(chunk) = self.chunk(name, first)? else {
                 continue;
             };
-            let mut pos = 0;
-            while pos < chunk.len() {
-                let (at, value, next) = entry_at(&chunk, pos)?;
+            for entry in entries(&chunk) {
+                let (at, value) = entry?;
                 if at == seq {
                     return Ok(Some((name.to_owned(), value.to_vec())));
                 }
                 if at > seq {
                     break;
                 }
-                pos = next;
             }
         }
         Ok(None)
@@ -916,7 +949,7 @@ impl SledLog {
         let from = self.summary_at_or_before(name, start)?;
         for entry in self.tree.range(from..=summary_key(name, end)) {
             let (key, value) = entry?;
-            let first = be_u64(&key[key.len() - 8..])?;
+            let first = key_first_seq(&key)?;
             let summary = Summary::decode(&value)?;
             if summary.last < start {
                 continue;
@@ -957,10 +990,8 @@ impl SledLog {
                     "the chunk of {name} from {first} has a summary but no events"
                 )));
             };
-            let mut pos = 0;
-            while pos < chunk.len() {
-                let (seq, value, next) = entry_at(&chunk, pos)?;
-                pos = next;
+            for entry in entries(&chunk) {
+                let (seq, value) = entry?;
                 if seq < start {
                     continue;
                 }
@@ -1006,7 +1037,7 @@ impl SledLog {
         let mut reached = end;
         for (read, entry) in self.tree.range(from..=summary_key(name, end)).enumerate() {
             let (key, value) = entry?;
-            let first = be_u64(&key[key.len() - 8..])?;
+            let first = key_first_seq(&key)?;
             if read == SKIP_SUMMARIES {
                 reached = first.saturating_sub(1);
                 break;
