@@ -61,12 +61,17 @@ impl<W: AsyncWrite + Unpin> LineSink<W> {
         self.queue.push_back(bytes);
     }
 
-    /// Writes everything queued and buffered.
-    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Queues the encoded lines, keeping them ahead of what comes next.
+    fn enqueue_buffered(&mut self) {
         if !self.buf.is_empty() {
             let lines = self.buf.split().freeze();
             self.enqueue(lines);
         }
+    }
+
+    /// Writes everything queued and buffered.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.enqueue_buffered();
         while !self.queue.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let mut used = 0;
@@ -116,10 +121,7 @@ impl<W: AsyncWrite + Unpin> Sink<Outbound> for LineSink<W> {
                 this.buf.put_u8(b'\n');
             }
             Outbound::Lines(lines) if lines.len() >= DIRECT_BYTES => {
-                if !this.buf.is_empty() {
-                    let before = this.buf.split().freeze();
-                    this.enqueue(before);
-                }
+                this.enqueue_buffered();
                 this.enqueue(lines);
             }
             Outbound::Lines(lines) => this.buf.extend_from_slice(&lines),
