@@ -18,6 +18,22 @@ pub const DEFAULT_MAX_REPLAY_LIMIT: u32 = 100_000;
 /// Default cap on open connections: each costs two tasks and a few
 /// buffers, so this bounds the memory connections can take.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Default cap on one client's connections: room for a pool per process
+/// of a few processes, not for a leak that opens one per request.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+/// Default commands per second per connection: above what a pipelining
+/// SDK client sends, below what a runaway loop does.
+pub const DEFAULT_COMMANDS_PER_SECOND: u32 = 100_000;
+/// Default replays one connection may have asked for and not received.
+pub const DEFAULT_MAX_REPLAYS_IN_FLIGHT: usize = 64;
+/// Default output one connection may have waiting for its client.
+pub const DEFAULT_MAX_OUTBOUND_BYTES: u64 = 1024 * 1024;
+/// Default time output may wait on a client that reads nothing.
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default time to CONN after connecting.
+pub const DEFAULT_LOGIN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default idle time before an unsubscribed connection is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Default time a delivered event may stay unsettled before it is
 /// delivered again.
@@ -67,24 +83,89 @@ pub struct Config {
     pub http_listen: SocketAddr,
     /// Where the event log lives.
     pub data_dir: PathBuf,
-    /// Longest command line accepted, in bytes.
-    pub max_line_len: usize,
-    /// Highest LIMIT a range REPLAY may ask for.
-    pub max_replay_limit: u32,
-    /// Most connections open at once.
-    pub max_connections: usize,
+    /// What one connection or client may take.
+    pub limits: Limits,
     /// Acknowledgement and flow control.
     pub delivery: Delivery,
     /// Keep-alive of idle connections.
     pub heartbeat: Heartbeat,
     /// How much history is kept.
     pub retention: Retention,
-    /// Clients known by more than their id (public keys events can be
-    /// addressed to).
+    /// TLS for both listeners; plain TCP and HTTP without it.
+    pub tls: Option<Tls>,
+    /// The clients: with at least one access key configured, only they
+    /// may connect, each within its patterns. Without, the server is in
+    /// open mode and entries only name public keys.
     pub clients: Vec<ClientEntry>,
     /// Bearer token the admin API (`/replays`, `/asyncOperations`) asks
     /// for; the admin API is open when it is not set.
     pub admin_token: Option<String>,
+}
+
+/// What one connection or client may take (`[limits]`). Each has a
+/// default that a well-behaved client does not reach.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Longest command line accepted, in bytes.
+    pub max_line_len: usize,
+    /// Highest LIMIT a range REPLAY may ask for.
+    pub max_replay_limit: u32,
+    /// Most connections open at once, TCP and WebSocket together.
+    pub max_connections: usize,
+    /// Most connections one client may have open at once.
+    pub max_connections_per_client: usize,
+    /// Commands one connection may send per second (bursts up to one
+    /// second's worth); past it, `RATE_LIMITED`. 0: no limit.
+    pub commands_per_second: u32,
+    /// Events per second one client's replays stream at, all its
+    /// connections together (paced, never refused). 0: as fast as the
+    /// client reads.
+    pub replay_events_per_second: u64,
+    /// Replays one connection may have asked for and not yet received.
+    pub max_replays_in_flight: usize,
+    /// Bytes of output one connection may have waiting for the client.
+    #[serde(deserialize_with = "byte_size")]
+    pub max_outbound_bytes: u64,
+    /// A connection whose output has waited this long without the client
+    /// reading any of it is closed.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// A connection must CONN within this time of opening.
+    #[serde(with = "humantime_serde")]
+    pub login_timeout: Duration,
+    /// A connection whose client has no subscription and that sent no
+    /// command for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_line_len: ensync_protocol::DEFAULT_MAX_LINE_LEN,
+            max_replay_limit: DEFAULT_MAX_REPLAY_LIMIT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            commands_per_second: DEFAULT_COMMANDS_PER_SECOND,
+            replay_events_per_second: 0,
+            max_replays_in_flight: DEFAULT_MAX_REPLAYS_IN_FLIGHT,
+            max_outbound_bytes: DEFAULT_MAX_OUTBOUND_BYTES,
+            send_timeout: DEFAULT_SEND_TIMEOUT,
+            login_timeout: DEFAULT_LOGIN_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// TLS settings (`[tls]`): PEM files, read at start-up.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// The certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 /// Acknowledgement and flow control settings (`[delivery]`).
@@ -139,7 +220,7 @@ pub struct Retention {
     #[serde(with = "humantime_serde")]
     pub max_age: Option<Duration>,
     /// The oldest events are removed while the log holds more bytes.
-    #[serde(deserialize_with = "byte_size")]
+    #[serde(deserialize_with = "optional_byte_size")]
     pub max_bytes: Option<u64>,
     /// How often retention looks.
     #[serde(with = "humantime_serde")]
@@ -156,18 +237,41 @@ impl Default for Retention {
     }
 }
 
-/// A client known by more than its id (`[[clients]]`).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A client (`[[clients]]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct ClientEntry {
     /// Its client id.
     pub id: String,
+    /// The key it connects with (`CONN;ACCESS_KEY=...`).
+    pub access_key: Option<String>,
+    /// The same key as the hex SHA-256 of it, so the file need not hold
+    /// the secret.
+    pub access_key_sha256: Option<String>,
     /// Its public key (as the SDK addresses it: base64), if any.
     pub public_key: Option<String>,
+    /// Event-name patterns it may publish to.
+    pub publish: Vec<String>,
+    /// Patterns it may subscribe to.
+    pub subscribe: Vec<String>,
+    /// Patterns it may replay.
+    pub replay: Vec<String>,
+}
+
+impl ClientEntry {
+    /// Whether it names a key to connect with.
+    pub fn has_key(&self) -> bool {
+        self.access_key.is_some() || self.access_key_sha256.is_some()
+    }
+}
+
+/// A size that may be left out.
+fn optional_byte_size<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
+    byte_size(de).map(Some)
 }
 
 /// A size as bytes (`1048576`) or with a unit (`"512MiB"`, `"10GB"`).
-fn byte_size<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> {
+fn byte_size<'de, D: Deserializer<'de>>(de: D) -> Result<u64, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum Size {
@@ -175,10 +279,8 @@ fn byte_size<'de, D: Deserializer<'de>>(de: D) -> Result<Option<u64>, D::Error> 
         Text(String),
     }
     match Size::deserialize(de)? {
-        Size::Bytes(n) => Ok(Some(n)),
-        Size::Text(text) => parse_size(&text)
-            .map(Some)
-            .map_err(serde::de::Error::custom),
+        Size::Bytes(n) => Ok(n),
+        Size::Text(text) => parse_size(&text).map_err(serde::de::Error::custom),
     }
 }
 
@@ -219,12 +321,11 @@ impl Default for Config {
                 .parse()
                 .expect("default address is valid"),
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
-            max_line_len: ensync_protocol::DEFAULT_MAX_LINE_LEN,
-            max_replay_limit: DEFAULT_MAX_REPLAY_LIMIT,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
+            limits: Limits::default(),
             delivery: Delivery::default(),
             heartbeat: Heartbeat::default(),
             retention: Retention::default(),
+            tls: None,
             clients: Vec::new(),
             admin_token: None,
         }
@@ -260,6 +361,33 @@ pub enum ConfigError {
     },
 }
 
+/// A value out of range: the key it is under and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Where the value is: `limits.max_line_len`, `clients[2].publish`.
+    pub key: String,
+    /// What is wrong with it, and what would be right.
+    pub message: String,
+}
+
+impl Invalid {
+    pub(crate) fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// Keys that moved into `[limits]`, so an older file gets told where.
+const MOVED_TO_LIMITS: [&str; 3] = ["max_line_len", "max_replay_limit", "max_connections"];
+
 impl Config {
     /// Reads a TOML config file; keys it leaves out keep their defaults.
     ///
@@ -271,66 +399,134 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let config: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().replace('\n', " "),
+        let config: Config = toml::from_str(&text).map_err(|e| {
+            let mut message = e.to_string().trim_end().replace('\n', " ");
+            if let Some(moved) = MOVED_TO_LIMITS
+                .iter()
+                .find(|key| message.contains(&format!("unknown field `{key}`")))
+            {
+                message.push_str(&format!(" ({moved} is set under [limits] now)"));
+            }
+            ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            }
         })?;
-        config.check().map_err(|message| ConfigError::Invalid {
+        config.check().map_err(|invalid| ConfigError::Invalid {
             path: path.to_owned(),
-            message,
+            message: match line_of(&text, &invalid.key) {
+                Some(line) => format!("line {line}, {invalid}"),
+                None => invalid.to_string(),
+            },
         })?;
         Ok(config)
     }
 
-    /// Checks the ranges of the limits.
+    /// Checks the ranges of the limits and the clients' entries.
     ///
     /// # Errors
-    /// A message naming the key and its allowed range.
-    pub fn check(&self) -> Result<(), String> {
-        if self.max_line_len < 1024 {
-            return Err(format!(
-                "max_line_len is {}; it must be at least 1024",
-                self.max_line_len
+    /// The key and what is wrong with its value.
+    pub fn check(&self) -> Result<(), Invalid> {
+        let limits = &self.limits;
+        if limits.max_line_len < 1024 {
+            return Err(Invalid::new(
+                "limits.max_line_len",
+                format!("is {}; it must be at least 1024", limits.max_line_len),
             ));
         }
-        if self.max_replay_limit == 0 {
-            return Err("max_replay_limit must be at least 1".into());
+        let at_least_one = [
+            (
+                "limits.max_replay_limit",
+                u64::from(limits.max_replay_limit),
+            ),
+            ("limits.max_connections", limits.max_connections as u64),
+            (
+                "limits.max_connections_per_client",
+                limits.max_connections_per_client as u64,
+            ),
+            (
+                "limits.max_replays_in_flight",
+                limits.max_replays_in_flight as u64,
+            ),
+            ("delivery.max_unsettled", self.delivery.max_unsettled as u64),
+        ];
+        if let Some((key, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
+            return Err(Invalid::new(*key, "must be at least 1"));
+        }
+        if limits.max_outbound_bytes < 64 * 1024 {
+            return Err(Invalid::new(
+                "limits.max_outbound_bytes",
+                "must be at least 64KiB (a replay hands over chunks of up to 256KiB)",
+            ));
+        }
+        let at_least = [
+            ("limits.send_timeout", limits.send_timeout, 100),
+            ("limits.login_timeout", limits.login_timeout, 100),
+            ("limits.idle_timeout", limits.idle_timeout, 100),
+            ("delivery.ack_wait", self.delivery.ack_wait, 100),
+            ("heartbeat.interval", self.heartbeat.interval, 1),
+            ("heartbeat.timeout", self.heartbeat.timeout, 1),
+            (
+                "retention.check_interval",
+                self.retention.check_interval,
+                10,
+            ),
+        ];
+        for (key, value, millis) in at_least {
+            if value < Duration::from_millis(millis) {
+                return Err(Invalid::new(key, format!("must be at least {millis}ms")));
+            }
         }
         if self
             .admin_token
             .as_deref()
             .is_some_and(|t| t.trim().is_empty())
         {
-            return Err(
-                "admin_token must not be empty (leave it out to keep the admin API open)".into(),
-            );
+            return Err(Invalid::new(
+                "admin_token",
+                "must not be empty (leave it out to keep the admin API open)",
+            ));
         }
-        if self.max_connections == 0 {
-            return Err("max_connections must be at least 1".into());
-        }
-        if self.delivery.max_unsettled == 0 {
-            return Err("delivery.max_unsettled must be at least 1".into());
-        }
-        if self.delivery.ack_wait < Duration::from_millis(100) {
-            return Err("delivery.ack_wait must be at least 100ms".into());
-        }
-        if self.heartbeat.interval.is_zero() || self.heartbeat.timeout.is_zero() {
-            return Err("heartbeat.interval and heartbeat.timeout must be above zero".into());
-        }
-        if self.retention.check_interval < Duration::from_millis(10) {
-            return Err("retention.check_interval must be at least 10ms".into());
-        }
-        for client in &self.clients {
-            if client
-                .id
-                .parse::<ensync_protocol::field::ClientId>()
-                .is_err()
-            {
-                return Err(format!("clients: {:?} is not a valid client id", client.id));
-            }
-        }
-        Ok(())
+        crate::access::Access::from_config(self).map(drop)
     }
+}
+
+/// The line of `key` (`a.b`, `clients[2].c`, `c`) in a config file's
+/// `text`, if it is written there as `c = ...`.
+fn line_of(text: &str, key: &str) -> Option<usize> {
+    let (table, field) = match key.rsplit_once('.') {
+        Some((table, field)) => (Some(table), field),
+        None => (None, key),
+    };
+    let (header, nth) = match table {
+        None => (None, 0),
+        Some(table) => match table.split_once('[') {
+            Some((name, index)) => (
+                Some(format!("[[{name}]]")),
+                index.trim_end_matches(']').parse().ok()?,
+            ),
+            None => (Some(format!("[{table}]")), 0),
+        },
+    };
+    let mut seen = 0;
+    let mut inside = header.is_none();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            inside = header.as_deref() == Some(line) && {
+                seen += 1;
+                seen == nth + 1
+            };
+            continue;
+        }
+        let written = line
+            .split_once('=')
+            .is_some_and(|(name, _)| name.trim() == field);
+        if inside && written {
+            return Some(number + 1);
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -345,9 +541,11 @@ mod config_file {
         assert_eq!(config.listen, default.listen);
         assert_eq!(config.http_listen, default.http_listen);
         assert_eq!(config.data_dir, default.data_dir);
-        assert_eq!(config.max_line_len, default.max_line_len);
-        assert_eq!(config.max_replay_limit, default.max_replay_limit);
-        assert_eq!(config.max_connections, default.max_connections);
+        assert_eq!(
+            format!("{:?}", config.limits),
+            format!("{:?}", default.limits)
+        );
+        assert!(config.tls.is_none() && config.clients.is_empty());
         assert_eq!(config.delivery.ack_wait, default.delivery.ack_wait);
         assert_eq!(
             config.delivery.max_unsettled,
@@ -392,8 +590,25 @@ mod config_file {
         assert!(message.contains("line 2"), "{message}");
         assert!(message.contains("max_replay_limt"), "{message}");
 
-        std::fs::write(&path, "max_line_len = 10\n").expect("write");
+        std::fs::write(&path, "# limits\n[limits]\nmax_line_len = 10\n").expect("write");
         let message = Config::from_file(&path).expect_err("too small").to_string();
-        assert!(message.contains("max_line_len is 10"), "{message}");
+        assert!(
+            message.contains("line 3, limits.max_line_len: is 10"),
+            "{message}"
+        );
+
+        std::fs::write(&path, "max_connections = 10\n").expect("write");
+        let message = Config::from_file(&path).expect_err("moved").to_string();
+        assert!(message.contains("under [limits]"), "{message}");
+
+        std::fs::write(
+            &path,
+            "[[clients]]\nid = \"a\"\naccess_key = \"k1\"\n[[clients]]\nid = \"b\"\naccess_key = \"k2\"\npublish = [\"x/**\"]\n",
+        )
+        .expect("write");
+        let message = Config::from_file(&path)
+            .expect_err("bad pattern")
+            .to_string();
+        assert!(message.contains("line 7, clients[1].publish:"), "{message}");
     }
 }

@@ -6,18 +6,21 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ensync_protocol::EnsyncCodec;
 use futures_util::Sink;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::engine::Engine;
 use crate::metrics::Transport;
@@ -26,8 +29,6 @@ use crate::session::{self, Outbound};
 /// Record chunks at least this long are written from their own memory
 /// instead of being copied into the write buffer.
 const DIRECT_BYTES: usize = 4 * 1024;
-/// Bytes waiting to be written before the session is made to wait.
-const HIGH_WATER: usize = 128 * 1024;
 /// Buffers handed to one vectored write.
 const MAX_SLICES: usize = 64;
 
@@ -35,9 +36,15 @@ const MAX_SLICES: usize = 64;
 ///
 /// Replies are encoded into a buffer; a replay's record chunks are queued
 /// as they are and written with vectored writes, so their bytes are copied
-/// once, into the kernel.
+/// once, into the kernel. With `high_water` bytes waiting the session is
+/// made to wait; a client that then reads nothing for `send_timeout` is
+/// disconnected.
 struct LineSink<W> {
     io: W,
+    high_water: usize,
+    send_timeout: Duration,
+    /// Armed while a write waits on the client.
+    stalled: Option<Pin<Box<Sleep>>>,
     /// Encoded lines not yet queued.
     buf: BytesMut,
     /// What waits to be written, in order.
@@ -47,9 +54,12 @@ struct LineSink<W> {
 }
 
 impl<W: AsyncWrite + Unpin> LineSink<W> {
-    fn new(io: W) -> Self {
+    fn new(io: W, high_water: usize, send_timeout: Duration) -> Self {
         Self {
             io,
+            high_water,
+            send_timeout,
+            stalled: None,
             buf: BytesMut::with_capacity(8 * 1024),
             queue: VecDeque::new(),
             queued: 0,
@@ -79,13 +89,34 @@ impl<W: AsyncWrite + Unpin> LineSink<W> {
                 *slot = IoSlice::new(bytes);
                 used += 1;
             }
-            let written = ready!(Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..used]))?;
+            let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..used]) {
+                Poll::Ready(written) => written?,
+                Poll::Pending => return self.poll_stalled(cx),
+            };
+            self.stalled = None;
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.consume(written);
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// Waits for the client to read, up to the send timeout.
+    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let timeout = self.send_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        ready!(stalled.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the client read nothing for {} with {} bytes waiting for it (limits.send_timeout)",
+                humantime::format_duration(timeout),
+                self.queued
+            ),
+        )))
     }
 
     /// Drops the first `written` queued bytes.
@@ -107,7 +138,7 @@ impl<W: AsyncWrite + Unpin> Sink<Outbound> for LineSink<W> {
 
     fn poll_ready(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.queued + this.buf.len() >= HIGH_WATER {
+        if this.queued + this.buf.len() >= this.high_water {
             ready!(this.poll_drain(cx))?;
         }
         Poll::Ready(Ok(()))
@@ -154,10 +185,15 @@ pub async fn serve(
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
     let (read, write) = stream.into_split();
-    let frames = FramedRead::new(read, EnsyncCodec::new(engine.config().max_line_len));
-    let sink = LineSink::new(write);
+    let frames = FramedRead::new(read, EnsyncCodec::new(engine.config().limits.max_line_len));
+    let limits = engine.config().limits;
+    let high_water = usize::try_from(limits.max_outbound_bytes).unwrap_or(usize::MAX);
+    let sink = LineSink::new(write, high_water, limits.send_timeout);
     match session::serve(engine, frames, sink, cancel).await {
         Ok(()) => debug!("connection closed"),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            warn!("{e}; closing the connection");
+        }
         Err(e) => debug!(error = %e, "connection ended by an I/O error"),
     }
 }

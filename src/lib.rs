@@ -7,10 +7,12 @@
 //! records in command order.
 #![deny(clippy::unwrap_used)]
 
+pub mod access;
 pub mod config;
 pub mod connection;
 pub mod engine;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod server;
 pub mod session;

@@ -5,8 +5,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
@@ -23,6 +25,32 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// so running out of file descriptors does not spin a core.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// How long a refused connection gets to take its `-FAIL` line.
+const REFUSAL_WRITE: Duration = Duration::from_secs(1);
+
+/// Refused connections are logged at most this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Warns when open mode listens where others can reach it.
+fn warn_if_exposed(tcp: &TcpListener, http: Option<&TcpListener>) {
+    let exposed = std::iter::once(tcp)
+        .chain(http)
+        .filter_map(|listener| listener.local_addr().ok())
+        .filter(|addr| !addr.ip().is_loopback());
+    for addr in exposed {
+        warn!(%addr, "open mode on a non-loopback address: no client has an access key, so anyone who reaches {addr} may connect as any client and read its events; give each [[clients]] entry an access_key (see SECURITY.md)");
+    }
+}
+
+/// Tells a connection past `max_connections` why it is closed.
+async fn refuse(mut stream: TcpStream, max: usize) {
+    let line = format!("-FAIL:TOO_MANY_CONNECTIONS;MESSAGE=the server has {max} connections open (limits.max_connections); try again later\n");
+    let written = tokio::time::timeout(REFUSAL_WRITE, stream.write_all(line.as_bytes())).await;
+    if matches!(written, Ok(Ok(()))) {
+        let _ = stream.shutdown().await;
+    }
+}
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -70,12 +98,15 @@ pub async fn run(
     let engine = Arc::new(engine);
     info!(data_dir = %config.data_dir.display(), head = engine.head(), "event log open");
 
+    if engine.is_open() {
+        warn_if_exposed(&listener, http_listener.as_ref());
+    }
     let cancel: CancellationToken = engine.stopping().clone();
     // Before retention starts: a resumed operation pins what it still
     // has to replay.
     engine.resume_operations();
     tracker.spawn(engine.retention(cancel.child_token()));
-    let permits = Arc::new(Semaphore::new(config.max_connections));
+    let permits = Arc::new(Semaphore::new(config.limits.max_connections));
     if let Some(http_listener) = http_listener {
         let state = HttpState {
             engine: Arc::clone(&engine),
@@ -90,6 +121,7 @@ pub async fn run(
         });
     }
     let mut backoff = ACCEPT_BACKOFF;
+    let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -105,12 +137,16 @@ pub async fn run(
             },
         };
         backoff = ACCEPT_BACKOFF;
-        // The permit is taken once a connection is here, so waiting for
-        // one does not hold a slot WebSockets could use. Until a slot
-        // frees, this connection waits and no other is accepted.
-        let permit = tokio::select! {
-            () = &mut shutdown => break,
-            permit = Arc::clone(&permits).acquire_owned() => permit.expect("the semaphore is never closed"),
+        // Past the limit a connection is told so and closed, rather than
+        // left waiting in the accept queue with no word.
+        let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
+            refused += 1;
+            if last_refusal_log.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+                warn!(%peer, refused, "refusing connections: {} are open (limits.max_connections)", config.limits.max_connections);
+                (refused, last_refusal_log) = (0, Some(Instant::now()));
+            }
+            tracker.spawn(refuse(stream, config.limits.max_connections));
+            continue;
         };
         let span = info_span!("conn", %peer, client_id = tracing::field::Empty);
         let (engine, cancel) = (Arc::clone(&engine), cancel.child_token());

@@ -10,10 +10,11 @@
 //! command gets exactly one reply, in the order sent.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use ensync_protocol::command::ConnAuth;
 use ensync_protocol::field::ClientId;
 use ensync_protocol::{parse_command, Command, ErrorCode, Frame, Pass, Reply};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
@@ -22,8 +23,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::access::{
+    Grants, NOT_AUTHORIZED_TO_PUBLISH, NOT_AUTHORIZED_TO_REPLAY, NOT_AUTHORIZED_TO_SUBSCRIBE,
+};
 use crate::config::MAX_IN_FLIGHT;
 use crate::engine::{Attachment, Engine, Outcome, RecordSource, Records};
+use crate::limits::{Bucket, ClientSlot, Pacer};
 
 /// What a session writes: a reply, pre-encoded record lines (each ending
 /// in LF; a WebSocket transport sends one frame per line), or a heartbeat.
@@ -73,10 +78,32 @@ fn outcome_label(reply: &Reply) -> &'static str {
 enum Pending {
     Ready(Reply),
     Connected {
-        attachment: Box<Attachment>,
+        connection: Box<Connection>,
         reply: Reply,
     },
     Outcome(Outcome),
+}
+
+/// What the writer needs of the client once CONN succeeded.
+struct Connection {
+    attachment: Attachment,
+    grants: Arc<Grants>,
+    pacer: Arc<Pacer>,
+}
+
+/// The client a connection is connected as, on the reading side.
+struct Client {
+    id: ClientId,
+    grants: Arc<Grants>,
+    /// Held for as long as the connection is: one of the client's slots.
+    _slot: ClientSlot,
+}
+
+/// Why the reader stopped waiting for the next line.
+enum Wake {
+    Frame(Option<io::Result<Frame>>),
+    Deadline,
+    Cancelled,
 }
 
 /// When the client last sent anything, in nanoseconds since the session
@@ -121,12 +148,14 @@ where
 {
     let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
     let seen = LastSeen::new();
+    // Replays asked for and not yet answered in full.
+    let replays = AtomicUsize::new(0);
     // Stops the reader when the writer ends (the transport failed, or the
     // client did not answer a heartbeat).
     let stop = cancel.child_token();
-    let reader = read_loop(&engine, frames, tx, &stop, &seen);
+    let reader = read_loop(&engine, frames, tx, &stop, &seen, &replays);
     let writer = async {
-        let result = write_loop(&engine, rx, sink, &seen).await;
+        let result = write_loop(&engine, rx, sink, &seen, &replays).await;
         stop.cancel();
         result
     };
@@ -140,11 +169,17 @@ async fn read_loop<R>(
     tx: mpsc::Sender<Owed>,
     cancel: &CancellationToken,
     seen: &LastSeen,
+    replays: &AtomicUsize,
 ) -> io::Result<()>
 where
     R: Stream<Item = io::Result<Frame>> + Unpin,
 {
-    let mut client: Option<ClientId> = None;
+    let limits = engine.config().limits;
+    let mut client: Option<Client> = None;
+    let mut rate = (limits.commands_per_second > 0).then(|| {
+        let rate = u64::from(limits.commands_per_second);
+        Bucket::new(rate, rate)
+    });
     let tx = &tx;
     let send = |verb, pending| async move {
         let owed = Owed {
@@ -154,17 +189,65 @@ where
         };
         tx.send(owed).await.is_ok()
     };
+    let opened = Instant::now();
+    let mut last_command = opened;
     loop {
-        let frame = tokio::select! {
-            () = cancel.cancelled() => return Ok(()),
-            frame = frames.next() => frame,
+        let deadline = match &client {
+            None => opened + limits.login_timeout,
+            Some(_) => last_command + limits.idle_timeout,
+        };
+        let wake = tokio::select! {
+            () = cancel.cancelled() => Wake::Cancelled,
+            () = tokio::time::sleep_until(deadline) => Wake::Deadline,
+            frame = frames.next() => Wake::Frame(frame),
+        };
+        let frame = match wake {
+            Wake::Cancelled => return Ok(()),
+            Wake::Frame(frame) => frame,
+            Wake::Deadline => {
+                let message = match &client {
+                    Some(c) if engine.has_subscriptions(&c.id) => {
+                        // A subscriber waiting for events is not idle.
+                        last_command = Instant::now();
+                        continue;
+                    }
+                    Some(_) => format!("no command for {} and no subscription (limits.idle_timeout); closing the connection", humantime::format_duration(limits.idle_timeout)),
+                    None => format!("no CONN within {} of connecting (limits.login_timeout); closing the connection", humantime::format_duration(limits.login_timeout)),
+                };
+                info!("{message}");
+                send(
+                    "UNKNOWN",
+                    Pending::Ready(Reply::fail(ErrorCode::Timeout, message)),
+                )
+                .await;
+                return Ok(());
+            }
         };
         seen.touch();
-        let (verb, pending) = match frame {
+        let frame = match frame {
             None => return Ok(()),
             Some(Err(e)) => return Err(e),
-            Some(Ok(Frame::Line(line))) => handle_line(engine, &mut client, &line).await,
-            Some(Ok(Frame::TooLong { max })) => (
+            Some(Ok(frame)) => frame,
+        };
+        let is_pong =
+            matches!(&frame, Frame::Line(line) if line.trim().eq_ignore_ascii_case("PONG"));
+        if !is_pong {
+            last_command = Instant::now();
+        }
+        let limited = !is_pong && rate.as_mut().is_some_and(|bucket| !bucket.try_take());
+        let (verb, pending) = match frame {
+            _ if limited => (
+                "UNKNOWN",
+                Some(Pending::Ready(Reply::fail(
+                    ErrorCode::RateLimited,
+                    format!(
+                        "more than {} commands a second on this connection (limits.commands_per_second); this one was not carried out: slow down and send it again",
+                        limits.commands_per_second
+                    ),
+                ))),
+            ),
+            Frame::Line(line) => handle_line(engine, &mut client, replays, &line).await,
+            Frame::TooLong { max } => (
                 "UNKNOWN",
                 Some(Pending::Ready(Reply::fail(
                     ErrorCode::LineTooLong,
@@ -173,7 +256,7 @@ where
                 ),
                 ))),
             ),
-            Some(Ok(Frame::InvalidEncoding)) => (
+            Frame::InvalidEncoding => (
                 "UNKNOWN",
                 Some(Pending::Ready(Reply::fail(
                     ErrorCode::InvalidEncoding,
@@ -192,56 +275,123 @@ where
 
 async fn handle_line(
     engine: &Engine,
-    client: &mut Option<ClientId>,
+    client: &mut Option<Client>,
+    replays: &AtomicUsize,
     line: &str,
 ) -> (&'static str, Option<Pending>) {
     let cmd = match parse_command(line) {
         Ok(cmd) => cmd,
         Err(e) => {
             debug!(error = %e, "command refused");
-            let reply = e.to_reply(engine.config().max_replay_limit);
+            let reply = e.to_reply(engine.config().limits.max_replay_limit);
             return (verb_label(line), Some(Pending::Ready(reply)));
         }
     };
     let verb = cmd.verb();
     debug!(verb, "command");
-    (verb, command(engine, client, cmd).await)
+    (verb, command(engine, client, replays, cmd).await)
 }
 
-async fn command(engine: &Engine, client: &mut Option<ClientId>, cmd: Command) -> Option<Pending> {
+async fn command(
+    engine: &Engine,
+    client: &mut Option<Client>,
+    replays: &AtomicUsize,
+    cmd: Command,
+) -> Option<Pending> {
     match cmd {
         Command::Pong => None,
         Command::Ping => Some(Pending::Ready(Reply::Pass(Pass::Pong))),
-        Command::Conn(conn) => Some(match engine.connect(&conn.auth) {
-            Err(reply) => Pending::Ready(reply),
-            Ok((id, reply)) => match client {
-                Some(current) if *current == id => Pending::Ready(reply),
-                Some(current) => Pending::Ready(Reply::fail(
-                    ErrorCode::AlreadyConnected,
-                    format!("this connection is connected as {current} (open another connection for {id})"),
-                )),
-                None => {
-                    tracing::Span::current().record("client_id", id.as_str());
-                    let attachment = Box::new(engine.attach(&id));
-                    *client = Some(id);
-                    Pending::Connected { attachment, reply }
-                }
-            },
-        }),
+        Command::Conn(conn) => Some(connect(engine, client, &conn.auth)),
         cmd => {
             let Some(current) = client.as_ref() else {
                 return Some(Pending::Ready(Reply::fail(
                     ErrorCode::NotConnected,
-                    format!("{} needs a connected client: connect first with CONN and your CLIENT_ID", cmd.verb()),
+                    format!(
+                        "{} needs a connected client: connect first with CONN and your CLIENT_ID",
+                        cmd.verb()
+                    ),
                 )));
             };
-            if let Some(claimed) = cmd.client_id().filter(|id| *id != current) {
+            if let Some(claimed) = cmd.client_id().filter(|id| *id != &current.id) {
                 return Some(Pending::Ready(Reply::fail(
                     ErrorCode::PermissionDenied,
-                    format!("this connection is connected as {current}, not {claimed}"),
+                    format!(
+                        "this connection is connected as {}, not {claimed}",
+                        current.id
+                    ),
                 )));
             }
-            Some(Pending::Outcome(engine.execute(current, cmd).await))
+            let grants = &current.grants;
+            let refused = match &cmd {
+                Command::Pub(p) if !grants.may_publish(p.event_name.as_str()) => {
+                    Some(NOT_AUTHORIZED_TO_PUBLISH)
+                }
+                Command::Sub(s) if !grants.may_subscribe(&s.event_name) => {
+                    Some(NOT_AUTHORIZED_TO_SUBSCRIBE)
+                }
+                Command::Replay(r) if !grants.may_replay(&r.event_name) => {
+                    Some(NOT_AUTHORIZED_TO_REPLAY)
+                }
+                _ => None,
+            };
+            if let Some(message) = refused {
+                return Some(Pending::Ready(Reply::fail(
+                    ErrorCode::PermissionDenied,
+                    message,
+                )));
+            }
+            let is_replay = matches!(cmd, Command::Replay(_) | Command::ReplayEvent(_));
+            let max = engine.config().limits.max_replays_in_flight;
+            if is_replay && replays.load(Ordering::Acquire) >= max {
+                return Some(Pending::Ready(Reply::fail(
+                    ErrorCode::RateLimited,
+                    format!("{max} replays are already waiting on this connection (limits.max_replays_in_flight); read their records before asking for more"),
+                )));
+            }
+            let outcome = engine.execute(&current.id, cmd).await;
+            if matches!(outcome, Outcome::Replay(_) | Outcome::ReplayEvent(_)) {
+                replays.fetch_add(1, Ordering::AcqRel);
+            }
+            Some(Pending::Outcome(outcome))
+        }
+    }
+}
+
+/// Answers a CONN: the connection takes the client it names, once.
+fn connect(engine: &Engine, client: &mut Option<Client>, auth: &ConnAuth) -> Pending {
+    let (id, grants, reply) = match engine.connect(auth) {
+        Ok(connected) => connected,
+        Err(reply) => return Pending::Ready(reply),
+    };
+    match client {
+        Some(current) if current.id == id => Pending::Ready(reply),
+        Some(current) => Pending::Ready(Reply::fail(
+            ErrorCode::AlreadyConnected,
+            format!(
+                "this connection is connected as {} (open another connection for {id})",
+                current.id
+            ),
+        )),
+        None => {
+            let slot = match engine.claim_slot(&id) {
+                Ok(slot) => slot,
+                Err(reply) => return Pending::Ready(reply),
+            };
+            tracing::Span::current().record("client_id", id.as_str());
+            let connection = Connection {
+                attachment: engine.attach(&id),
+                grants: Arc::clone(&grants),
+                pacer: Arc::clone(slot.pacer()),
+            };
+            *client = Some(Client {
+                id,
+                grants,
+                _slot: slot,
+            });
+            Pending::Connected {
+                connection: Box::new(connection),
+                reply,
+            }
         }
     }
 }
@@ -258,12 +408,13 @@ async fn write_loop<W>(
     mut rx: mpsc::Receiver<Owed>,
     mut sink: W,
     seen: &LastSeen,
+    replays: &AtomicUsize,
 ) -> io::Result<()>
 where
     W: Sink<Outbound, Error = io::Error> + Unpin,
 {
     let heartbeat = engine.config().heartbeat;
-    let mut attachment: Option<Box<Attachment>> = None;
+    let mut connection: Option<Box<Connection>> = None;
     let mut ping_sent: Option<Instant> = None;
     loop {
         if ping_sent.is_some_and(|sent| seen.get() >= sent) {
@@ -278,9 +429,9 @@ where
             biased;
             pending = rx.recv() => match pending {
                 None => break,
-                Some(pending) => answer(engine, pending, &mut attachment, &mut sink).await?,
+                Some(pending) => answer(engine, pending, &mut connection, replays, &mut sink).await?,
             },
-            lines = next_delivery(attachment.as_deref()) => {
+            lines = next_delivery(connection.as_deref().map(|c| &c.attachment)) => {
                 engine.metrics().delivered(count_lines(&lines));
                 sink.send(Outbound::Lines(lines)).await?;
             }
@@ -315,7 +466,8 @@ fn count_lines(lines: &[u8]) -> u64 {
 async fn answer<W>(
     engine: &Engine,
     owed: Owed,
-    attachment: &mut Option<Box<Attachment>>,
+    connection: &mut Option<Box<Connection>>,
+    replays: &AtomicUsize,
     sink: &mut W,
 ) -> io::Result<()>
 where
@@ -330,17 +482,17 @@ where
     let reply = match pending {
         Pending::Ready(reply) => reply,
         Pending::Connected {
-            attachment: attached,
+            connection: connected,
             reply,
         } => {
-            *attachment = Some(attached);
+            *connection = Some(connected);
             reply
         }
         Pending::Outcome(outcome) => {
-            let client = attachment
-                .as_ref()
-                .map(|a| a.client().clone())
+            let current = connection
+                .as_deref()
                 .expect("commands reach the engine only after CONN");
+            let client = current.attachment.client().clone();
             match outcome {
                 Outcome::Reply(reply) => reply,
                 Outcome::Later(reply) => {
@@ -351,22 +503,29 @@ where
                     reply
                 }
                 Outcome::ReplayEvent(req) => {
-                    let reply = engine.replay_event(&client, req).await;
+                    let reply = engine.replay_event(&client, &current.grants, req).await;
                     if matches!(reply, Reply::Event(_)) {
+                        current.pacer.take(1).await;
                         metrics.replayed(1);
                     }
+                    replays.fetch_sub(1, Ordering::AcqRel);
                     reply
                 }
                 Outcome::Replay(req) => {
                     let started = Instant::now();
                     let stream = engine.replay(&client, req).await;
                     metrics.command(verb, outcome_label(&stream.header));
-                    sink.feed(Outbound::Reply(stream.header)).await?;
-                    if let Some(records) = stream.records {
-                        forward(engine, records, sink).await?;
-                        metrics.replay_finished(started.elapsed());
+                    let sent = async {
+                        sink.feed(Outbound::Reply(stream.header)).await?;
+                        if let Some(records) = stream.records {
+                            forward(engine, records, &current.pacer, sink).await?;
+                            metrics.replay_finished(started.elapsed());
+                        }
+                        Ok(())
                     }
-                    return Ok(());
+                    .await;
+                    replays.fetch_sub(1, Ordering::AcqRel);
+                    return sent;
                 }
             }
         }
@@ -375,8 +534,13 @@ where
     sink.feed(Outbound::Reply(reply)).await
 }
 
-/// Writes streamed record chunks as they come.
-async fn forward<W>(engine: &Engine, mut records: RecordSource, sink: &mut W) -> io::Result<()>
+/// Writes streamed record chunks as they come, at the client's pace.
+async fn forward<W>(
+    engine: &Engine,
+    mut records: RecordSource,
+    pacer: &Pacer,
+    sink: &mut W,
+) -> io::Result<()>
 where
     W: Sink<Outbound, Error = io::Error> + Unpin,
 {
@@ -384,7 +548,11 @@ where
         match chunk {
             Ok(Records { lines, count }) => {
                 engine.metrics().replayed(count);
-                sink.send(Outbound::Lines(lines)).await?;
+                if pacer.is_paced() {
+                    send_paced(lines, pacer, sink).await?;
+                } else {
+                    sink.send(Outbound::Lines(lines)).await?;
+                }
             }
             Err(message) => {
                 // NOTE: the header promised a COUNT this stream cannot keep;
@@ -393,6 +561,25 @@ where
                 return Err(io::Error::other(message));
             }
         }
+    }
+    Ok(())
+}
+
+/// Writes `lines` a pacer's step at a time, waiting for each.
+async fn send_paced<W>(mut lines: Bytes, pacer: &Pacer, sink: &mut W) -> io::Result<()>
+where
+    W: Sink<Outbound, Error = io::Error> + Unpin,
+{
+    let step = pacer.step();
+    while !lines.is_empty() {
+        let (end, count) = memchr::memchr_iter(b'\n', &lines)
+            .take(step)
+            .enumerate()
+            .last()
+            .map_or((lines.len(), 1), |(i, at)| (at + 1, i + 1));
+        let piece = lines.split_to(end);
+        pacer.take(count as u64).await;
+        sink.send(Outbound::Lines(piece)).await?;
     }
     Ok(())
 }

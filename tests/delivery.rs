@@ -717,6 +717,7 @@ async fn events_reach_only_the_clients_they_are_addressed_to() {
     config.clients = vec![ClientEntry {
         id: "svc".into(),
         public_key: Some("pk-svc-base64==".into()),
+        ..ClientEntry::default()
     }];
     let srv = start_server_with(config).await;
     let mut p = publisher(&srv).await;
@@ -979,6 +980,7 @@ async fn events_for_a_public_key_queue_until_its_client_subscribes() {
     config.clients = vec![ClientEntry {
         id: "svc".into(),
         public_key: Some("pk-svc-base64==".into()),
+        ..ClientEntry::default()
     }];
     let srv = start_server_with(config).await;
     let mut p = publisher(&srv).await;

@@ -386,6 +386,7 @@ async fn replay_reaches_every_addressed_subscriber_and_no_one_else() {
     config.clients = vec![ClientEntry {
         id: "c".into(),
         public_key: Some("pk-of-c".into()),
+        ..ClientEntry::default()
     }];
     let srv = start_server_with(config).await;
     let admin = Admin::new(srv.http_addr);

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ensync_server::config::Config;
+use ensync_server::config::{Config, Limits};
 
 const NAME: &str = "user/profile/updated";
 
@@ -397,7 +397,10 @@ async fn replay_limit_max_comes_from_config() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start_server_with(Config {
         data_dir: dir.path().to_path_buf(),
-        max_replay_limit: 5,
+        limits: Limits {
+            max_replay_limit: 5,
+            ..Limits::default()
+        },
         ..Config::default()
     })
     .await;

@@ -63,10 +63,12 @@ async fn official_python_sdk_connects_receives_acks_and_replays() {
             ClientEntry {
                 id: SUBSCRIBER.to_string(),
                 public_key: Some(sub_public.clone()),
+                ..ClientEntry::default()
             },
             ClientEntry {
                 id: PUBLISHER.to_string(),
                 public_key: Some(pub_public.clone()),
+                ..ClientEntry::default()
             },
         ],
         ..Config::default()

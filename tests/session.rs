@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ensync_server::config::Config;
+use ensync_server::config::{Config, Limits};
 
 const NAME: &str = "user/profile/updated";
 const SILENCE: Duration = Duration::from_millis(300);
@@ -355,7 +355,10 @@ async fn line_too_long_is_answered_at_once_and_the_connection_stays_usable() {
     let dir = tempfile::tempdir().unwrap();
     let srv = start_server_with(Config {
         data_dir: dir.path().to_path_buf(),
-        max_line_len: 1024,
+        limits: Limits {
+            max_line_len: 1024,
+            ..Limits::default()
+        },
         ..Config::default()
     })
     .await;

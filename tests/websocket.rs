@@ -137,7 +137,7 @@ async fn a_frame_of_several_lines_is_that_many_commands() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_over_the_line_limit_gets_line_too_long_and_the_socket_stays_usable() {
     let (_dir, mut config) = setup();
-    config.max_line_len = 1024;
+    config.limits.max_line_len = 1024;
     let srv = start_server_with(config).await;
     let mut w = ws_connected(&srv, "w").await;
     // Exactly at the limit: accepted.
@@ -165,7 +165,7 @@ async fn a_frame_over_the_line_limit_gets_line_too_long_and_the_socket_stays_usa
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_over_twice_the_line_limit_closes_that_socket_only() {
     let (_dir, mut config) = setup();
-    config.max_line_len = 1024;
+    config.limits.max_line_len = 1024;
     let srv = start_server_with(config).await;
     let mut other = ws_connected(&srv, "o").await;
     let mut w = ws_connected(&srv, "w").await;
@@ -187,7 +187,7 @@ async fn a_frame_over_twice_the_line_limit_closes_that_socket_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frame_over_twice_the_line_limit_closes_with_code_1009() {
     let (_dir, mut config) = setup();
-    config.max_line_len = 1024;
+    config.limits.max_line_len = 1024;
     let srv = start_server_with(config).await;
     let mut w = ws_connected(&srv, "w").await;
     w.send(&"x".repeat(2 * 1024 + 100)).await;
@@ -287,7 +287,7 @@ async fn an_unanswered_ping_closes_the_websocket() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_max_connections_the_upgrade_is_refused_with_503() {
     let (_dir, mut config) = setup();
-    config.max_connections = 2;
+    config.limits.max_connections = 2;
     let srv = start_server_with(config).await;
     let mut held = vec![
         tcp_connected(&srv, "a").await,
@@ -322,7 +322,7 @@ async fn at_max_connections_the_upgrade_is_refused_with_503() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_is_accepted_below_max_connections() {
     let (_dir, mut config) = setup();
-    config.max_connections = 1;
+    config.limits.max_connections = 1;
     let srv = start_server_with(config).await;
     // No other connection is open.
     let mut w = WsClient::connect(srv.http_addr).await;

@@ -25,7 +25,9 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
         &config,
         format!(
             "listen = \"127.0.0.1:{port}\"\nhttp_listen = \"127.0.0.1:{}\"\n\
-             data_dir = \"{}\"\nmax_replay_limit = {}\n",
+             data_dir = \"{}\"\n\
+             # The bench measures capacity: no per-connection command rate.\n\
+             [limits]\nmax_replay_limit = {}\ncommands_per_second = 0\n",
             procs::free_port()?,
             dir.join("data").display(),
             cfg.n.max(cfg.seek_n).max(100_000),

@@ -45,6 +45,10 @@ pub enum ErrorCode {
     NotImplemented,
     /// The client sends faster than allowed.
     RateLimited,
+    /// The server or the client is at its connection limit.
+    TooManyConnections,
+    /// The connection waited too long for the client (to CONN, or idle).
+    Timeout,
     /// The server could not carry out the command (storage failure).
     Internal,
 }
@@ -70,6 +74,8 @@ impl ErrorCode {
             ErrorCode::InvalidEncoding => "INVALID_ENCODING",
             ErrorCode::NotImplemented => "NOT_IMPLEMENTED",
             ErrorCode::RateLimited => "RATE_LIMITED",
+            ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
+            ErrorCode::Timeout => "TIMEOUT",
             ErrorCode::Internal => "INTERNAL",
         }
     }

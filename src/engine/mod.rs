@@ -2,7 +2,6 @@
 //! client. It knows commands, events and clients; it never touches a
 //! socket, so TCP and WebSocket sessions share it unchanged.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -15,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, warn};
 
-use crate::config::Config;
+use crate::access::{Access, Grants};
+use crate::config::{Config, Invalid};
+use crate::limits::{ClientSlot, ClientSlots};
 use crate::metrics::{Metrics, Scrape};
 use crate::store::{
     Applied, EventLog, NewEvent, PauseRefused, Settlement, SledLog, StoreError, WriteOp,
@@ -45,6 +46,9 @@ pub enum EngineError {
         /// Why.
         source: StoreError,
     },
+    /// The clients in the config cannot be used.
+    #[error("config: {0}")]
+    Config(Invalid),
     /// The commit thread would not start.
     #[error("cannot start the commit thread: {0}")]
     Thread(#[from] std::io::Error),
@@ -85,8 +89,10 @@ pub struct Engine {
     subs: Arc<Registry>,
     hub: Arc<delivery::Hub>,
     pins: Arc<retention::Pins>,
-    /// Public keys by client id.
-    keys: HashMap<String, Vec<String>>,
+    /// Who may connect, and what each client may do.
+    access: Access,
+    /// Each client's connections and replay pacer.
+    slots: Arc<ClientSlots>,
     config: Config,
     tracker: TaskTracker,
     ops: operations::Operations,
@@ -158,19 +164,18 @@ impl Engine {
                 max_unsettled: config.delivery.max_unsettled,
             },
         ));
-        let mut keys: HashMap<String, Vec<String>> = HashMap::new();
-        for client in &config.clients {
-            if let Some(key) = &client.public_key {
-                keys.entry(client.id.clone()).or_default().push(key.clone());
-            }
-        }
+        let access = Access::from_config(&config).map_err(EngineError::Config)?;
         Ok(Self {
             store,
             commit,
             subs,
             hub,
             pins,
-            keys,
+            access,
+            slots: ClientSlots::new(
+                config.limits.max_connections_per_client,
+                config.limits.replay_events_per_second,
+            ),
             config,
             tracker,
             ops,
@@ -220,34 +225,55 @@ impl Engine {
         &self.config
     }
 
-    /// Authenticates a CONN: the client it names and the success reply.
+    /// Whether any client id may connect (no access keys configured).
+    pub fn is_open(&self) -> bool {
+        self.access.is_open()
+    }
+
+    /// Authenticates a CONN: the client, what it may do, and the success
+    /// reply.
     ///
     /// # Errors
-    /// The `-FAIL` reply for an unknown client.
-    pub fn connect(&self, auth: &ConnAuth) -> Result<(ClientId, Reply), Reply> {
-        // Open mode: every client id is accepted, an access key is the id.
-        Ok(match auth {
-            ConnAuth::ClientId(id) => (
-                id.clone(),
-                Reply::Pass(Pass::Connected {
-                    client_id: id.to_string(),
-                }),
-            ),
-            ConnAuth::AccessKey(key) => (
-                key.clone(),
-                Reply::Pass(Pass::Authenticated {
-                    client_id: key.to_string(),
-                    client_hash: self.client_hash(key),
-                }),
-            ),
+    /// The `-FAIL` reply for an unknown key, or a bare CLIENT_ID where
+    /// keys are required.
+    pub fn connect(&self, auth: &ConnAuth) -> Result<(ClientId, Arc<Grants>, Reply), Reply> {
+        let (id, grants) = self.access.connect(auth)?;
+        let reply = match auth {
+            ConnAuth::ClientId(_) => Reply::Pass(Pass::Connected {
+                client_id: id.to_string(),
+            }),
+            ConnAuth::AccessKey(_) => Reply::Pass(Pass::Authenticated {
+                client_id: id.to_string(),
+                client_hash: self.client_hash(&id),
+            }),
+        };
+        Ok((id, grants, reply))
+    }
+
+    /// Claims one of `client`'s connection slots for as long as the
+    /// returned guard lives.
+    ///
+    /// # Errors
+    /// `TOO_MANY_CONNECTIONS` when the client has all its slots open.
+    pub fn claim_slot(&self, client: &ClientId) -> Result<ClientSlot, Reply> {
+        self.slots.claim(client).map_err(|open| {
+            Reply::fail(
+                ErrorCode::TooManyConnections,
+                format!("{client} already has {open} connections open (limits.max_connections_per_client); close one or share it"),
+            )
         })
+    }
+
+    /// Whether `client` has any subscription.
+    pub fn has_subscriptions(&self, client: &ClientId) -> bool {
+        !self.subs.of(client).is_empty()
     }
 
     /// What CONN reports as `clientHash`: the client's public key when one
     /// is configured (the SDK's `get_client_public_key`), else a stable
     /// hash of its id.
     fn client_hash(&self, client: &ClientId) -> String {
-        match self.keys.get(client.as_str()).and_then(|keys| keys.first()) {
+        match self.access.public_keys(client.as_str()).first() {
             Some(key) => key.clone(),
             None => client_hash(client),
         }
@@ -256,9 +282,7 @@ impl Engine {
     /// Every name an event may be addressed to this client by.
     fn identities(&self, client: &ClientId) -> Vec<String> {
         let mut ids = vec![client.to_string()];
-        if let Some(keys) = self.keys.get(client.as_str()) {
-            ids.extend(keys.iter().cloned());
-        }
+        ids.extend(self.access.public_keys(client.as_str()).iter().cloned());
         ids
     }
 
@@ -507,9 +531,14 @@ impl Engine {
         replay::range(self, client, req).await
     }
 
-    /// Replays one event.
-    pub async fn replay_event(&self, client: &ClientId, req: ReplayEvent) -> Reply {
-        replay::event(self, client, req).await
+    /// Replays one event, if `grants` allow its name.
+    pub async fn replay_event(
+        &self,
+        client: &ClientId,
+        grants: &Grants,
+        req: ReplayEvent,
+    ) -> Reply {
+        replay::event(self, client, grants, req).await
     }
 
     /// The last durable sequence number.

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::retention::Pin;
 use super::{internal, now_ms, Engine};
+use crate::access::{Grants, NOT_AUTHORIZED_TO_REPLAY};
 use crate::config::{INLINE_REPLAY_LIMIT, REPLAY_CHUNKS_AHEAD, REPLAY_CHUNK_BYTES};
 use crate::store::{Counted, EventLog, Resolved, Settlement, Side, StoreError};
 
@@ -215,7 +216,7 @@ impl Stream {
 
 /// Starts a range replay for `client`.
 pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStream {
-    let max = engine.config.max_replay_limit;
+    let max = engine.config.limits.max_replay_limit;
     let limit = req.limit.unwrap_or(Limit::DEFAULT).get();
     if limit > max {
         return ReplayStream::refused(Reply::fail(
@@ -471,7 +472,7 @@ fn count_unacked(
 }
 
 /// Replays one event to `client` as `+REPLAY:{record}`.
-pub async fn event(engine: &Engine, client: &ClientId, req: ReplayEvent) -> Reply {
+pub async fn event(engine: &Engine, client: &ClientId, grants: &Grants, req: ReplayEvent) -> Reply {
     let store = Arc::clone(&engine.store);
     let id = req.event_idem.clone();
     let found = engine
@@ -514,6 +515,9 @@ pub async fn event(engine: &Engine, client: &ClientId, req: ReplayEvent) -> Repl
     };
     if !engine.subs.covers(client, &name) {
         return not_subscribed(client, &name);
+    }
+    if !grants.may_replay_name(view.name) {
+        return Reply::fail(ErrorCode::PermissionDenied, NOT_AUTHORIZED_TO_REPLAY);
     }
     let was_acknowledged = match engine.store.settlement(client, view.seq) {
         Ok(settled) => settled == Some(Settlement::Acked),

@@ -158,12 +158,12 @@ async fn websocket(
     let Ok(permit) = Arc::clone(&state.permits).try_acquire_owned() else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
-            "the server is at its connection limit (max_connections); try again later",
+            "the server is at its connection limit (limits.max_connections); try again later",
         );
     };
     // Room for a line of the maximum length, so a longer one gets
     // LINE_TOO_LONG like over TCP; far larger frames close the socket.
-    let max_frame = state.engine.config().max_line_len.saturating_mul(2);
+    let max_frame = state.engine.config().limits.max_line_len.saturating_mul(2);
     let HttpState {
         engine,
         tracker,

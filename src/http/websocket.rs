@@ -6,18 +6,21 @@
 //! exactly those of TCP. A frame holding several LF-separated lines counts
 //! as several commands, as it would over TCP.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::{BufMut, Bytes, BytesMut};
 use ensync_protocol::{EnsyncCodec, Frame};
 use futures_util::{stream, Sink, SinkExt, Stream, StreamExt};
+use tokio::time::Sleep;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error};
+use tracing::{debug, error, warn};
 
 use crate::engine::Engine;
 use crate::metrics::Transport;
@@ -30,14 +33,21 @@ pub async fn serve(engine: Arc<Engine>, socket: WebSocket, cancel: CancellationT
     let close = CloseSlot::default();
     let frames = frames(
         incoming,
-        EnsyncCodec::new(engine.config().max_line_len),
+        EnsyncCodec::new(engine.config().limits.max_line_len),
         Arc::clone(&close),
     );
-    let sink = Closing { inner: sink, close }
-        .sink_map_err(io::Error::other)
-        .with_flat_map(|out: Outbound| stream::iter(messages(out).into_iter().map(Ok)));
+    let sink = Closing {
+        inner: sink,
+        close,
+        send_timeout: engine.config().limits.send_timeout,
+        stalled: None,
+    }
+    .with_flat_map(|out: Outbound| stream::iter(messages(out).into_iter().map(Ok)));
     match session::serve(engine, frames, Box::pin(sink), cancel).await {
         Ok(()) => debug!("websocket closed"),
+        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+            warn!("{e}; closing the websocket");
+        }
         Err(e) => debug!(error = %e, "websocket ended by an error"),
     }
 }
@@ -94,41 +104,87 @@ fn frames(
 }
 
 /// The socket's sending half, which sends the close frame in `close`, if
-/// any, when it is closed.
+/// any, when it is closed, and gives up on a client that reads nothing for
+/// `send_timeout`.
 struct Closing<S> {
     inner: S,
     close: CloseSlot,
+    send_timeout: Duration,
+    /// Armed while the socket waits on the client.
+    stalled: Option<Pin<Box<Sleep>>>,
 }
 
-impl<S: Sink<Message> + Unpin> Sink<Message> for Closing<S> {
-    type Error = S::Error;
+impl<S> Closing<S> {
+    /// Passes on what the socket answered, and times how long it has
+    /// been waiting on the client.
+    fn progress<E>(
+        &mut self,
+        cx: &mut Context<'_>,
+        poll: Poll<Result<(), E>>,
+    ) -> Poll<io::Result<()>>
+    where
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        if let Poll::Ready(done) = poll {
+            self.stalled = None;
+            return Poll::Ready(done.map_err(io::Error::other));
+        }
+        let timeout = self.send_timeout;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        ready!(stalled.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the client read nothing for {} (limits.send_timeout)",
+                humantime::format_duration(timeout)
+            ),
+        )))
+    }
+}
 
-    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        Pin::new(&mut self.inner).poll_ready(cx)
+impl<S> Sink<Message> for Closing<S>
+where
+    S: Sink<Message> + Unpin,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = io::Error;
+
+    fn poll_ready(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_ready(cx);
+        self.progress(cx, poll)
     }
 
-    fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), S::Error> {
-        Pin::new(&mut self.inner).start_send(item)
+    fn start_send(mut self: Pin<&mut Self>, item: Message) -> io::Result<()> {
+        Pin::new(&mut self.inner)
+            .start_send(item)
+            .map_err(io::Error::other)
     }
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.progress(cx, poll)
     }
 
-    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         let mut slot = this
             .close
             .lock()
             .expect("close slot lock is never poisoned");
         if slot.is_some() {
-            ready!(Pin::new(&mut this.inner).poll_ready(cx))?;
+            ready!(Pin::new(&mut this.inner).poll_ready(cx)).map_err(io::Error::other)?;
             if let Some(frame) = slot.take() {
-                Pin::new(&mut this.inner).start_send(Message::Close(Some(frame)))?;
+                Pin::new(&mut this.inner)
+                    .start_send(Message::Close(Some(frame)))
+                    .map_err(io::Error::other)?;
             }
         }
         drop(slot);
-        Pin::new(&mut this.inner).poll_close(cx)
+        Pin::new(&mut this.inner)
+            .poll_close(cx)
+            .map_err(io::Error::other)
     }
 }
 
