@@ -84,7 +84,7 @@ pub const NOT_AUTHORIZED_TO_SUBSCRIBE: &str = "Not authorized to subscribe to th
 
 /// The reply to a CONN that names no configured key.
 pub const UNKNOWN_KEY: &str =
-    "no client has this access key (check the key the operator gave you; keys are case-sensitive)";
+    "no client has this access key (check the key the operator gave you: keys are case-sensitive)";
 
 impl Access {
     /// Builds the rules from `config.clients`.

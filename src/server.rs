@@ -45,7 +45,7 @@ fn warn_if_exposed(tcp: &TcpListener, http: Option<&TcpListener>) {
 
 /// Tells a connection past `max_connections` why it is closed.
 async fn refuse(mut stream: TcpStream, max: usize) {
-    let line = format!("-FAIL:TOO_MANY_CONNECTIONS;MESSAGE=the server has {max} connections open (limits.max_connections); try again later\n");
+    let line = format!("-FAIL:TOO_MANY_CONNECTIONS;MESSAGE=the server has {max} connections open (limits.max_connections), try again later\n");
     let written = tokio::time::timeout(REFUSAL_WRITE, stream.write_all(line.as_bytes())).await;
     if matches!(written, Ok(Ok(()))) {
         let _ = stream.shutdown().await;
@@ -141,7 +141,7 @@ pub async fn run(
         // left waiting in the accept queue with no word.
         let Ok(permit) = Arc::clone(&permits).try_acquire_owned() else {
             refused += 1;
-            if last_refusal_log.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+            if !last_refusal_log.is_some_and(|at: Instant| at.elapsed() < REFUSAL_LOG_EVERY) {
                 warn!(%peer, refused, "refusing connections: {} are open (limits.max_connections)", config.limits.max_connections);
                 (refused, last_refusal_log) = (0, Some(Instant::now()));
             }

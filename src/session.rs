@@ -211,8 +211,8 @@ where
                         last_command = Instant::now();
                         continue;
                     }
-                    Some(_) => format!("no command for {} and no subscription (limits.idle_timeout); closing the connection", humantime::format_duration(limits.idle_timeout)),
-                    None => format!("no CONN within {} of connecting (limits.login_timeout); closing the connection", humantime::format_duration(limits.login_timeout)),
+                    Some(_) => format!("no command for {} and no subscription (limits.idle_timeout), closing the connection", humantime::format_duration(limits.idle_timeout)),
+                    None => format!("no CONN within {} of connecting (limits.login_timeout), closing the connection", humantime::format_duration(limits.login_timeout)),
                 };
                 info!("{message}");
                 send(
@@ -241,7 +241,7 @@ where
                 Some(Pending::Ready(Reply::fail(
                     ErrorCode::RateLimited,
                     format!(
-                        "more than {} commands a second on this connection (limits.commands_per_second); this one was not carried out: slow down and send it again",
+                        "more than {} commands a second on this connection (limits.commands_per_second): this one was not carried out, slow down and send it again",
                         limits.commands_per_second
                     ),
                 ))),
@@ -345,7 +345,7 @@ async fn command(
             if is_replay && replays.load(Ordering::Acquire) >= max {
                 return Some(Pending::Ready(Reply::fail(
                     ErrorCode::RateLimited,
-                    format!("{max} replays are already waiting on this connection (limits.max_replays_in_flight); read their records before asking for more"),
+                    format!("{max} replays are already waiting on this connection (limits.max_replays_in_flight): read their records before asking for more"),
                 )));
             }
             let outcome = engine.execute(&current.id, cmd).await;

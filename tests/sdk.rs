@@ -1,6 +1,6 @@
 //! The official Python SDK, `ensync-sdk-ws` 0.4.3 from PyPI and unchanged,
-//! against a real server over WebSocket: tests/sdk/roundtrip.py connects
-//! with access keys, publishes end-to-end encrypted events from one SDK
+//! against a real server over WebSocket with access control on:
+//! tests/sdk/roundtrip.py connects with access keys, publishes end-to-end encrypted events from one SDK
 //! client to another's public key, and checks decryption, order, the
 //! auto-ack (from the server's side) and `replay(idem)`.
 //!
@@ -46,9 +46,12 @@ const PIPE_GRACE: Duration = Duration::from_secs(5);
 
 const SUBSCRIBER: &str = "sdk-subscriber";
 const PUBLISHER: &str = "sdk-publisher";
+/// Their access keys: not their ids, so the server must map one to the other.
+const SUBSCRIBER_KEY: &str = "sk-7c41d09be2";
+const PUBLISHER_KEY: &str = "pk-58aa3f61c0";
 
-/// Fresh keys for both clients, their public keys in the server's config,
-/// then the script's checks (it prints each one) against that server.
+/// Fresh keys for both clients, their access keys, public keys and rights
+/// in the server's config, then the script's checks (it prints each one) against that server.
 #[tokio::test(flavor = "multi_thread")]
 async fn official_python_sdk_connects_receives_acks_and_replays() {
     let python = sdk_python().await;
@@ -62,12 +65,17 @@ async fn official_python_sdk_connects_receives_acks_and_replays() {
         clients: vec![
             ClientEntry {
                 id: SUBSCRIBER.to_string(),
+                access_key: Some(SUBSCRIBER_KEY.to_string()),
                 public_key: Some(sub_public.clone()),
+                subscribe: vec!["sdk/*".to_string()],
+                replay: vec!["sdk/*".to_string()],
                 ..ClientEntry::default()
             },
             ClientEntry {
                 id: PUBLISHER.to_string(),
+                access_key: Some(PUBLISHER_KEY.to_string()),
                 public_key: Some(pub_public.clone()),
+                publish: vec!["sdk/*".to_string()],
                 ..ClientEntry::default()
             },
         ],
@@ -84,6 +92,8 @@ async fn official_python_sdk_connects_receives_acks_and_replays() {
         .arg("--tcp")
         .arg(srv.addr.to_string())
         .args(["--subscriber-id", SUBSCRIBER])
+        .args(["--subscriber-key", SUBSCRIBER_KEY])
+        .args(["--publisher-key", PUBLISHER_KEY])
         .args(["--subscriber-public", &sub_public])
         .args(["--subscriber-secret", &sub_secret])
         .args(["--publisher-id", PUBLISHER])

@@ -259,7 +259,7 @@ impl Engine {
         self.slots.claim(client).map_err(|open| {
             Reply::fail(
                 ErrorCode::TooManyConnections,
-                format!("{client} already has {open} connections open (limits.max_connections_per_client); close one or share it"),
+                format!("{client} already has {open} connections open (limits.max_connections_per_client): close one or share it"),
             )
         })
     }

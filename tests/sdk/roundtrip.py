@@ -202,6 +202,7 @@ async def run(args):
     verify_sdk_install()
     host, port = args.tcp.rsplit(":", 1)
     sub_id, pub_id = args.subscriber_id, args.publisher_id
+    sub_key, pub_key = args.subscriber_key or sub_id, args.publisher_key or pub_id
     sub_public, sub_secret = args.subscriber_public, args.subscriber_secret
     # The SDK's own log (decryption failures, handler errors) goes to
     # stderr, which tests/sdk.rs shows when the test fails.
@@ -209,18 +210,18 @@ async def run(args):
     engines = []
     raw = None
     try:
-        # 1. Connect with access keys (CONN;ACCESS_KEY=:...). In open mode the
-        # access key is the client id; clientHash is the configured key.
+        # 1. Connect with access keys (CONN;ACCESS_KEY=:...). The server maps
+        # each key to its client id; clientHash is the configured public key.
         subscriber = EnSyncEngine(args.ws_url, sdk_options)
         engines.append(subscriber)
-        await within(subscriber.create_client(sub_id, {"appSecretKey": sub_secret}),
+        await within(subscriber.create_client(sub_key, {"appSecretKey": sub_secret}),
                      "the subscriber's create_client")
         ok(f"subscriber connected over WebSocket as {sub_id}")
         check_eq(subscriber.get_client_public_key(), sub_public,
                  "subscriber get_client_public_key() is its configured public key")
         publisher = EnSyncEngine(args.ws_url, sdk_options)
         engines.append(publisher)
-        await within(publisher.create_client(pub_id), "the publisher's create_client")
+        await within(publisher.create_client(pub_key), "the publisher's create_client")
         ok(f"publisher connected over WebSocket as {pub_id}")
         check_eq(publisher.get_client_public_key(), args.publisher_public,
                  "publisher get_client_public_key() is its configured public key")
@@ -294,8 +295,9 @@ async def run(args):
         # raw TCP connection of the same client (competing connections of one
         # client are allowed; nothing unsettled is left to be handed to it).
         raw = await RawLine.connect(host, int(port))
-        reply = await raw.command(f"CONN;CLIENT_ID={sub_id}")
-        check_eq(reply, f"+PASS:CONNECTED;CLIENT_ID={sub_id}", "raw TCP CONN as the subscriber")
+        reply = await raw.command(f"CONN;ACCESS_KEY={sub_key}")
+        check_eq(reply, f"+PASS:{{clientId={sub_id},clientHash={sub_public}}}",
+                 "raw TCP CONN with the subscriber's access key")
         deadline = time.monotonic() + ACK_VISIBLE_TIMEOUT
         while True:
             unacked = await raw.replay(sub_id, SECRET_EVENT, only_unacked=True)
@@ -324,7 +326,7 @@ async def run(args):
         # connection of the same client.
         replayer = EnSyncEngine(args.ws_url, sdk_options)
         engines.append(replayer)
-        await within(replayer.create_client(sub_id, {"appSecretKey": sub_secret}),
+        await within(replayer.create_client(sub_key, {"appSecretKey": sub_secret}),
                      "the second subscriber connection's create_client")
         replay_sub = replayer.subscribe(SECRET_EVENT, app_decrypt_key=sub_secret)
         replay_live = await within(replay_sub._ensure_subscription(), f"SUB {SECRET_EVENT} again")
@@ -356,6 +358,7 @@ def main():
     for who in ("subscriber", "publisher"):
         r.add_argument(f"--{who}-id", required=True)
         r.add_argument(f"--{who}-public", required=True)
+        r.add_argument(f"--{who}-key", help="its access key (default: its id, as in open mode)")
     r.add_argument("--subscriber-secret", required=True)
     args = parser.parse_args()
     if args.mode == "keygen":
