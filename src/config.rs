@@ -47,6 +47,8 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default pause between retention checks.
 pub const DEFAULT_RETENTION_CHECK: Duration = Duration::from_secs(10);
 
+/// Longest line a connection may send before its CONN succeeded.
+pub const MAX_LINE_BEFORE_CONN: usize = 4096;
 /// Commands one connection may have in flight (parsed, not yet answered).
 /// Past it the server stops reading that connection, so a client that
 /// pipelines without reading replies is held back by TCP, not memory.

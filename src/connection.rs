@@ -185,11 +185,12 @@ pub async fn serve(
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
     let (read, write) = stream.into_split();
-    let frames = FramedRead::new(read, EnsyncCodec::new(engine.config().limits.max_line_len));
+    let line_limit = session::line_limit_before_conn(&engine);
+    let frames = FramedRead::new(read, EnsyncCodec::with_limit(line_limit.clone()));
     let limits = engine.config().limits;
     let high_water = usize::try_from(limits.max_outbound_bytes).unwrap_or(usize::MAX);
     let sink = LineSink::new(write, high_water, limits.send_timeout);
-    match session::serve(engine, frames, sink, cancel).await {
+    match session::serve(engine, frames, sink, line_limit, cancel).await {
         Ok(()) => debug!("connection closed"),
         Err(e) if e.kind() == io::ErrorKind::TimedOut => {
             warn!("{e}; closing the connection");

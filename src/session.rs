@@ -16,7 +16,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use ensync_protocol::command::ConnAuth;
 use ensync_protocol::field::ClientId;
-use ensync_protocol::{parse_command, Command, ErrorCode, Frame, Pass, Reply};
+use ensync_protocol::{parse_command, Command, ErrorCode, Frame, LineLimit, Pass, Reply};
 use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::access::{
     Grants, NOT_AUTHORIZED_TO_PUBLISH, NOT_AUTHORIZED_TO_REPLAY, NOT_AUTHORIZED_TO_SUBSCRIBE,
 };
-use crate::config::MAX_IN_FLIGHT;
+use crate::config::{MAX_IN_FLIGHT, MAX_LINE_BEFORE_CONN};
 use crate::engine::{Attachment, Engine, Outcome, RecordSource, Records};
 use crate::limits::{Bucket, ClientSlot, Pacer};
 
@@ -131,8 +131,17 @@ impl LastSeen {
     }
 }
 
+/// The line limit a transport frames with until its client has connected:
+/// a CONN line is short, so a stranger cannot make the server buffer
+/// `limits.max_line_len` for every connection it opens.
+pub fn line_limit_before_conn(engine: &Engine) -> LineLimit {
+    LineLimit::new(MAX_LINE_BEFORE_CONN.min(engine.config().limits.max_line_len))
+}
+
 /// Serves one session until the client leaves, the transport fails, or
-/// `cancel` fires (checked between lines, never mid-reply).
+/// `cancel` fires (checked between lines, never mid-reply). `frames` come
+/// from a codec held to `line_limit`, which the session raises to
+/// `limits.max_line_len` once the client has connected.
 ///
 /// # Errors
 /// The transport's I/O error, if any.
@@ -140,6 +149,7 @@ pub async fn serve<R, W>(
     engine: Arc<Engine>,
     frames: R,
     sink: W,
+    line_limit: LineLimit,
     cancel: CancellationToken,
 ) -> io::Result<()>
 where
@@ -153,7 +163,7 @@ where
     // Stops the reader when the writer ends (the transport failed, or the
     // client did not answer a heartbeat).
     let stop = cancel.child_token();
-    let reader = read_loop(&engine, frames, tx, &stop, &seen, &replays);
+    let reader = read_loop(&engine, frames, &line_limit, tx, &stop, &seen, &replays);
     let writer = async {
         let result = write_loop(&engine, rx, sink, &seen, &replays).await;
         stop.cancel();
@@ -163,9 +173,11 @@ where
     read.and(write)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn read_loop<R>(
     engine: &Engine,
     mut frames: R,
+    line_limit: &LineLimit,
     tx: mpsc::Sender<Owed>,
     cancel: &CancellationToken,
     seen: &LastSeen,
@@ -246,14 +258,23 @@ where
                     ),
                 ))),
             ),
-            Frame::Line(line) => handle_line(engine, &mut client, replays, &line).await,
+            Frame::Line(line) => {
+                let was_connected = client.is_some();
+                let handled = handle_line(engine, &mut client, replays, &line).await;
+                if !was_connected && client.is_some() {
+                    line_limit.set(limits.max_line_len);
+                }
+                handled
+            }
             Frame::TooLong { max } => (
                 "UNKNOWN",
                 Some(Pending::Ready(Reply::fail(
                     ErrorCode::LineTooLong,
-                    format!(
-                    "the line is longer than {max} bytes and was dropped up to the next newline"
-                ),
+                    if client.is_none() && max < limits.max_line_len {
+                        format!("the line is longer than {max} bytes, the most before CONN, and was dropped up to the next newline")
+                    } else {
+                        format!("the line is longer than {max} bytes and was dropped up to the next newline")
+                    },
                 ))),
             ),
             Frame::InvalidEncoding => (

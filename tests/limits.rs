@@ -316,3 +316,22 @@ async fn an_idle_connection_without_subscriptions_is_closed_and_a_subscriber_is_
     subscriber.ping().await;
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_before_conn_are_short_and_after_it_take_the_configured_length() {
+    let (_dir, srv) = server_with(|_| {}).await;
+    let mut c = srv.client().await;
+    let long = format!(
+        "PUB;CLIENT_ID=a;EVENT_NAME=x/y;PAYLOAD=\"{}\";DELIVERY_TO=*",
+        "z".repeat(8000)
+    );
+    let before = c.cmd(&long).await;
+    assert_eq!(
+        before,
+        "-FAIL:LINE_TOO_LONG;MESSAGE=the line is longer than 4096 bytes, the most before CONN, and was dropped up to the next newline"
+    );
+    c.conn("a").await;
+    let after = c.cmd(&long).await;
+    assert!(after.starts_with("+PASS:PUBLISHED;"), "{after}");
+    srv.stop().await;
+}

@@ -5,6 +5,9 @@
 //! `-FAIL`, because tokio-util's framed stream stops for good after a
 //! decoder error. Only I/O errors end a connection.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -29,10 +32,32 @@ pub enum Frame {
     InvalidEncoding,
 }
 
+/// The longest line a codec accepts, shared with whoever may change it
+/// while the codec runs (a session raises it once its client is known).
+#[derive(Debug, Clone)]
+pub struct LineLimit(Arc<AtomicUsize>);
+
+impl LineLimit {
+    /// A limit of `max_line_len` bytes, line ending excluded.
+    pub fn new(max_line_len: usize) -> Self {
+        Self(Arc::new(AtomicUsize::new(max_line_len)))
+    }
+
+    /// The limit now.
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Changes the limit for the lines not yet framed.
+    pub fn set(&self, max_line_len: usize) {
+        self.0.store(max_line_len, Ordering::Relaxed);
+    }
+}
+
 /// The EnSync line codec.
 #[derive(Debug, Clone)]
 pub struct EnsyncCodec {
-    max_line_len: usize,
+    limit: LineLimit,
     /// Where to resume the search for LF in the buffer.
     next_index: usize,
     /// Inside an over-long line, dropping bytes up to its LF.
@@ -43,24 +68,28 @@ impl EnsyncCodec {
     /// A codec that accepts lines of up to `max_line_len` bytes (line ending
     /// excluded).
     pub fn new(max_line_len: usize) -> Self {
+        Self::with_limit(LineLimit::new(max_line_len))
+    }
+
+    /// A codec held to `limit`, which may change while it runs.
+    pub fn with_limit(limit: LineLimit) -> Self {
         Self {
-            max_line_len,
+            limit,
             next_index: 0,
             discarding: false,
         }
     }
 
     fn frame(&self, mut line: &[u8]) -> Option<Frame> {
+        let max_line_len = self.limit.get();
         if let Some(stripped) = line.strip_suffix(b"\r") {
             line = stripped;
         }
         if line.is_empty() {
             return None;
         }
-        if line.len() > self.max_line_len {
-            return Some(Frame::TooLong {
-                max: self.max_line_len,
-            });
+        if line.len() > max_line_len {
+            return Some(Frame::TooLong { max: max_line_len });
         }
         Some(match std::str::from_utf8(line) {
             Ok(text) => Frame::Line(text.to_owned()),
@@ -102,14 +131,13 @@ impl Decoder for EnsyncCodec {
                     }
                 }
                 (None, false) => {
+                    let max_line_len = self.limit.get();
                     // One byte of slack for the CR of a CRLF.
-                    if buf.len() > self.max_line_len + 1 {
+                    if buf.len() > max_line_len.saturating_add(1) {
                         buf.clear();
                         self.next_index = 0;
                         self.discarding = true;
-                        return Ok(Some(Frame::TooLong {
-                            max: self.max_line_len,
-                        }));
+                        return Ok(Some(Frame::TooLong { max: max_line_len }));
                     }
                     self.next_index = buf.len();
                     return Ok(None);

@@ -16,7 +16,7 @@ pub mod parse;
 pub mod record;
 pub mod reply;
 
-pub use codec::{EnsyncCodec, Frame, DEFAULT_MAX_LINE_LEN};
+pub use codec::{EnsyncCodec, Frame, LineLimit, DEFAULT_MAX_LINE_LEN};
 pub use command::Command;
 pub use error::{FieldError, ParseError};
 pub use parse::parse_command;

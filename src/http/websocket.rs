@@ -31,9 +31,10 @@ pub async fn serve(engine: Arc<Engine>, socket: WebSocket, cancel: CancellationT
     let _open = engine.metrics().connection(Transport::WebSocket);
     let (sink, incoming) = socket.split();
     let close = CloseSlot::default();
+    let line_limit = session::line_limit_before_conn(&engine);
     let frames = frames(
         incoming,
-        EnsyncCodec::new(engine.config().limits.max_line_len),
+        EnsyncCodec::with_limit(line_limit.clone()),
         Arc::clone(&close),
     );
     let sink = Closing {
@@ -43,7 +44,7 @@ pub async fn serve(engine: Arc<Engine>, socket: WebSocket, cancel: CancellationT
         stalled: None,
     }
     .with_flat_map(|out: Outbound| stream::iter(messages(out).into_iter().map(Ok)));
-    match session::serve(engine, frames, Box::pin(sink), cancel).await {
+    match session::serve(engine, frames, Box::pin(sink), line_limit, cancel).await {
         Ok(()) => debug!("websocket closed"),
         Err(e) if e.kind() == io::ErrorKind::TimedOut => {
             warn!("{e}; closing the websocket");
