@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, info_span, warn, Instrument};
 
-use crate::config::Config;
+use crate::config::{ClientEntry, Config};
 use crate::connection;
 use crate::engine::{Engine, EngineError};
 use crate::http::{self, HttpState};
@@ -88,6 +88,9 @@ pub async fn run(
         tcp: listener,
         http: http_listener,
     } = listeners;
+    if !config.clients.iter().any(ClientEntry::has_key) {
+        warn_if_exposed(&listener, http_listener.as_ref());
+    }
     let tracker = TaskTracker::new();
     let engine = {
         let (config, tracker) = (config.clone(), tracker.clone());
@@ -98,9 +101,6 @@ pub async fn run(
     let engine = Arc::new(engine);
     info!(data_dir = %config.data_dir.display(), head = engine.head(), "event log open");
 
-    if engine.is_open() {
-        warn_if_exposed(&listener, http_listener.as_ref());
-    }
     let cancel: CancellationToken = engine.stopping().clone();
     // Before retention starts: a resumed operation pins what it still
     // has to replay.

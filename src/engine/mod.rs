@@ -225,11 +225,6 @@ impl Engine {
         &self.config
     }
 
-    /// Whether any client id may connect (no access keys configured).
-    pub fn is_open(&self) -> bool {
-        self.access.is_open()
-    }
-
     /// Authenticates a CONN: the client, what it may do, and the success
     /// reply.
     ///
