@@ -173,18 +173,45 @@ impl<W: AsyncWrite + Unpin> Sink<Outbound> for LineSink<W> {
     }
 }
 
-/// Serves one TCP connection until it closes or `cancel` fires.
+/// Serves one TCP connection, over TLS when `tls` is set, until it closes
+/// or `cancel` fires.
 pub async fn serve(
     engine: Arc<Engine>,
     stream: TcpStream,
     peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     cancel: CancellationToken,
 ) {
     let _open = engine.metrics().connection(Transport::Tcp);
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
-    let (read, write) = stream.into_split();
+    let Some(acceptor) = tls else {
+        let (read, write) = stream.into_split();
+        return serve_halves(engine, read, write, cancel).await;
+    };
+    // IMPORTANT: the handshake runs here, on the connection's own task,
+    // never in the accept loop: a client slow to finish it must not hold
+    // up anyone else's connection.
+    let handshake = tokio::select! {
+        () = cancel.cancelled() => return,
+        handshake = crate::tls::handshake(&acceptor, stream) => handshake,
+    };
+    match handshake {
+        Ok(stream) => {
+            let (read, write) = tokio::io::split(stream);
+            serve_halves(engine, read, write, cancel).await;
+        }
+        Err(e) => debug!(%peer, error = %e, "TLS handshake failed; connection closed"),
+    }
+}
+
+/// Runs the session over a connection's two halves, plain or TLS alike.
+async fn serve_halves<R, W>(engine: Arc<Engine>, read: R, write: W, cancel: CancellationToken)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     let line_limit = session::line_limit_before_conn(&engine);
     let frames = FramedRead::new(read, EnsyncCodec::with_limit(line_limit.clone()));
     let limits = engine.config().limits;

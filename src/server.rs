@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -17,6 +17,7 @@ use crate::config::{ClientEntry, Config};
 use crate::connection;
 use crate::engine::{Engine, EngineError};
 use crate::http::{self, HttpState};
+use crate::tls::{self, TlsError};
 
 /// How long shutdown waits for connections to finish what they were
 /// answering before it stops the store anyway.
@@ -26,7 +27,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
-/// How long a refused connection gets to take its `-FAIL` line.
+/// How long a refused connection gets to take its `-FAIL` line (over TLS,
+/// the handshake included).
 const REFUSAL_WRITE: Duration = Duration::from_secs(1);
 
 /// Refused connections are logged at most this often.
@@ -44,12 +46,24 @@ fn warn_if_exposed(tcp: &TcpListener, http: Option<&TcpListener>) {
 }
 
 /// Tells a connection past `max_connections` why it is closed.
-async fn refuse(mut stream: TcpStream, max: usize) {
+///
+/// Over TLS a plain line would be noise to the client, so the handshake
+/// is done first; it shares the one `REFUSAL_WRITE` budget with the line,
+/// so a refused connection costs no more time than over plain TCP.
+async fn refuse(stream: TcpStream, max: usize, tls: Option<tokio_rustls::TlsAcceptor>) {
     let line = format!("-FAIL:TOO_MANY_CONNECTIONS;MESSAGE=the server has {max} connections open (limits.max_connections), try again later\n");
-    let written = tokio::time::timeout(REFUSAL_WRITE, stream.write_all(line.as_bytes())).await;
-    if matches!(written, Ok(Ok(()))) {
-        let _ = stream.shutdown().await;
-    }
+    let _ = tokio::time::timeout(REFUSAL_WRITE, async {
+        match tls {
+            None => write_and_close(stream, &line).await,
+            Some(acceptor) => write_and_close(acceptor.accept(stream).await?, &line).await,
+        }
+    })
+    .await;
+}
+
+async fn write_and_close(mut stream: impl AsyncWrite + Unpin, line: &str) -> std::io::Result<()> {
+    stream.write_all(line.as_bytes()).await?;
+    stream.shutdown().await
 }
 
 /// Why the server stopped with an error.
@@ -58,6 +72,9 @@ pub enum ServerError {
     /// The engine would not start.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// A `[tls]` file cannot be used.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Opening the store panicked or was cancelled.
     #[error("the store could not be opened: {0}")]
     Startup(String),
@@ -78,7 +95,7 @@ pub struct Listeners {
 /// releases the data directory before returning.
 ///
 /// # Errors
-/// When the store cannot be opened.
+/// When the `[tls]` files cannot be used or the store cannot be opened.
 pub async fn run(
     listeners: Listeners,
     config: Config,
@@ -90,6 +107,17 @@ pub async fn run(
     } = listeners;
     if !config.clients.iter().any(ClientEntry::has_key) {
         warn_if_exposed(&listener, http_listener.as_ref());
+    }
+    // Before the store: a bad certificate should not wait on a large log.
+    let (tcp_tls, http_tls) = config
+        .tls
+        .as_ref()
+        .map(tls::load)
+        .transpose()?
+        .map(|acceptors| (acceptors.tcp, acceptors.http))
+        .unzip();
+    if let Some(files) = &config.tls {
+        info!(cert = %files.cert.display(), "TLS on both listeners");
     }
     let tracker = TaskTracker::new();
     let engine = {
@@ -115,7 +143,7 @@ pub async fn run(
             cancel: cancel.child_token(),
         };
         tracker.spawn(async move {
-            if let Err(e) = http::serve(http_listener, state).await {
+            if let Err(e) = http::serve(http_listener, http_tls, state).await {
                 error!(error = %e, "the HTTP listener failed");
             }
         });
@@ -145,14 +173,18 @@ pub async fn run(
                 warn!(%peer, refused, "refusing connections: {} are open (limits.max_connections)", config.limits.max_connections);
                 (refused, last_refusal_log) = (0, Some(Instant::now()));
             }
-            tracker.spawn(refuse(stream, config.limits.max_connections));
+            tracker.spawn(refuse(
+                stream,
+                config.limits.max_connections,
+                tcp_tls.clone(),
+            ));
             continue;
         };
         let span = info_span!("conn", %peer, client_id = tracing::field::Empty);
-        let (engine, cancel) = (Arc::clone(&engine), cancel.child_token());
+        let (engine, cancel, tls) = (Arc::clone(&engine), cancel.child_token(), tcp_tls.clone());
         tracker.spawn(
             async move {
-                connection::serve(engine, stream, peer, cancel).await;
+                connection::serve(engine, stream, peer, tls, cancel).await;
                 drop(permit);
             }
             .instrument(span),

@@ -23,6 +23,9 @@ impl fmt::Display for FieldError {
 
 impl std::error::Error for FieldError {}
 
+/// Longest MESSAGE of a parse error, in bytes.
+const MAX_MESSAGE: usize = 1024;
+
 /// Why a line is not a command. Each variant is answered with one `-FAIL`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -111,10 +114,20 @@ impl ParseError {
     ///
     /// `max_limit` is the server's LIMIT maximum, named in the LIMIT error.
     pub fn to_reply(&self, max_limit: u32) -> Reply {
-        let message = match self {
+        let mut message = match self {
             ParseError::InvalidLimit => format!("LIMIT must be an integer from 1 to {max_limit}"),
             other => other.to_string(),
         };
+        // A backstop: the variants repeat at most a short piece of what
+        // the client sent, but a reply must never grow with its line.
+        if message.len() > MAX_MESSAGE {
+            let mut cut = MAX_MESSAGE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("...");
+        }
         Reply::fail(self.code(), message)
     }
 }

@@ -451,31 +451,45 @@ impl DeliveryTo {
     }
 }
 
+/// Most characters of a client's value an error message repeats.
+const SHOWN_CHARS: usize = 64;
+
+/// `text` quoted for an error message, cut after [`SHOWN_CHARS`]: a
+/// message names the value, it does not echo a megabyte of it back.
+pub(crate) fn shown(text: &str) -> String {
+    match text.char_indices().nth(SHOWN_CHARS) {
+        None => format!("{text:?}"),
+        Some((cut, _)) => format!("{:?}... ({} bytes)", &text[..cut], text.len()),
+    }
+}
+
 impl FromStr for DeliveryTo {
     type Err = FieldError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut recipients: Vec<Recipient> = Vec::new();
+        // A set, not a scan of `recipients`: a 1 MiB line holds 100,000s
+        // of entries, and comparing each with all before it took minutes.
+        let mut seen = std::collections::HashSet::new();
         for entry in s.split(',').map(str::trim) {
+            if !seen.insert(entry) {
+                continue;
+            }
+            if seen.len() > MAX_RECIPIENTS {
+                return Err(FieldError::new(format!(
+                    "lists more than {MAX_RECIPIENTS} recipients"
+                )));
+            }
             let recipient = if entry == "*" {
                 Recipient::All
             } else if entry.is_empty() {
                 return Err(FieldError::new("has an empty entry"));
             } else {
-                Recipient::Client(
-                    entry
-                        .parse()
-                        .map_err(|e: FieldError| FieldError::new(format!("entry {entry:?} {e}")))?,
-                )
+                Recipient::Client(entry.parse().map_err(|e: FieldError| {
+                    FieldError::new(format!("entry {} {e}", shown(entry)))
+                })?)
             };
-            if !recipients.contains(&recipient) {
-                recipients.push(recipient);
-            }
-        }
-        if recipients.len() > MAX_RECIPIENTS {
-            return Err(FieldError::new(format!(
-                "lists more than {MAX_RECIPIENTS} recipients"
-            )));
+            recipients.push(recipient);
         }
         Ok(DeliveryTo(recipients))
     }
@@ -553,6 +567,26 @@ pub(crate) fn parse_block(s: &str) -> Result<u64, FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_huge_recipient_list_is_refused_at_its_limit_not_after_reading_it_all() {
+        let list: Vec<String> = (0..200_000).map(|i| format!("r{i}")).collect();
+        let refused = list.join(",").parse::<DeliveryTo>().expect_err("too many");
+        assert_eq!(refused.to_string(), "lists more than 1000 recipients");
+        // Repeats are one recipient, however many there are.
+        let repeated = vec!["a"; 200_000].join(",");
+        let one = repeated.parse::<DeliveryTo>().expect("one recipient");
+        assert_eq!(one.to_string(), "a");
+    }
+
+    #[test]
+    fn an_invalid_recipient_is_named_not_echoed_in_full() {
+        let entry = "\u{1}".repeat(1 << 20);
+        let refused = entry.parse::<DeliveryTo>().expect_err("control bytes");
+        let message = refused.to_string();
+        assert!(message.len() < 600, "{} bytes", message.len());
+        assert!(message.contains("(1048576 bytes)"), "{message}");
+    }
 
     mod patterns {
         use super::*;

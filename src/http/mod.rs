@@ -1,5 +1,6 @@
 //! The HTTP listener: the protocol over WebSocket at `/message`, the
-//! operator API (async replays), `/healthz` and `/metrics`.
+//! operator API (async replays), `/healthz` and `/metrics`, over plain
+//! TCP or TLS.
 //!
 //! axum serves it: it is the tokio project's own HTTP framework, built on
 //! hyper, with WebSocket upgrades (through tungstenite), routing and
@@ -15,15 +16,18 @@ use axum::http::{header, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info_span, Instrument};
 
 use crate::engine::Engine;
+use crate::tls::HttpsListener;
 
 mod admin;
 pub mod websocket;
@@ -41,19 +45,31 @@ pub struct HttpState {
     pub cancel: CancellationToken,
 }
 
-/// Serves HTTP on `listener` until `cancel` fires.
+/// Serves HTTP on `listener`, over TLS when `tls` is set, until `cancel`
+/// fires.
 ///
 /// # Errors
 /// When the listener fails.
-pub async fn serve(listener: TcpListener, state: HttpState) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    state: HttpState,
+) -> std::io::Result<()> {
     let cancel = state.cancel.clone();
-    let app = router(state);
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(cancel.cancelled_owned())
-    .await
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let Some(acceptor) = tls else {
+        return axum::serve(listener, app)
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+    };
+    // NOTE: axum provides `ConnectInfo<SocketAddr>` (which `/message`
+    // takes) for its own TcpListener and for any listener wrapped by
+    // `tap_io`, and the orphan rule keeps us from adding it for ours: the
+    // tap that does nothing is what makes the peer address available.
+    let listener = HttpsListener::new(listener, acceptor).tap_io(|_| {});
+    axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await
 }
 
 /// Every route.

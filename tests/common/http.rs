@@ -531,6 +531,11 @@ pub struct WsClient {
 }
 
 impl WsClient {
+    /// Wraps a WebSocket the test opened itself (over TLS, say).
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> WsClient {
+        WsClient { ws }
+    }
+
     /// Opens `ws://<addr>/message`.
     pub async fn connect(addr: SocketAddr) -> WsClient {
         let url = format!("ws://{addr}/message");
