@@ -203,24 +203,32 @@ where
     };
     let opened = Instant::now();
     let mut last_command = opened;
+    // One timer, moved on only when it fires: resetting it for every
+    // command would cost a timer-wheel update per line.
+    let timer = tokio::time::sleep_until(opened + limits.login_timeout);
+    tokio::pin!(timer);
     loop {
-        let deadline = match &client {
-            None => opened + limits.login_timeout,
-            Some(_) => last_command + limits.idle_timeout,
-        };
         let wake = tokio::select! {
             () = cancel.cancelled() => Wake::Cancelled,
-            () = tokio::time::sleep_until(deadline) => Wake::Deadline,
+            () = &mut timer => Wake::Deadline,
             frame = frames.next() => Wake::Frame(frame),
         };
         let frame = match wake {
             Wake::Cancelled => return Ok(()),
             Wake::Frame(frame) => frame,
             Wake::Deadline => {
+                let deadline = match &client {
+                    None => opened + limits.login_timeout,
+                    Some(_) => last_command + limits.idle_timeout,
+                };
+                if deadline > Instant::now() {
+                    timer.as_mut().reset(deadline);
+                    continue;
+                }
                 let message = match &client {
                     Some(c) if engine.has_subscriptions(&c.id) => {
                         // A subscriber waiting for events is not idle.
-                        last_command = Instant::now();
+                        timer.as_mut().reset(Instant::now() + limits.idle_timeout);
                         continue;
                     }
                     Some(_) => format!("no command for {} and no subscription (limits.idle_timeout), closing the connection", humantime::format_duration(limits.idle_timeout)),
@@ -263,6 +271,7 @@ where
                 let handled = handle_line(engine, &mut client, replays, &line).await;
                 if !was_connected && client.is_some() {
                     line_limit.set(limits.max_line_len);
+                    timer.as_mut().reset(last_command + limits.idle_timeout);
                 }
                 handled
             }
