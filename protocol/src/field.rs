@@ -461,6 +461,13 @@ impl FromStr for DeliveryTo {
                 Recipient::All
             } else if entry.is_empty() {
                 return Err(FieldError::new("has an empty entry"));
+            } else if entry.starts_with('[') {
+                // NOTE: written back first in the list (entries trimmed), it
+                // would make the value read as JSON: ` [a` has no canonical
+                // form.
+                return Err(FieldError::new(format!(
+                    "entry {entry:?} begins with '[' (a list beginning with '[' reads as a JSON value)"
+                )));
             } else {
                 Recipient::Client(
                     entry
@@ -616,6 +623,24 @@ mod tests {
             for bad in ["", "yesterday", "evt_", "evt_a;b", "-5", "12.5"] {
                 assert!(bad.parse::<Position>().is_err(), "{bad}");
             }
+        }
+    }
+
+    mod recipients {
+        use super::*;
+
+        #[test]
+        fn rejects_entries_beginning_with_a_bracket() {
+            for bad in [" [a", "[a]", "b, [a", "[a,b]"] {
+                assert!(bad.parse::<DeliveryTo>().is_err(), "{bad}");
+            }
+            assert_eq!(
+                " b , a[ ,b"
+                    .parse::<DeliveryTo>()
+                    .ok()
+                    .map(|d| d.to_string()),
+                Some("b,a[".to_owned())
+            );
         }
     }
 
