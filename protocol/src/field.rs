@@ -661,6 +661,16 @@ mod tests {
         }
 
         #[test]
+        fn metadata_numbers_keep_their_value_through_re_encoding() {
+            // Too large for u64, so read as a float: its compact form must
+            // read back as the same float.
+            let long = format!(r#"{{"n":9999{}}}"#, "7".repeat(65));
+            let once = long.parse::<Metadata>().expect("an object");
+            let twice = once.as_str().parse::<Metadata>().expect("an object");
+            assert_eq!(twice, once);
+        }
+
+        #[test]
         fn metadata_refuses_reserved_keys() {
             assert!(r#"{"REPLAYED":false}"#.parse::<Metadata>().is_err());
             assert!("[1]".parse::<Metadata>().is_err());
