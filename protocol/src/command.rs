@@ -289,7 +289,11 @@ struct Keys<'a, 'b>(&'a mut fmt::Formatter<'b>);
 
 impl Keys<'_, '_> {
     fn key(&mut self, key: &str, value: impl fmt::Display) -> fmt::Result {
-        write!(self.0, ";{key}={value}")
+        let value = value.to_string();
+        // NOTE: `KEY=:VALUE` reads as `KEY=VALUE`, so a value that begins
+        // with ':' (a REASON can) keeps it only as `KEY=::value`.
+        let colon = if value.starts_with(':') { ":" } else { "" };
+        write!(self.0, ";{key}={colon}{value}")
     }
 
     fn opt(&mut self, key: &str, value: Option<impl fmt::Display>) -> fmt::Result {
@@ -374,5 +378,17 @@ impl fmt::Display for Command {
             }
             Command::Ping | Command::Pong => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod encode_command {
+    use crate::parse_command;
+
+    #[test]
+    fn value_beginning_with_colon_is_written_after_another_colon() {
+        let cmd = parse_command("PAUSE;CLIENT_ID=a;EVENT_NAME=b;REASON=::x").expect("parses");
+        assert_eq!(cmd.to_string(), "PAUSE;CLIENT_ID=a;EVENT_NAME=b;REASON=::x");
+        assert_eq!(parse_command(&cmd.to_string()).ok(), Some(cmd));
     }
 }

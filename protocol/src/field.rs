@@ -484,6 +484,13 @@ impl FromStr for DeliveryTo {
                 Recipient::All
             } else if entry.is_empty() {
                 return Err(FieldError::new("has an empty entry"));
+            } else if entry.starts_with('[') {
+                // NOTE: written back first in the list (entries trimmed), it
+                // would make the value read as JSON: ` [a` has no canonical
+                // form.
+                return Err(FieldError::new(format!(
+                    "entry {entry:?} begins with '[' (a list beginning with '[' reads as a JSON value)"
+                )));
             } else {
                 Recipient::Client(entry.parse().map_err(|e: FieldError| {
                     FieldError::new(format!("entry {} {e}", shown(entry)))
@@ -653,6 +660,24 @@ mod tests {
         }
     }
 
+    mod recipients {
+        use super::*;
+
+        #[test]
+        fn rejects_entries_beginning_with_a_bracket() {
+            for bad in [" [a", "[a]", "b, [a", "[a,b]"] {
+                assert!(bad.parse::<DeliveryTo>().is_err(), "{bad}");
+            }
+            assert_eq!(
+                " b , a[ ,b"
+                    .parse::<DeliveryTo>()
+                    .ok()
+                    .map(|d| d.to_string()),
+                Some("b,a[".to_owned())
+            );
+        }
+    }
+
     mod payloads {
         use super::*;
 
@@ -667,6 +692,16 @@ mod tests {
                 Some(Payload::Base64("aGVsbG8=".into()))
             );
             assert!("not base64!".parse::<Payload>().is_err());
+        }
+
+        #[test]
+        fn metadata_numbers_keep_their_value_through_re_encoding() {
+            // Too large for u64, so read as a float: its compact form must
+            // read back as the same float.
+            let long = format!(r#"{{"n":9999{}}}"#, "7".repeat(65));
+            let once = long.parse::<Metadata>().expect("an object");
+            let twice = once.as_str().parse::<Metadata>().expect("an object");
+            assert_eq!(twice, once);
         }
 
         #[test]

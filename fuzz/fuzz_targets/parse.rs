@@ -1,0 +1,7 @@
+//! One line of arbitrary text through the parser: see `check_line` in the
+//! crate root. Invalid UTF-8 is replaced, so every input reaches it.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| ensync_protocol_fuzz::check_line(&String::from_utf8_lossy(data)));
