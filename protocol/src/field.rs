@@ -489,7 +489,8 @@ impl FromStr for DeliveryTo {
                 // would make the value read as JSON: ` [a` has no canonical
                 // form.
                 return Err(FieldError::new(format!(
-                    "entry {entry:?} begins with '[' (a list beginning with '[' reads as a JSON value)"
+                    "entry {} begins with '[' (a list beginning with '[' reads as a JSON value)",
+                    shown(entry)
                 )));
             } else {
                 Recipient::Client(entry.parse().map_err(|e: FieldError| {
