@@ -638,14 +638,39 @@ impl<'n> Cursor<'n> {
     }
 }
 
+/// How long opening waits for the data directory's lock.
+///
+/// Dropping a `Db` does not release the lock at once: sled's background
+/// threads hold the database until they notice, so a store closed and
+/// reopened in one process (a restart in place, the tests) can find it
+/// still taken for a moment. Another process holding it is not waited out
+/// for long.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Opens the sled database in `dir`. It holds no event bytes, only where
 /// they lie and the rest of the state: a small cache serves it.
 fn open_db(dir: &Path) -> Result<Db> {
-    Ok(sled::Config::new()
+    let config = sled::Config::new()
         .path(dir)
         .flush_every_ms(None)
-        .cache_capacity(64 * 1024 * 1024)
-        .open()?)
+        .cache_capacity(64 * 1024 * 1024);
+    // sled reports a taken lock only in its message (kind `Other`).
+    let locked = |e: &std::io::Error| e.to_string().starts_with("could not acquire lock");
+    let started = std::time::Instant::now();
+    loop {
+        match config.open() {
+            Err(sled::Error::Io(e)) if locked(&e) && started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(sled::Error::Io(e)) if locked(&e) => {
+                return Err(StoreError::Backend(format!(
+                    "{} is in use by another process (is another ensync-server running on this data directory?): {e}",
+                    dir.display()
+                )))
+            }
+            opened => return Ok(opened?),
+        }
+    }
 }
 
 impl SledLog {
