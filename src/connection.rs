@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io::IoSlice;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -17,13 +16,13 @@ use ensync_protocol::EnsyncCodec;
 use futures_util::Sink;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
-use tokio::time::Sleep;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::engine::Engine;
-use crate::metrics::Transport;
+use crate::limits::{StallTimer, Stalled};
+use crate::metrics::{Closed, Transport};
 use crate::session::{self, Outbound};
 
 /// Record chunks at least this long are written from their own memory
@@ -42,9 +41,7 @@ const MAX_SLICES: usize = 64;
 struct LineSink<W> {
     io: W,
     high_water: usize,
-    send_timeout: Duration,
-    /// Armed while a write waits on the client.
-    stalled: Option<Pin<Box<Sleep>>>,
+    stall: StallTimer,
     /// Encoded lines not yet queued.
     buf: BytesMut,
     /// What waits to be written, in order.
@@ -58,8 +55,7 @@ impl<W: AsyncWrite + Unpin> LineSink<W> {
         Self {
             io,
             high_water,
-            send_timeout,
-            stalled: None,
+            stall: StallTimer::new(send_timeout),
             buf: BytesMut::with_capacity(8 * 1024),
             queue: VecDeque::new(),
             queued: 0,
@@ -91,32 +87,15 @@ impl<W: AsyncWrite + Unpin> LineSink<W> {
             }
             let written = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..used]) {
                 Poll::Ready(written) => written?,
-                Poll::Pending => return self.poll_stalled(cx),
+                Poll::Pending => return self.stall.poll_waiting(cx),
             };
-            self.stalled = None;
+            self.stall.progressed();
             if written == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
             self.consume(written);
         }
         Poll::Ready(Ok(()))
-    }
-
-    /// Waits for the client to read, up to the send timeout.
-    fn poll_stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let timeout = self.send_timeout;
-        let stalled = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        ready!(stalled.as_mut().poll(cx));
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "the client read nothing for {} with {} bytes waiting for it (limits.send_timeout)",
-                humantime::format_duration(timeout),
-                self.queued
-            ),
-        )))
     }
 
     /// Drops the first `written` queued bytes.
@@ -202,7 +181,10 @@ pub async fn serve(
             let (read, write) = tokio::io::split(stream);
             serve_halves(engine, read, write, cancel).await;
         }
-        Err(e) => debug!(%peer, error = %e, "TLS handshake failed; connection closed"),
+        Err(e) => {
+            engine.metrics().closed(Closed::TlsHandshake);
+            debug!(%peer, error = %e, "TLS handshake failed; connection closed");
+        }
     }
 }
 
@@ -217,9 +199,10 @@ where
     let limits = engine.config().limits;
     let high_water = usize::try_from(limits.max_outbound_bytes).unwrap_or(usize::MAX);
     let sink = LineSink::new(write, high_water, limits.send_timeout);
-    match session::serve(engine, frames, sink, line_limit, cancel).await {
+    match session::serve(Arc::clone(&engine), frames, sink, line_limit, cancel).await {
         Ok(()) => debug!("connection closed"),
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+        Err(e) if Stalled::is(&e) => {
+            engine.metrics().closed(Closed::SendTimeout);
             warn!("{e}; closing the connection");
         }
         Err(e) => debug!(error = %e, "connection ended by an I/O error"),

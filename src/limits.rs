@@ -2,11 +2,15 @@
 //! the connections, its command rate, and the pace of its replays.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use ensync_protocol::field::ClientId;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// A token bucket: `rate` tokens a second, holding at most `burst`.
 #[derive(Debug)]
@@ -171,6 +175,56 @@ impl ClientSlots {
             client: client.clone(),
             pacer: Arc::clone(pacer),
         })
+    }
+}
+
+/// A client that read nothing of its output for the send timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the client read nothing for {} with output waiting for it (limits.send_timeout)", humantime::format_duration(*.0))]
+pub struct Stalled(Duration);
+
+impl Stalled {
+    /// Whether `e` is a transport giving up on a stalled client.
+    pub fn is(e: &io::Error) -> bool {
+        e.get_ref().is_some_and(|inner| inner.is::<Stalled>())
+    }
+}
+
+/// Times how long a connection's output has waited on its client; a
+/// transport's sink holds one and consults it whenever a write waits.
+#[derive(Debug)]
+pub struct StallTimer {
+    timeout: Duration,
+    /// Armed while a write waits on the client.
+    armed: Option<Pin<Box<Sleep>>>,
+}
+
+impl StallTimer {
+    /// A timer that gives up after `timeout` without progress.
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            armed: None,
+        }
+    }
+
+    /// The client took some output: the wait starts over.
+    pub fn progressed(&mut self) {
+        self.armed = None;
+    }
+
+    /// The client took nothing: pending until it has waited the timeout,
+    /// then the error that ends the connection.
+    pub fn poll_waiting(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let timeout = self.timeout;
+        let armed = self
+            .armed
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        ready!(armed.as_mut().poll(cx));
+        Poll::Ready(Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            Stalled(timeout),
+        )))
     }
 }
 

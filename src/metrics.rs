@@ -22,6 +22,7 @@ const REPLAY_BUCKETS: &[f64] = &[
 pub struct Metrics {
     registry: Registry,
     connections: IntGaugeVec,
+    closed: IntCounterVec,
     commands: IntCounterVec,
     published: IntCounter,
     delivered: IntCounter,
@@ -40,6 +41,36 @@ pub enum Transport {
     Tcp,
     /// A WebSocket on the HTTP listener.
     WebSocket,
+}
+
+/// Why the server closed or refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Refused at `limits.max_connections`.
+    MaxConnections,
+    /// No CONN within `limits.login_timeout`.
+    LoginTimeout,
+    /// Idle past `limits.idle_timeout` without subscriptions.
+    IdleTimeout,
+    /// No answer to the heartbeat's PING.
+    Heartbeat,
+    /// The client read nothing for `limits.send_timeout`.
+    SendTimeout,
+    /// The TLS handshake failed or took too long.
+    TlsHandshake,
+}
+
+impl Closed {
+    fn label(self) -> &'static str {
+        match self {
+            Closed::MaxConnections => "max_connections",
+            Closed::LoginTimeout => "login_timeout",
+            Closed::IdleTimeout => "idle_timeout",
+            Closed::Heartbeat => "heartbeat",
+            Closed::SendTimeout => "send_timeout",
+            Closed::TlsHandshake => "tls_handshake",
+        }
+    }
 }
 
 impl Transport {
@@ -63,6 +94,14 @@ impl Metrics {
         let connections = IntGaugeVec::new(
             Opts::new("connections", "Open client connections"),
             &["transport"],
+        )
+        .expect("valid metric");
+        let closed = IntCounterVec::new(
+            Opts::new(
+                "connections_closed_total",
+                "Connections the server closed or refused, by why (see Closed)",
+            ),
+            &["reason"],
         )
         .expect("valid metric");
         let commands = IntCounterVec::new(
@@ -113,6 +152,7 @@ impl Metrics {
         let metrics = Self {
             registry,
             connections,
+            closed,
             commands,
             published,
             delivered,
@@ -129,8 +169,9 @@ impl Metrics {
 
     #[allow(clippy::expect_used)]
     fn register(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 10] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
             Box::new(self.connections.clone()),
+            Box::new(self.closed.clone()),
             Box::new(self.commands.clone()),
             Box::new(self.published.clone()),
             Box::new(self.delivered.clone()),
@@ -153,6 +194,11 @@ impl Metrics {
         let gauge = self.connections.with_label_values(&[transport.label()]);
         gauge.inc();
         ConnectionGuard(gauge)
+    }
+
+    /// The server closed or refused a connection.
+    pub fn closed(&self, why: Closed) {
+        self.closed.with_label_values(&[why.label()]).inc();
     }
 
     /// A command answered with `outcome` (`PASS` or a FAIL code).

@@ -17,6 +17,7 @@ use crate::config::{ClientEntry, Config};
 use crate::connection;
 use crate::engine::{Engine, EngineError};
 use crate::http::{self, HttpState};
+use crate::metrics::Closed;
 use crate::tls::{self, TlsError};
 
 /// How long shutdown waits for connections to finish what they were
@@ -173,6 +174,7 @@ pub async fn run(
                 warn!(%peer, refused, "refusing connections: {} are open (limits.max_connections)", config.limits.max_connections);
                 (refused, last_refusal_log) = (0, Some(Instant::now()));
             }
+            engine.metrics().closed(Closed::MaxConnections);
             tracker.spawn(refuse(
                 stream,
                 config.limits.max_connections,

@@ -29,6 +29,7 @@ use crate::access::{
 use crate::config::{MAX_IN_FLIGHT, MAX_LINE_BEFORE_CONN};
 use crate::engine::{Attachment, Engine, Outcome, RecordSource, Records};
 use crate::limits::{Bucket, ClientSlot, Pacer};
+use crate::metrics::Closed;
 
 /// What a session writes: a reply, pre-encoded record lines (each ending
 /// in LF; a WebSocket transport sends one frame per line), or a heartbeat.
@@ -225,15 +226,16 @@ where
                     timer.as_mut().reset(deadline);
                     continue;
                 }
-                let message = match &client {
+                let (why, message) = match &client {
                     Some(c) if engine.has_subscriptions(&c.id) => {
                         // A subscriber waiting for events is not idle.
                         timer.as_mut().reset(Instant::now() + limits.idle_timeout);
                         continue;
                     }
-                    Some(_) => format!("no command for {} and no subscription (limits.idle_timeout), closing the connection", humantime::format_duration(limits.idle_timeout)),
-                    None => format!("no CONN within {} of connecting (limits.login_timeout), closing the connection", humantime::format_duration(limits.login_timeout)),
+                    Some(_) => (Closed::IdleTimeout, format!("no command for {} and no subscription (limits.idle_timeout), closing the connection", humantime::format_duration(limits.idle_timeout))),
+                    None => (Closed::LoginTimeout, format!("no CONN within {} of connecting (limits.login_timeout), closing the connection", humantime::format_duration(limits.login_timeout))),
                 };
+                engine.metrics().closed(why);
                 info!("{message}");
                 send(
                     "UNKNOWN",
@@ -470,6 +472,7 @@ where
                 match ping_sent {
                     Some(sent) if last >= sent => ping_sent = None,
                     Some(_) => {
+                        engine.metrics().closed(Closed::Heartbeat);
                         info!(timeout = ?heartbeat.timeout, "no answer to PING; closing the connection");
                         break;
                     }

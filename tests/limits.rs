@@ -20,6 +20,13 @@ async fn server_with(tune: impl FnOnce(&mut Config)) -> (tempfile::TempDir, Test
     (dir, srv)
 }
 
+/// How many connections the server closed or refused for `reason`.
+async fn closed(srv: &TestServer, reason: &str) -> f64 {
+    common::http::scrape(srv.http_addr)
+        .await
+        .value("ensync_connections_closed_total", &[("reason", reason)])
+}
+
 /// Reads until the server closes the connection; panics if it does not
 /// within `wait`. Returns the lines read.
 async fn until_closed(c: &mut Client, wait: Duration) -> Vec<String> {
@@ -51,8 +58,9 @@ async fn past_max_connections_a_client_is_told_and_closed_and_a_freed_slot_is_re
         lines[0].starts_with("-FAIL:TOO_MANY_CONNECTIONS;MESSAGE=the server has 3 connections open (limits.max_connections)"),
         "{lines:?}"
     );
-    // The open ones are unaffected.
+    // The open ones are unaffected; the refusal is counted.
     open[0].ping().await;
+    assert_eq!(closed(&srv, "max_connections").await, 1.0);
     drop(open.pop());
     // The freed slot is taken as soon as the server sees it go.
     let deadline = Instant::now() + LINE_TIMEOUT;
@@ -291,6 +299,7 @@ async fn a_connection_that_never_conns_is_told_and_closed() {
         lines,
         vec!["-FAIL:TIMEOUT;MESSAGE=no CONN within 300ms of connecting (limits.login_timeout), closing the connection"]
     );
+    assert_eq!(closed(&srv, "login_timeout").await, 1.0);
     // A connection that CONNs in time stays.
     let mut d = srv.client().await;
     d.conn("d").await;
@@ -312,6 +321,7 @@ async fn an_idle_connection_without_subscriptions_is_closed_and_a_subscriber_is_
         lines,
         vec!["-FAIL:TIMEOUT;MESSAGE=no command for 300ms and no subscription (limits.idle_timeout), closing the connection"]
     );
+    assert_eq!(closed(&srv, "idle_timeout").await, 1.0);
     tokio::time::sleep(Duration::from_millis(400)).await;
     subscriber.ping().await;
     srv.stop().await;

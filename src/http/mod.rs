@@ -27,6 +27,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info_span, Instrument};
 
 use crate::engine::Engine;
+use crate::metrics::Closed;
 use crate::tls::HttpsListener;
 
 mod admin;
@@ -172,6 +173,7 @@ async fn websocket(
         }
     };
     let Ok(permit) = Arc::clone(&state.permits).try_acquire_owned() else {
+        state.engine.metrics().closed(Closed::MaxConnections);
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
             "the server is at its connection limit (limits.max_connections); try again later",

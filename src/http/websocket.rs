@@ -6,24 +6,22 @@
 //! exactly those of TCP. A frame holding several LF-separated lines counts
 //! as several commands, as it would over TCP.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
 
 use axum::extract::ws::{close_code, CloseFrame, Message, Utf8Bytes, WebSocket};
 use bytes::{BufMut, Bytes, BytesMut};
 use ensync_protocol::{EnsyncCodec, Frame};
 use futures_util::{stream, Sink, SinkExt, Stream, StreamExt};
-use tokio::time::Sleep;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use crate::engine::Engine;
-use crate::metrics::Transport;
+use crate::limits::{StallTimer, Stalled};
+use crate::metrics::{Closed, Transport};
 use crate::session::{self, Outbound};
 
 /// Serves one upgraded WebSocket until it closes or `cancel` fires.
@@ -40,13 +38,21 @@ pub async fn serve(engine: Arc<Engine>, socket: WebSocket, cancel: CancellationT
     let sink = Closing {
         inner: sink,
         close,
-        send_timeout: engine.config().limits.send_timeout,
-        stalled: None,
+        stall: StallTimer::new(engine.config().limits.send_timeout),
     }
     .with_flat_map(|out: Outbound| stream::iter(messages(out).into_iter().map(Ok)));
-    match session::serve(engine, frames, Box::pin(sink), line_limit, cancel).await {
+    match session::serve(
+        Arc::clone(&engine),
+        frames,
+        Box::pin(sink),
+        line_limit,
+        cancel,
+    )
+    .await
+    {
         Ok(()) => debug!("websocket closed"),
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+        Err(e) if Stalled::is(&e) => {
+            engine.metrics().closed(Closed::SendTimeout);
             warn!("{e}; closing the websocket");
         }
         Err(e) => debug!(error = %e, "websocket ended by an error"),
@@ -110,9 +116,7 @@ fn frames(
 struct Closing<S> {
     inner: S,
     close: CloseSlot,
-    send_timeout: Duration,
-    /// Armed while the socket waits on the client.
-    stalled: Option<Pin<Box<Sleep>>>,
+    stall: StallTimer,
 }
 
 impl<S> Closing<S> {
@@ -127,21 +131,10 @@ impl<S> Closing<S> {
         E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         if let Poll::Ready(done) = poll {
-            self.stalled = None;
+            self.stall.progressed();
             return Poll::Ready(done.map_err(io::Error::other));
         }
-        let timeout = self.send_timeout;
-        let stalled = self
-            .stalled
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-        ready!(stalled.as_mut().poll(cx));
-        Poll::Ready(Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "the client read nothing for {} (limits.send_timeout)",
-                humantime::format_duration(timeout)
-            ),
-        )))
+        self.stall.poll_waiting(cx)
     }
 }
 
