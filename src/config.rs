@@ -564,6 +564,37 @@ mod config_file {
     }
 
     #[test]
+    fn the_example_clients_and_tls_work_once_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("ensync.example.toml");
+        let text = std::fs::read_to_string(path).expect("example");
+        // The commented tables and their keys; prose comments stay.
+        let mut inside = false;
+        let uncommented: String = text
+            .lines()
+            .map(|line| {
+                let bare = line.strip_prefix("# ").unwrap_or(line);
+                if bare.starts_with('[') {
+                    inside = bare == "[tls]" || bare == "[[clients]]";
+                }
+                let setting = bare.split_once(" = ").is_some() || bare.starts_with('[');
+                if inside && setting && line.starts_with("# ") {
+                    format!("{bare}\n")
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
+        let config: Config = toml::from_str(&uncommented).expect("parses");
+        config.check().expect("valid");
+        let tls = config.tls.expect("[tls]");
+        assert_eq!(tls.cert, Path::new("/etc/ensync/cert.pem"));
+        let ids: Vec<&str> = config.clients.iter().map(|c| c.id.as_str()).collect();
+        assert_eq!(ids, ["billing-service", "audit"]);
+        assert!(config.clients.iter().all(ClientEntry::has_key));
+        assert_eq!(config.clients[0].replay, ["order/*"]);
+    }
+
+    #[test]
     fn durations_and_sizes_read_as_people_write_them() {
         let config: Config = toml::from_str(
             "[delivery]\nack_wait = \"1m 30s\"\n[retention]\nmax_age = \"7days\"\nmax_bytes = \"512MiB\"\n",
