@@ -14,6 +14,8 @@
 //! The kill timings come from a seed printed at the start; set
 //! `ENSYNC_CRASH_SEED=<u64>` to run the same timings again.
 
+mod common;
+
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader as StdBufReader};
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
@@ -21,8 +23,9 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
+use common::rng::Rng;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -54,42 +57,6 @@ const PATTERN: &str = "crash/*";
 const READER: &str = "crash-reader";
 /// Overrides the time-based seed.
 const SEED_VAR: &str = "ENSYNC_CRASH_SEED";
-
-// ------------------------------------------------------------------ seeds
-
-/// splitmix64: small, and every seed gives a usable sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform enough in `0..=max` for picking delays.
-    fn upto(&mut self, max: u64) -> u64 {
-        self.next() % (max + 1)
-    }
-}
-
-fn seed() -> u64 {
-    match std::env::var(SEED_VAR) {
-        Ok(s) => s
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("{SEED_VAR} must be a u64, got {s:?}")),
-        Err(_) => {
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .expect("clock after 1970")
-                .as_nanos() as u64;
-            nanos ^ u64::from(std::process::id()).rotate_left(32)
-        }
-    }
-}
 
 // ----------------------------------------------------------------- server
 
@@ -774,9 +741,8 @@ fn check_log(log: &[Rec], runs: &[Vec<Outcome>], head: u64, ctx: &str) -> usize 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_during_publishing_loses_no_acknowledged_event() {
-    let seed = seed();
-    eprintln!("crash test seed {seed} (rerun with {SEED_VAR}={seed})");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::seeded(SEED_VAR, "crash test");
+    let seed = rng.0;
     let dir = tempfile::tempdir().expect("tempdir");
     let started = Instant::now();
     // runs[c][k]: what publisher k got in cycle c.

@@ -30,10 +30,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::http::scrape;
+use common::rng::Rng;
 use common::*;
 use ensync_protocol::{parse_command, Command};
 use ensync_server::config::Config;
@@ -119,54 +120,6 @@ impl Bystander {
             worst < PROMPT,
             "the well-behaved client waited {worst:?} for a PONG (bound {PROMPT:?})"
         );
-    }
-}
-
-/// A seeded pseudo-random source (splitmix64): the same seed gives the same
-/// bytes on every machine.
-struct Rng(u64);
-
-impl Rng {
-    /// Seeds from `HOSTILE_SEED` when set, else from the clock, and prints
-    /// the seed so a failing run can be repeated.
-    fn seeded(test: &str) -> Self {
-        let seed = std::env::var("HOSTILE_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .expect("clock after 1970")
-                    .as_nanos() as u64
-            });
-        eprintln!("{test}: seed {seed} (HOSTILE_SEED={seed} repeats this run)");
-        Rng(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-
-    /// Any byte but LF, so a generated line stays one line.
-    fn byte(&mut self) -> u8 {
-        loop {
-            let b = self.next() as u8;
-            if b != b'\n' {
-                return b;
-            }
-        }
-    }
-
-    fn bytes(&mut self, n: usize) -> Vec<u8> {
-        (0..n).map(|_| self.byte()).collect()
     }
 }
 
@@ -901,7 +854,7 @@ async fn nul_bytes_and_invalid_utf8_anywhere_get_one_clear_fail_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_random_byte_blast_gets_one_reply_per_line_and_the_connection_survives() {
     let (_dir, srv) = server_with(|c| c.limits.max_line_len = SMALL_LINE).await;
-    let mut rng = Rng::seeded("random byte blast");
+    let mut rng = Rng::seeded("HOSTILE_SEED", "random byte blast");
     let bystander = Bystander::start(srv.addr, Duration::from_millis(50)).await;
     let mut c = srv.client().await;
     for round in 0..3 {
@@ -1633,7 +1586,7 @@ async fn a_flood_up_to_max_connections_leaves_a_well_behaved_client_served() {
 
     let stop = CancellationToken::new();
     let answered = Arc::new(AtomicUsize::new(0));
-    let mut rng = Rng::seeded("connection flood");
+    let mut rng = Rng::seeded("HOSTILE_SEED", "connection flood");
     let mut flood: Vec<JoinHandle<()>> = Vec::new();
     for i in 0..MAX - 1 {
         let (addr, stop) = (srv.addr, stop.clone());

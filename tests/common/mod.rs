@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod rng;
 
 use std::net::SocketAddr;
 use std::path::Path;
