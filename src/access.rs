@@ -69,6 +69,8 @@ struct Known {
 pub struct Access {
     /// Clients by the SHA-256 of their access key; empty in open mode.
     by_key: HashMap<[u8; 32], Known>,
+    /// The same clients' grants by id.
+    by_id: HashMap<String, Arc<Grants>>,
     /// Public keys by client id: events addressed to one reach the client.
     public_keys: HashMap<String, Vec<String>>,
     /// Shared by every connection in open mode.
@@ -95,6 +97,7 @@ impl Access {
     pub fn from_config(config: &Config) -> Result<Self, Invalid> {
         let keyed = config.clients.iter().any(ClientEntry::has_key);
         let mut by_key = HashMap::new();
+        let mut by_id = HashMap::new();
         let mut public_keys: HashMap<String, Vec<String>> = HashMap::new();
         let mut ids = HashMap::new();
         for (index, entry) in config.clients.iter().enumerate() {
@@ -110,6 +113,8 @@ impl Access {
                 ));
             }
             if let Some(public_key) = &entry.public_key {
+                check_public_key(config, index, public_key)
+                    .map_err(|e| Invalid::new(key("public_key"), e))?;
                 public_keys
                     .entry(entry.id.clone())
                     .or_default()
@@ -161,13 +166,17 @@ impl Access {
                     )
                 })?,
             };
-            let known = Known {
-                id,
-                grants: Arc::new(grants),
-            };
+            let grants = Arc::new(grants);
+            by_id.insert(entry.id.clone(), Arc::clone(&grants));
+            let known = Known { id, grants };
             if let Some(other) = by_key.insert(digest, known) {
+                let field = if entry.access_key.is_some() {
+                    "access_key"
+                } else {
+                    "access_key_sha256"
+                };
                 return Err(Invalid::new(
-                    key("access_key"),
+                    key(field),
                     format!(
                         "is also the key of {:?}; each client needs its own",
                         other.id.as_str()
@@ -177,6 +186,7 @@ impl Access {
         }
         Ok(Self {
             by_key,
+            by_id,
             public_keys,
             everything: Arc::new(Grants::all()),
         })
@@ -214,10 +224,46 @@ impl Access {
         }
     }
 
+    /// Whether a stored subscription of `client` to `pattern` may stay:
+    /// in open mode always; with keys, only a configured client's within
+    /// its subscribe patterns.
+    pub fn may_keep(&self, client: &str, pattern: &Pattern) -> bool {
+        self.is_open()
+            || self
+                .by_id
+                .get(client)
+                .is_some_and(|grants| grants.may_subscribe(pattern))
+    }
+
     /// The public keys of `client` (events addressed to them reach it).
     pub fn public_keys(&self, client: &str) -> &[String] {
         self.public_keys.get(client).map_or(&[], Vec::as_slice)
     }
+}
+
+/// A public key is an address events reach its client by, so it must
+/// be one (a valid id) and name no one else: not another client's id or
+/// key, and not `*`.
+fn check_public_key(config: &Config, index: usize, public_key: &str) -> Result<(), String> {
+    if public_key == "*" {
+        return Err("\"*\" addresses every subscriber, not one client".into());
+    }
+    public_key
+        .parse::<ClientId>()
+        .map_err(|e| format!("{public_key:?} {e}"))?;
+    for (other, entry) in config.clients.iter().enumerate() {
+        if entry.id == public_key {
+            return Err(format!(
+                "{public_key:?} is the id of clients[{other}]: events addressed to it would reach both"
+            ));
+        }
+        if other < index && entry.public_key.as_deref() == Some(public_key) {
+            return Err(format!(
+                "{public_key:?} is also the public key of clients[{other}]"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn patterns(list: &[String]) -> Result<Vec<Pattern>, String> {
@@ -231,7 +277,7 @@ fn patterns(list: &[String]) -> Result<Vec<Pattern>, String> {
 
 fn from_hex(hex: &str) -> Option<[u8; 32]> {
     let hex = hex.trim().as_bytes();
-    if hex.len() != 64 {
+    if hex.len() != 64 || !hex.iter().all(u8::is_ascii_hexdigit) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -311,5 +357,20 @@ mod rules {
         open.access_key = None;
         let refused = access(vec![open]).expect_err("grants without keys");
         assert_eq!(refused.key, "clients[0].publish");
+        let mut thief = entry("mallory", "km", &[], &[]);
+        thief.public_key = Some("billing".into());
+        let refused = access(vec![entry("billing", "kb", &[], &[]), thief])
+            .expect_err("a public key that is another client's id");
+        assert_eq!(refused.key, "clients[1].public_key");
+        let mut star = entry("a", "k", &[], &[]);
+        star.public_key = Some("*".into());
+        assert!(access(vec![star]).is_err(), "* as a public key");
+        let mut signed = entry("a", "k", &[], &[]);
+        signed.access_key = None;
+        signed.access_key_sha256 = Some(format!("+{}", "f".repeat(63)));
+        assert_eq!(
+            access(vec![signed]).expect_err("a sign").key,
+            "clients[0].access_key_sha256"
+        );
     }
 }

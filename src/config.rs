@@ -387,6 +387,9 @@ impl std::fmt::Display for Invalid {
     }
 }
 
+/// Longest timeout or interval a config may set.
+const MAX_DURATION: Duration = Duration::from_secs(365 * 86_400);
+
 /// Keys that moved into `[limits]`, so an older file gets told where.
 const MOVED_TO_LIMITS: [&str; 3] = ["max_line_len", "max_replay_limit", "max_connections"];
 
@@ -477,6 +480,10 @@ impl Config {
         for (key, value, millis) in at_least {
             if value < Duration::from_millis(millis) {
                 return Err(Invalid::new(key, format!("must be at least {millis}ms")));
+            }
+            // Deadlines are instants plus these: keep them far from overflow.
+            if value > MAX_DURATION {
+                return Err(Invalid::new(key, "must be at most 365days"));
             }
         }
         if self

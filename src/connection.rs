@@ -143,12 +143,24 @@ impl<W: AsyncWrite + Unpin> Sink<Outbound> for LineSink<W> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_drain(cx))?;
-        Pin::new(&mut this.io).poll_flush(cx)
+        // TLS takes writes into its own buffer and waits on the socket
+        // here, so the send timeout covers this wait too.
+        match Pin::new(&mut this.io).poll_flush(cx) {
+            Poll::Ready(done) => {
+                this.stall.progressed();
+                Poll::Ready(done)
+            }
+            Poll::Pending => this.stall.poll_waiting(cx),
+        }
     }
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.as_mut().poll_flush(cx))?;
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        let this = self.get_mut();
+        match Pin::new(&mut this.io).poll_shutdown(cx) {
+            Poll::Ready(done) => Poll::Ready(done),
+            Poll::Pending => this.stall.poll_waiting(cx),
+        }
     }
 }
 

@@ -32,17 +32,31 @@ const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 /// the handshake included).
 const REFUSAL_WRITE: Duration = Duration::from_secs(1);
 
+/// Refused connections told why at once; more are closed without a word.
+const MAX_REFUSALS: usize = 256;
 /// Refused connections are logged at most this often.
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(1);
 
 /// Warns when open mode listens where others can reach it.
-fn warn_if_exposed(tcp: &TcpListener, http: Option<&TcpListener>) {
-    let exposed = std::iter::once(tcp)
-        .chain(http)
-        .filter_map(|listener| listener.local_addr().ok())
-        .filter(|addr| !addr.ip().is_loopback());
-    for addr in exposed {
-        warn!(%addr, "open mode on a non-loopback address: no client has an access key, so anyone who reaches {addr} may connect as any client and read its events; give each [[clients]] entry an access_key (see SECURITY.md)");
+fn warn_if_exposed(config: &Config, tcp: &TcpListener, http: Option<&TcpListener>) {
+    let reachable = |listener: &TcpListener| {
+        listener
+            .local_addr()
+            .ok()
+            .filter(|addr| !addr.ip().is_loopback())
+    };
+    let keyed = config.clients.iter().any(ClientEntry::has_key);
+    for addr in std::iter::once(tcp).chain(http).filter_map(reachable) {
+        if !keyed {
+            warn!(%addr, "open mode on a non-loopback address: no client has an access key, so anyone who reaches {addr} may connect as any client and read its events; give each [[clients]] entry an access_key (see SECURITY.md)");
+        } else if config.tls.is_none() {
+            warn!(%addr, "no [tls] on a non-loopback address: access keys and events cross the network in clear (see SECURITY.md)");
+        }
+    }
+    if let Some(addr) = http.and_then(reachable) {
+        if config.admin_token.is_none() {
+            warn!(%addr, "no admin_token on a non-loopback address: anyone who reaches {addr} may start and cancel operator replays (see SECURITY.md)");
+        }
     }
 }
 
@@ -106,9 +120,7 @@ pub async fn run(
         tcp: listener,
         http: http_listener,
     } = listeners;
-    if !config.clients.iter().any(ClientEntry::has_key) {
-        warn_if_exposed(&listener, http_listener.as_ref());
-    }
+    warn_if_exposed(&config, &listener, http_listener.as_ref());
     // Before the store: a bad certificate should not wait on a large log.
     let (tcp_tls, http_tls) = config
         .tls
@@ -134,6 +146,7 @@ pub async fn run(
     // Before retention starts: a resumed operation pins what it still
     // has to replay.
     engine.resume_operations();
+    engine.drop_ungranted_subscriptions().await;
     tracker.spawn(engine.retention(cancel.child_token()));
     let permits = Arc::new(Semaphore::new(config.limits.max_connections));
     if let Some(http_listener) = http_listener {
@@ -151,6 +164,7 @@ pub async fn run(
     }
     let mut backoff = ACCEPT_BACKOFF;
     let (mut refused, mut last_refusal_log) = (0u64, None::<Instant>);
+    let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -175,11 +189,14 @@ pub async fn run(
                 (refused, last_refusal_log) = (0, Some(Instant::now()));
             }
             engine.metrics().closed(Closed::MaxConnections);
-            tracker.spawn(refuse(
-                stream,
-                config.limits.max_connections,
-                tcp_tls.clone(),
-            ));
+            // Telling is itself capped: past it, a flood is just closed.
+            if let Ok(telling) = Arc::clone(&refusals).try_acquire_owned() {
+                let (max, tls) = (config.limits.max_connections, tcp_tls.clone());
+                tracker.spawn(async move {
+                    refuse(stream, max, tls).await;
+                    drop(telling);
+                });
+            }
             continue;
         };
         let span = info_span!("conn", %peer, client_id = tracing::field::Empty);

@@ -96,8 +96,6 @@ struct Connection {
 struct Client {
     id: ClientId,
     grants: Arc<Grants>,
-    /// Held for as long as the connection is: one of the client's slots.
-    _slot: ClientSlot,
 }
 
 /// Why the reader stopped waiting for the next line.
@@ -161,16 +159,29 @@ where
     let seen = LastSeen::new();
     // Replays asked for and not yet answered in full.
     let replays = AtomicUsize::new(0);
+    // One of the client's connection slots, held until both halves end:
+    // a client that closes its sending side may still be receiving.
+    let mut slot: Option<ClientSlot> = None;
     // Stops the reader when the writer ends (the transport failed, or the
     // client did not answer a heartbeat).
     let stop = cancel.child_token();
-    let reader = read_loop(&engine, frames, &line_limit, tx, &stop, &seen, &replays);
+    let reader = read_loop(
+        &engine,
+        frames,
+        &line_limit,
+        &mut slot,
+        tx,
+        &stop,
+        &seen,
+        &replays,
+    );
     let writer = async {
         let result = write_loop(&engine, rx, sink, &seen, &replays).await;
         stop.cancel();
         result
     };
     let (read, write) = tokio::join!(reader, writer);
+    drop(slot);
     read.and(write)
 }
 
@@ -179,6 +190,7 @@ async fn read_loop<R>(
     engine: &Engine,
     mut frames: R,
     line_limit: &LineLimit,
+    slot: &mut Option<ClientSlot>,
     tx: mpsc::Sender<Owed>,
     cancel: &CancellationToken,
     seen: &LastSeen,
@@ -270,7 +282,7 @@ where
             ),
             Frame::Line(line) => {
                 let was_connected = client.is_some();
-                let handled = handle_line(engine, &mut client, replays, &line).await;
+                let handled = handle_line(engine, &mut client, slot, replays, &line).await;
                 if !was_connected && client.is_some() {
                     line_limit.set(limits.max_line_len);
                     timer.as_mut().reset(last_command + limits.idle_timeout);
@@ -308,6 +320,7 @@ where
 async fn handle_line(
     engine: &Engine,
     client: &mut Option<Client>,
+    slot: &mut Option<ClientSlot>,
     replays: &AtomicUsize,
     line: &str,
 ) -> (&'static str, Option<Pending>) {
@@ -321,19 +334,20 @@ async fn handle_line(
     };
     let verb = cmd.verb();
     debug!(verb, "command");
-    (verb, command(engine, client, replays, cmd).await)
+    (verb, command(engine, client, slot, replays, cmd).await)
 }
 
 async fn command(
     engine: &Engine,
     client: &mut Option<Client>,
+    slot: &mut Option<ClientSlot>,
     replays: &AtomicUsize,
     cmd: Command,
 ) -> Option<Pending> {
     match cmd {
         Command::Pong => None,
         Command::Ping => Some(Pending::Ready(Reply::Pass(Pass::Pong))),
-        Command::Conn(conn) => Some(connect(engine, client, &conn.auth)),
+        Command::Conn(conn) => Some(connect(engine, client, slot, &conn.auth)),
         cmd => {
             let Some(current) = client.as_ref() else {
                 return Some(Pending::Ready(Reply::fail(
@@ -390,7 +404,12 @@ async fn command(
 }
 
 /// Answers a CONN: the connection takes the client it names, once.
-fn connect(engine: &Engine, client: &mut Option<Client>, auth: &ConnAuth) -> Pending {
+fn connect(
+    engine: &Engine,
+    client: &mut Option<Client>,
+    slot: &mut Option<ClientSlot>,
+    auth: &ConnAuth,
+) -> Pending {
     let (id, grants, reply) = match engine.connect(auth) {
         Ok(connected) => connected,
         Err(reply) => return Pending::Ready(reply),
@@ -405,21 +424,18 @@ fn connect(engine: &Engine, client: &mut Option<Client>, auth: &ConnAuth) -> Pen
             ),
         )),
         None => {
-            let slot = match engine.claim_slot(&id) {
-                Ok(slot) => slot,
+            let claimed = match engine.claim_slot(&id) {
+                Ok(claimed) => claimed,
                 Err(reply) => return Pending::Ready(reply),
             };
             tracing::Span::current().record("client_id", id.as_str());
             let connection = Connection {
                 attachment: engine.attach(&id),
                 grants: Arc::clone(&grants),
-                pacer: Arc::clone(slot.pacer()),
+                pacer: Arc::clone(claimed.pacer()),
             };
-            *client = Some(Client {
-                id,
-                grants,
-                _slot: slot,
-            });
+            *slot = Some(claimed);
+            *client = Some(Client { id, grants });
             Pending::Connected {
                 connection: Box::new(connection),
                 reply,

@@ -222,3 +222,36 @@ fn sha256_hex(text: &str) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_a_narrowed_config_no_longer_grants_are_removed_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Open mode: audit follows everything, and shop follows orders.
+    let srv = start_server(dir.path()).await;
+    let mut audit = srv.client().await;
+    audit.conn("audit").await;
+    audit.sub("audit", "*").await;
+    audit.sub("audit", "billing/*").await;
+    srv.stop().await;
+
+    // With keys, audit may only follow billing events.
+    let mut config = closed_config(dir.path());
+    config.clients[1].subscribe = strings(&["billing/*"]);
+    let srv = start_server_with(config).await;
+    let mut audit = login(&srv, "ak-2", "audit").await;
+    let mut shop = login(&srv, "sk-3", "shop").await;
+    let mut billing = login(&srv, "bk-1", "billing").await;
+    shop.publish_to("shop", "order/created", "{}", "*").await;
+    let invoice = billing
+        .publish_to("billing", "billing/invoice/sent", "{}", "*")
+        .await
+        .0;
+    // The order is not delivered: the `*` subscription is gone; the
+    // billing one stays.
+    let live = audit.line().await;
+    assert!(live.contains(&invoice), "{live}");
+    audit.expect_silence(Duration::from_millis(300)).await;
+    let pause = audit.cmd("PAUSE;CLIENT_ID=audit;EVENT_NAME=*").await;
+    assert!(pause.starts_with("-FAIL:NOT_SUBSCRIBED"), "{pause}");
+    srv.stop().await;
+}

@@ -109,7 +109,7 @@ fn a_config_it_cannot_use_stops_it_naming_the_file_line_and_key() {
 }
 
 #[test]
-fn open_mode_on_a_reachable_address_is_warned_about_and_access_keys_silence_it() {
+fn open_mode_on_a_reachable_address_is_warned_about_and_so_are_keys_without_tls() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("ensync.toml");
     let data = dir.path().join("data");
@@ -129,5 +129,11 @@ fn open_mode_on_a_reachable_address_is_warned_about_and_access_keys_silence_it()
         child.wait().expect("wait");
         let warned = lines.iter().any(|l| l.contains(warning));
         assert_eq!(warned, !keyed, "keyed: {keyed}, log: {lines:#?}");
+        // With keys but without TLS, the keys would cross the network in
+        // clear: that is warned about instead.
+        let clear = lines
+            .iter()
+            .any(|l| l.contains("no [tls] on a non-loopback address"));
+        assert_eq!(clear, keyed, "keyed: {keyed}, log: {lines:#?}");
     }
 }

@@ -381,3 +381,45 @@ async fn startup_fails_naming_the_tls_file_at_fault() {
         "{message}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_that_stops_reading_is_disconnected_by_the_send_timeout() {
+    let cert = TestCert::new();
+    let srv = tls_server(&cert, |c| {
+        c.limits.send_timeout = Duration::from_millis(500);
+        c.delivery.max_unsettled = 5000;
+    })
+    .await;
+    let mut stalled = TlsClient::connect(&cert, srv.addr).await;
+    stalled
+        .expect("CONN;CLIENT_ID=s", "+PASS:CONNECTED;CLIENT_ID=s")
+        .await;
+    stalled
+        .expect(
+            "SUB;CLIENT_ID=s;EVENT_NAME=big/*",
+            "+PASS:SUBSCRIBED;EVENT_NAME=big/*",
+        )
+        .await;
+    // About 20 MB of deliveries the subscriber never reads: TLS holds
+    // some in its own buffer, the socket the rest, then writes wait.
+    let mut publisher = TlsClient::connect(&cert, srv.addr).await;
+    publisher
+        .expect("CONN;CLIENT_ID=p", "+PASS:CONNECTED;CLIENT_ID=p")
+        .await;
+    let pad = "x".repeat(4000);
+    for _ in 0..5000 {
+        publisher
+            .send(&format!(
+                "PUB;CLIENT_ID=p;EVENT_NAME=big/blob;PAYLOAD={{\"pad\":\"{pad}\"}};DELIVERY_TO=*"
+            ))
+            .await;
+        let reply = publisher.line().await;
+        assert!(reply.starts_with("+PASS:PUBLISHED"), "{reply}");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Drained now, the stalled connection ends well before all 20 MB.
+    let got = read_until_closed(stalled.reader).await;
+    assert!(got.len() < 15_000_000, "{} bytes reached it", got.len());
+    publisher.expect("PING", "+PASS:PONG").await;
+    srv.stop().await;
+}

@@ -259,6 +259,36 @@ impl Engine {
         })
     }
 
+    /// Removes the stored subscriptions the config no longer grants (a
+    /// client gone from `[[clients]]`, or a pattern outside its subscribe
+    /// patterns), so a narrowed grant holds for live delivery too.
+    pub async fn drop_ungranted_subscriptions(&self) {
+        let stale: Vec<(ClientId, Pattern)> = self
+            .subs
+            .all()
+            .iter()
+            .flat_map(|subs| subs.iter())
+            .filter(|sub| !self.access.may_keep(sub.client.as_str(), &sub.pattern))
+            .map(|sub| (sub.client.clone(), sub.pattern.clone()))
+            .collect();
+        for (client, pattern) in stale {
+            let unsub = Command::Unsub(ensync_protocol::command::Unsub {
+                client_id: client.clone(),
+                event_name: pattern.clone(),
+            });
+            let reply = match self.execute(&client, unsub).await {
+                Outcome::Later(reply) => reply.await,
+                Outcome::Reply(reply) => reply,
+                other => unexpected_outcome(&other),
+            };
+            if reply.is_fail() {
+                error!(%client, %pattern, ?reply, "a subscription the config no longer grants could not be removed");
+            } else {
+                warn!(%client, %pattern, "removed a subscription the config no longer grants");
+            }
+        }
+    }
+
     /// Whether `client` has any subscription.
     pub fn has_subscriptions(&self, client: &ClientId) -> bool {
         !self.subs.of(client).is_empty()
@@ -545,6 +575,11 @@ impl Engine {
     pub async fn shutdown(&self) {
         self.commit.stop().await;
     }
+}
+
+fn unexpected_outcome(outcome: &Outcome) -> Reply {
+    error!(?outcome, "UNSUB answered with a replay");
+    Reply::fail(ErrorCode::Internal, "unexpected outcome of UNSUB")
 }
 
 /// Drops the operator replays queued for `client` whose events none of
