@@ -58,6 +58,8 @@ pub enum Closed {
     SendTimeout,
     /// The TLS handshake failed or took too long.
     TlsHandshake,
+    /// Too many CONNs with unknown access keys.
+    FailedLogins,
 }
 
 impl Closed {
@@ -69,6 +71,7 @@ impl Closed {
             Closed::Heartbeat => "heartbeat",
             Closed::SendTimeout => "send_timeout",
             Closed::TlsHandshake => "tls_handshake",
+            Closed::FailedLogins => "failed_logins",
         }
     }
 }

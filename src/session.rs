@@ -51,6 +51,10 @@ struct Owed {
     pending: Pending,
 }
 
+/// CONNs with unknown access keys a connection may make before it is
+/// closed.
+const MAX_FAILED_LOGINS: u32 = 3;
+
 /// The verbs metrics are labelled with; anything else is `UNKNOWN`.
 const VERBS: [&str; 13] = [
     "CONN", "PUB", "SUB", "UNSUB", "PAUSE", "CONTINUE", "ACK", "DEFER", "DISCARD", "ROLLBACK",
@@ -216,6 +220,7 @@ where
     };
     let opened = Instant::now();
     let mut last_command = opened;
+    let mut failed_logins = 0;
     // One timer, moved on only when it fires: resetting it for every
     // command would cost a timer-wheel update per line.
     let timer = tokio::time::sleep_until(opened + limits.login_timeout);
@@ -308,9 +313,25 @@ where
                 ))),
             ),
         };
+        let wrong_key = matches!(
+            &pending,
+            Some(Pending::Ready(Reply::Fail {
+                code: ErrorCode::ClientNotFound,
+                ..
+            }))
+        );
         if let Some(pending) = pending {
             if !send(verb, pending).await {
                 // The writer has stopped: the transport is gone.
+                return Ok(());
+            }
+        }
+        if wrong_key {
+            failed_logins += 1;
+            if failed_logins >= MAX_FAILED_LOGINS {
+                // A guesser must open a connection per few guesses.
+                engine.metrics().closed(Closed::FailedLogins);
+                info!("{failed_logins} CONNs with unknown access keys; closing the connection");
                 return Ok(());
             }
         }

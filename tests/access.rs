@@ -255,3 +255,23 @@ async fn subscriptions_a_narrowed_config_no_longer_grants_are_removed_at_start()
     assert!(pause.starts_with("-FAIL:NOT_SUBSCRIBED"), "{pause}");
     srv.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_unknown_keys_close_the_connection() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let srv = start_server_with(closed_config(dir.path())).await;
+    let mut guesser = srv.client().await;
+    for guess in ["k1", "k2", "k3"] {
+        let reply = guesser.cmd(&format!("CONN;ACCESS_KEY={guess}")).await;
+        assert!(reply.starts_with("-FAIL:CLIENT_NOT_FOUND;"), "{reply}");
+    }
+    assert_eq!(guesser.read_raw(LINE_TIMEOUT).await, Read::Closed);
+    let closed = common::http::scrape(srv.http_addr).await.value(
+        "ensync_connections_closed_total",
+        &[("reason", "failed_logins")],
+    );
+    assert_eq!(closed, 1.0);
+    // The right key on a new connection is let in.
+    login(&srv, "sk-3", "shop").await;
+    srv.stop().await;
+}

@@ -33,6 +33,9 @@ use crate::tls::HttpsListener;
 mod admin;
 pub mod websocket;
 
+/// Bytes a WebSocket gathers before writing them to the socket.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+
 /// What the handlers share.
 #[derive(Clone)]
 pub struct HttpState {
@@ -192,6 +195,9 @@ async fn websocket(
     upgrade
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
+        // The send timeout counts a flushed write buffer as the client's
+        // progress: a small one lets a slow but steady reader keep up.
+        .write_buffer_size(WS_WRITE_BUFFER)
         .on_upgrade(move |socket| {
             tracker.track_future(
                 async move {
