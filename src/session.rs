@@ -26,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::access::{
     Grants, NOT_AUTHORIZED_TO_PUBLISH, NOT_AUTHORIZED_TO_REPLAY, NOT_AUTHORIZED_TO_SUBSCRIBE,
 };
-use crate::config::{MAX_IN_FLIGHT, MAX_LINE_BEFORE_CONN};
+use crate::config::{Limits, MAX_IN_FLIGHT, MAX_LINE_BEFORE_CONN};
 use crate::engine::{Attachment, Engine, Outcome, RecordSource, Records};
 use crate::limits::{Bucket, ClientSlot, Pacer};
 use crate::metrics::Closed;
@@ -243,15 +243,15 @@ where
                     timer.as_mut().reset(deadline);
                     continue;
                 }
-                let (why, message) = match &client {
-                    Some(c) if engine.has_subscriptions(&c.id) => {
-                        // A subscriber waiting for events is not idle.
-                        timer.as_mut().reset(Instant::now() + limits.idle_timeout);
-                        continue;
-                    }
-                    Some(_) => (Closed::IdleTimeout, format!("no command for {} and no subscription (limits.idle_timeout), closing the connection", humantime::format_duration(limits.idle_timeout))),
-                    None => (Closed::LoginTimeout, format!("no CONN within {} of connecting (limits.login_timeout), closing the connection", humantime::format_duration(limits.login_timeout))),
-                };
+                if client
+                    .as_ref()
+                    .is_some_and(|c| engine.has_subscriptions(&c.id))
+                {
+                    // A subscriber waiting for events is not idle.
+                    timer.as_mut().reset(Instant::now() + limits.idle_timeout);
+                    continue;
+                }
+                let (why, message) = timed_out(client.is_some(), &limits);
                 engine.metrics().closed(why);
                 info!("{message}");
                 send(
@@ -275,16 +275,7 @@ where
         }
         let limited = !is_pong && rate.as_mut().is_some_and(|bucket| !bucket.try_take());
         let (verb, pending) = match frame {
-            _ if limited => (
-                "UNKNOWN",
-                Some(Pending::Ready(Reply::fail(
-                    ErrorCode::RateLimited,
-                    format!(
-                        "more than {} commands a second on this connection (limits.commands_per_second): this one was not carried out, slow down and send it again",
-                        limits.commands_per_second
-                    ),
-                ))),
-            ),
+            _ if limited => ("UNKNOWN", Some(Pending::Ready(rate_limited(&limits)))),
             Frame::Line(line) => {
                 let was_connected = client.is_some();
                 let handled = handle_line(engine, &mut client, slot, replays, &line).await;
@@ -296,14 +287,7 @@ where
             }
             Frame::TooLong { max } => (
                 "UNKNOWN",
-                Some(Pending::Ready(Reply::fail(
-                    ErrorCode::LineTooLong,
-                    if client.is_none() && max < limits.max_line_len {
-                        format!("the line is longer than {max} bytes, the most before CONN, and was dropped up to the next newline")
-                    } else {
-                        format!("the line is longer than {max} bytes and was dropped up to the next newline")
-                    },
-                ))),
+                Some(Pending::Ready(too_long(max, client.is_some(), &limits))),
             ),
             Frame::InvalidEncoding => (
                 "UNKNOWN",
@@ -336,6 +320,47 @@ where
             }
         }
     }
+}
+
+/// Why a connection is closed when its timer fires: idle with a client,
+/// or never connected.
+fn timed_out(connected: bool, limits: &Limits) -> (Closed, String) {
+    if connected {
+        let idle = humantime::format_duration(limits.idle_timeout);
+        (
+            Closed::IdleTimeout,
+            format!("no command for {idle} and no subscription (limits.idle_timeout), closing the connection"),
+        )
+    } else {
+        let login = humantime::format_duration(limits.login_timeout);
+        (
+            Closed::LoginTimeout,
+            format!("no CONN within {login} of connecting (limits.login_timeout), closing the connection"),
+        )
+    }
+}
+
+fn rate_limited(limits: &Limits) -> Reply {
+    Reply::fail(
+        ErrorCode::RateLimited,
+        format!(
+            "more than {} commands a second on this connection (limits.commands_per_second): this one was not carried out, slow down and send it again",
+            limits.commands_per_second
+        ),
+    )
+}
+
+/// The answer to a line over `max` bytes.
+fn too_long(max: usize, connected: bool, limits: &Limits) -> Reply {
+    let before_conn = if !connected && max < limits.max_line_len {
+        ", the most before CONN,"
+    } else {
+        ""
+    };
+    Reply::fail(
+        ErrorCode::LineTooLong,
+        format!("the line is longer than {max} bytes{before_conn} and was dropped up to the next newline"),
+    )
 }
 
 async fn handle_line(
