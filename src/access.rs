@@ -57,18 +57,11 @@ impl Grants {
     }
 }
 
-/// A client the config names, with its rights.
-#[derive(Debug)]
-struct Known {
-    id: ClientId,
-    grants: Arc<Grants>,
-}
-
 /// The access rules the server runs with.
 #[derive(Debug)]
 pub struct Access {
-    /// Clients by the SHA-256 of their access key; empty in open mode.
-    by_key: HashMap<[u8; 32], Known>,
+    /// Client ids by the SHA-256 of their access key; empty in open mode.
+    by_key: HashMap<[u8; 32], ClientId>,
     /// The same clients' grants by id.
     by_id: HashMap<String, Arc<Grants>>,
     /// Public keys by client id: events addressed to one reach the client.
@@ -166,10 +159,8 @@ impl Access {
                     )
                 })?,
             };
-            let grants = Arc::new(grants);
-            by_id.insert(entry.id.clone(), Arc::clone(&grants));
-            let known = Known { id, grants };
-            if let Some(other) = by_key.insert(digest, known) {
+            by_id.insert(entry.id.clone(), Arc::new(grants));
+            if let Some(other) = by_key.insert(digest, id) {
                 let field = if entry.access_key.is_some() {
                     "access_key"
                 } else {
@@ -179,7 +170,7 @@ impl Access {
                     key(field),
                     format!(
                         "is also the key of {:?}; each client needs its own",
-                        other.id.as_str()
+                        other.as_str()
                     ),
                 ));
             }
@@ -212,10 +203,10 @@ impl Access {
         match auth {
             ConnAuth::AccessKey(key) => {
                 let digest: [u8; 32] = Sha256::digest(key.as_str().as_bytes()).into();
-                self.by_key
-                    .get(&digest)
-                    .map(|known| (known.id.clone(), Arc::clone(&known.grants)))
-                    .ok_or_else(|| Reply::fail(ErrorCode::ClientNotFound, UNKNOWN_KEY))
+                let unknown = || Reply::fail(ErrorCode::ClientNotFound, UNKNOWN_KEY);
+                let id = self.by_key.get(&digest).ok_or_else(unknown)?;
+                let grants = self.by_id.get(id.as_str()).ok_or_else(unknown)?;
+                Ok((id.clone(), Arc::clone(grants)))
             }
             ConnAuth::ClientId(_) => Err(Reply::fail(
                 ErrorCode::PermissionDenied,

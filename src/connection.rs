@@ -18,10 +18,10 @@ use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::engine::Engine;
-use crate::limits::{StallTimer, Stalled};
+use crate::limits::StallTimer;
 use crate::metrics::{Closed, Transport};
 use crate::session::{self, Outbound};
 
@@ -213,10 +213,6 @@ where
     let sink = LineSink::new(write, high_water, limits.send_timeout);
     match session::serve(Arc::clone(&engine), frames, sink, line_limit, cancel).await {
         Ok(()) => debug!("connection closed"),
-        Err(e) if Stalled::is(&e) => {
-            engine.metrics().closed(Closed::SendTimeout);
-            warn!("{e}; closing the connection");
-        }
         Err(e) => debug!(error = %e, "connection ended by an I/O error"),
     }
 }

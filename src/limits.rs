@@ -68,6 +68,8 @@ impl Bucket {
 pub struct Pacer {
     /// Events per second; `None` streams as fast as the client reads.
     bucket: Option<Mutex<Bucket>>,
+    /// Most events sent between waits.
+    step: usize,
 }
 
 impl Pacer {
@@ -77,6 +79,10 @@ impl Pacer {
         Self {
             bucket: (events_per_second > 0)
                 .then(|| Mutex::new(Bucket::new(events_per_second, events_per_second / 10))),
+            step: match events_per_second {
+                0 => usize::MAX,
+                rate => usize::try_from(rate / 10).unwrap_or(usize::MAX).max(1),
+            },
         }
     }
 
@@ -88,10 +94,7 @@ impl Pacer {
     /// Most events to send before waiting again: a tenth of a second's
     /// worth, so paced replays flow evenly.
     pub fn step(&self) -> usize {
-        self.bucket.as_ref().map_or(usize::MAX, |bucket| {
-            let rate = bucket.lock().expect("pacer lock is never poisoned").rate;
-            ((rate / 10.0) as usize).max(1)
-        })
+        self.step
     }
 
     /// Waits until `events` more may be sent.

@@ -28,7 +28,7 @@ use crate::access::{
 };
 use crate::config::{Limits, MAX_IN_FLIGHT, MAX_LINE_BEFORE_CONN};
 use crate::engine::{Attachment, Engine, Outcome, RecordSource, Records};
-use crate::limits::{Bucket, ClientSlot, Pacer};
+use crate::limits::{Bucket, ClientSlot, Pacer, Stalled};
 use crate::metrics::Closed;
 
 /// What a session writes: a reply, pre-encoded record lines (each ending
@@ -186,6 +186,12 @@ where
     };
     let (read, write) = tokio::join!(reader, writer);
     drop(slot);
+    if let Err(e) = &write {
+        if Stalled::is(e) {
+            engine.metrics().closed(Closed::SendTimeout);
+            warn!("{e}; closing the connection");
+        }
+    }
     read.and(write)
 }
 

@@ -17,11 +17,11 @@ use ensync_protocol::{EnsyncCodec, Frame};
 use futures_util::{stream, Sink, SinkExt, Stream, StreamExt};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 use crate::engine::Engine;
-use crate::limits::{StallTimer, Stalled};
-use crate::metrics::{Closed, Transport};
+use crate::limits::StallTimer;
+use crate::metrics::Transport;
 use crate::session::{self, Outbound};
 
 /// Serves one upgraded WebSocket until it closes or `cancel` fires.
@@ -51,10 +51,6 @@ pub async fn serve(engine: Arc<Engine>, socket: WebSocket, cancel: CancellationT
     .await
     {
         Ok(()) => debug!("websocket closed"),
-        Err(e) if Stalled::is(&e) => {
-            engine.metrics().closed(Closed::SendTimeout);
-            warn!("{e}; closing the websocket");
-        }
         Err(e) => debug!(error = %e, "websocket ended by an error"),
     }
 }
