@@ -32,16 +32,15 @@ impl Bucket {
         }
     }
 
-    fn refill(&mut self) {
-        let now = Instant::now();
+    fn refill(&mut self, now: Instant) {
         let earned = now.duration_since(self.filled_at).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + earned).min(self.burst);
         self.filled_at = now;
     }
 
-    /// Takes one token if there is one.
-    pub fn try_take(&mut self) -> bool {
-        self.refill();
+    /// Takes one token, if there is one at `now`.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -53,7 +52,7 @@ impl Bucket {
     /// Takes `n` tokens, going into debt if there are fewer; returns how
     /// long to wait until the debt is paid.
     fn reserve(&mut self, n: u64) -> Duration {
-        self.refill();
+        self.refill(Instant::now());
         self.tokens -= n as f64;
         if self.tokens >= 0.0 {
             Duration::ZERO
@@ -238,9 +237,15 @@ mod buckets {
     #[tokio::test(start_paused = true)]
     async fn a_bucket_allows_its_burst_then_its_rate() {
         let mut bucket = Bucket::new(10, 10);
-        assert_eq!((0..20).filter(|_| bucket.try_take()).count(), 10);
+        assert_eq!(
+            (0..20).filter(|_| bucket.try_take(Instant::now())).count(),
+            10
+        );
         tokio::time::advance(Duration::from_millis(500)).await;
-        assert_eq!((0..20).filter(|_| bucket.try_take()).count(), 5);
+        assert_eq!(
+            (0..20).filter(|_| bucket.try_take(Instant::now())).count(),
+            5
+        );
     }
 
     #[tokio::test(start_paused = true)]

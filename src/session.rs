@@ -124,8 +124,9 @@ impl LastSeen {
         }
     }
 
-    fn touch(&self) {
-        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    fn touch(&self, now: Instant) {
+        let nanos =
+            u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
         self.nanos.store(nanos, Ordering::Relaxed);
     }
 
@@ -216,10 +217,10 @@ where
         Bucket::new(rate, rate)
     });
     let tx = &tx;
-    let send = |verb, pending| async move {
+    let send = |verb, read_at, pending| async move {
         let owed = Owed {
             verb,
-            read_at: Instant::now(),
+            read_at,
             pending,
         };
         tx.send(owed).await.is_ok()
@@ -262,13 +263,16 @@ where
                 info!("{message}");
                 send(
                     "UNKNOWN",
+                    Instant::now(),
                     Pending::Ready(Reply::fail(ErrorCode::Timeout, message)),
                 )
                 .await;
                 return Ok(());
             }
         };
-        seen.touch();
+        // One clock read serves everything this line needs timed.
+        let now = Instant::now();
+        seen.touch(now);
         let frame = match frame {
             None => return Ok(()),
             Some(Err(e)) => return Err(e),
@@ -277,9 +281,9 @@ where
         let is_pong =
             matches!(&frame, Frame::Line(line) if line.trim().eq_ignore_ascii_case("PONG"));
         if !is_pong {
-            last_command = Instant::now();
+            last_command = now;
         }
-        let limited = !is_pong && rate.as_mut().is_some_and(|bucket| !bucket.try_take());
+        let limited = !is_pong && rate.as_mut().is_some_and(|bucket| !bucket.try_take(now));
         let (verb, pending) = match frame {
             _ if limited => ("UNKNOWN", Some(Pending::Ready(rate_limited(&limits)))),
             Frame::Line(line) => {
@@ -311,7 +315,7 @@ where
             }))
         );
         if let Some(pending) = pending {
-            if !send(verb, pending).await {
+            if !send(verb, now, pending).await {
                 // The writer has stopped: the transport is gone.
                 return Ok(());
             }

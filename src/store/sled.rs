@@ -213,6 +213,14 @@ fn read_chunk(
     }
 }
 
+/// Appends the low `digits` hex digits of `n`, lower case.
+fn push_hex(out: &mut String, n: u64, digits: u32) {
+    for i in (0..digits).rev() {
+        let nibble = (n >> (i * 4)) & 0xf;
+        out.push(char::from(b"0123456789abcdef"[nibble as usize]));
+    }
+}
+
 fn put_entry(chunk: &mut Vec<u8>, seq: u64, value: &[u8]) {
     chunk.extend_from_slice(&seq.to_be_bytes());
     // Values are bounded by the line length limit, far below 4 GiB.
@@ -543,12 +551,22 @@ impl Chunks {
 }
 
 /// Reads the events of one name in seq order, chunk by chunk.
+///
+/// Finding a chunk by a range of keys costs sled a copy of a whole leaf,
+/// so the cursor looks the next chunk up by its key where it can: the
+/// events of a name published on its own are contiguous, and its next
+/// chunk starts at the seq after the last one read. Only when that look
+/// misses does it walk the chunks in key order.
 struct Cursor<'n> {
     name: &'n str,
     tree: &'n Tree,
     segments: &'n Segments,
-    chunks: sled::Iter,
+    /// The chunks in key order, once a look by key missed.
+    chunks: Option<sled::Iter>,
     chunk: Vec<u8>,
+    /// The seq after the last entry the cursor has passed: where the next
+    /// chunk starts when the name's events are contiguous.
+    next_seq: u64,
     /// The current entry, decoded once: its seq, where its value lies in
     /// `chunk`, and where the next entry starts.
     current: Option<(u64, std::ops::Range<usize>, usize)>,
@@ -565,26 +583,54 @@ impl<'n> Cursor<'n> {
         seqs: &RangeInclusive<u64>,
     ) -> Result<Self> {
         let (start, end) = (*seqs.start(), *seqs.end());
-        // The chunk holding `start` is the last one opened at or before it.
-        let from = match tree
-            .range(chunk_key(name, 0)..=chunk_key(name, start))
-            .next_back()
-        {
-            Some(entry) => entry?.0.to_vec(),
-            None => chunk_key(name, start),
-        };
         let mut cursor = Self {
             name,
             tree,
             segments,
-            chunks: tree.range(from..=chunk_key(name, end)),
+            chunks: None,
             chunk: Vec::new(),
+            next_seq: start,
             current: None,
             start,
             end,
         };
+        // The chunk holding `start` is the last one opened at or before it.
+        let holding = tree
+            .range(chunk_key(name, 0)..=chunk_key(name, start))
+            .next_back()
+            .transpose()?;
+        if let Some((key, loc)) = holding {
+            cursor.load(&key, &loc)?;
+        }
         cursor.settle(0)?;
         Ok(cursor)
+    }
+
+    /// Makes the chunk under `key` at `loc` the current one.
+    fn load(&mut self, key: &[u8], loc: &[u8]) -> Result<()> {
+        if !read_chunk(self.tree, self.segments, key, loc, &mut self.chunk)? {
+            self.chunk.clear();
+        }
+        self.next_seq = self.next_seq.max(key_first_seq(key)?.saturating_add(1));
+        Ok(())
+    }
+
+    /// The chunk after the current one: `(key, location)`.
+    fn next_chunk(&mut self) -> Result<Option<(sled::IVec, sled::IVec)>> {
+        if let Some(chunks) = &mut self.chunks {
+            return chunks.next().transpose().map_err(StoreError::from);
+        }
+        if self.next_seq > self.end {
+            return Ok(None);
+        }
+        let key = chunk_key(self.name, self.next_seq);
+        if let Some(loc) = self.tree.get(&key)? {
+            return Ok(Some((key.into(), loc)));
+        }
+        let mut chunks = self.tree.range(key..=chunk_key(self.name, self.end));
+        let next = chunks.next().transpose()?;
+        self.chunks = Some(chunks);
+        Ok(next)
     }
 
     /// Moves to the first entry at or after byte `pos` with seq >= start,
@@ -593,6 +639,7 @@ impl<'n> Cursor<'n> {
         loop {
             while pos < self.chunk.len() {
                 let (seq, value, next) = entry_at(&self.chunk, pos)?;
+                self.next_seq = self.next_seq.max(seq.saturating_add(1));
                 if seq >= self.start {
                     let value_start = next - value.len();
                     self.current = Some((seq, value_start..next, next));
@@ -600,12 +647,9 @@ impl<'n> Cursor<'n> {
                 }
                 pos = next;
             }
-            match self.chunks.next() {
-                Some(entry) => {
-                    let (key, loc) = entry?;
-                    if !read_chunk(self.tree, self.segments, &key, &loc, &mut self.chunk)? {
-                        self.chunk.clear();
-                    }
+            match self.next_chunk()? {
+                Some((key, loc)) => {
+                    self.load(&key, &loc)?;
                     pos = 0;
                 }
                 None => {
@@ -624,7 +668,8 @@ impl<'n> Cursor<'n> {
             .filter(|seq| *seq <= self.end)
     }
 
-    /// Hands the current entry to `visit` and moves past it.
+    /// Hands the current entry to `visit` and moves past it; once `visit`
+    /// breaks, the cursor is done (and reads no further chunk).
     fn visit(
         &mut self,
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
@@ -633,7 +678,11 @@ impl<'n> Cursor<'n> {
             return Ok(ControlFlow::Break(()));
         };
         let flow = visit(EventView::decode(seq, self.name, &self.chunk[value])?);
-        self.settle(next)?;
+        if flow.is_break() {
+            self.current = None;
+        } else {
+            self.settle(next)?;
+        }
         Ok(flow)
     }
 }
@@ -774,8 +823,14 @@ impl SledLog {
         Ok(kept.then_some(chunk))
     }
 
+    /// `evt_`, the epoch in 8 hex digits, then the seq in 16: written
+    /// digit by digit, as this runs for every event published.
     fn idem(&self, seq: u64) -> String {
-        format!("evt_{:08x}{seq:016x}", self.epoch)
+        let mut id = String::with_capacity(28);
+        id.push_str("evt_");
+        push_hex(&mut id, u64::from(self.epoch), 8);
+        push_hex(&mut id, seq, 16);
+        id
     }
 
     /// The seq an id of this store names.
@@ -2006,12 +2061,77 @@ mod chunked_log {
         assert_counts_match_a_scan(&log)
     }
 
+    /// Scans of a name that runs alone for several chunks and commits (its
+    /// next chunk is found by key), then mixes with another (found by
+    /// walking the keys), from every start to several ends.
+    #[test]
+    fn scans_cross_chunks_found_by_key_and_by_walking() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = SledLog::open(dir.path())?;
+        let mut names = Vec::new();
+        let mut commit = |ops: Vec<WriteOp>, names_of: Vec<&'static str>| {
+            log.apply(&ops, 1_000).expect("apply");
+            names.extend(names_of);
+        };
+        // 40 alone in one commit (3 chunks), 40 alone over 4 commits, then
+        // 60 mixed, then 20 alone again.
+        commit(
+            (0..40).map(|i| event("solo", i)).collect(),
+            vec!["solo"; 40],
+        );
+        for c in 0..4 {
+            commit(
+                (0..10).map(|i| event("solo", 40 + c * 10 + i)).collect(),
+                vec!["solo"; 10],
+            );
+        }
+        let mixed: Vec<&'static str> = (0..60)
+            .map(|i| if i % 4 == 0 { "other" } else { "solo" })
+            .collect();
+        commit(
+            mixed
+                .iter()
+                .enumerate()
+                .map(|(i, n)| event(n, 80 + i))
+                .collect(),
+            mixed.clone(),
+        );
+        commit(
+            (0..20).map(|i| event("solo", 140 + i)).collect(),
+            vec!["solo"; 20],
+        );
+        log.flush()?;
+        let last = log.last_seq();
+        assert_eq!(last, 160);
+        for name in ["solo", "other"] {
+            for start in 1..=last {
+                for end in [start, start + 7, start + 33, last] {
+                    let end = end.min(last);
+                    let expected: Vec<u64> = (start..=end)
+                        .filter(|seq| names[usize::try_from(*seq).expect("small") - 1] == name)
+                        .collect();
+                    assert_eq!(
+                        seqs(&log, name, start..=end),
+                        expected,
+                        "{name} {start}..={end}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn every_event_is_found_by_id_and_scans_start_mid_chunk() -> Result<()> {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = SledLog::open(dir.path())?;
         fill(&log);
         assert_eq!(log.last_seq(), 303);
+        for seq in [1, 0xab, u64::from(u32::MAX) + 7, u64::MAX] {
+            let id = log.idem(seq);
+            assert_eq!(id, format!("evt_{:08x}{seq:016x}", log.epoch));
+            assert_eq!(log.seq_of(&id.parse().expect("id")), Some(seq));
+        }
         for seq in 1..=303 {
             let id: EventId = log.idem(seq).parse().expect("id");
             let owned = log.event(&id)?.expect("stored");
