@@ -47,10 +47,13 @@ impl Loc {
         out
     }
 
+    /// The location at the start of `value` (the store may keep more
+    /// after it).
     pub fn decode(value: &[u8]) -> Result<Self> {
         let bytes: &[u8; 16] = value
-            .try_into()
-            .map_err(|_| StoreError::Damaged("a chunk location is not 16 bytes".into()))?;
+            .get(..16)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| StoreError::Damaged("a chunk location is under 16 bytes".into()))?;
         let (segment, rest) = bytes.split_at(4);
         let (offset, len) = rest.split_at(8);
         Ok(Self {
@@ -58,6 +61,16 @@ impl Loc {
             offset: u64::from_be_bytes(offset.try_into().expect("8 bytes")),
             len: u32::from_be_bytes(len.try_into().expect("4 bytes")),
         })
+    }
+
+    /// The part of the chunk after its first `skip` bytes.
+    pub fn skip(self, skip: u32) -> Self {
+        let skip = skip.min(self.len);
+        Self {
+            segment: self.segment,
+            offset: self.offset + u64::from(skip),
+            len: self.len - skip,
+        }
     }
 }
 

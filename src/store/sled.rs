@@ -8,7 +8,8 @@
 //! | key                         | value                                    |
 //! |-----------------------------|------------------------------------------|
 //! | `e` name `\0` first seq     | where the chunk lies: events of one name |
-//! |                             | in seq order, in a segment file          |
+//! |                             | in seq order, in a segment file; then    |
+//! |                             | marks: where every 8th entry starts      |
 //! | `g` segment                 | the last seq the segment holds, and where |
 //! |                             | the bytes sled references in it end      |
 //! | `r` name `\0` recipient     | the first seq of name addressed to the   |
@@ -93,6 +94,11 @@ const DISCARDED: u8 = 1;
 const MAX_CHUNK_BYTES: usize = 16 * 1024;
 /// Bytes before each value in a chunk: seq and length.
 const ENTRY_HEAD: usize = 12;
+/// A chunk's location is followed by a mark for every this many entries:
+/// `seq - first: u32 BE, byte offset: u32 BE` of the entry, so that a read
+/// from the middle of a chunk skips what it does not need. (Chunks stored
+/// before marks were kept have none, and are read whole.)
+const MARK_EVERY: usize = 8;
 /// Most chunk summaries one look for directly addressed events reads per
 /// name: bounds the time it takes.
 const SKIP_SUMMARIES: usize = 256;
@@ -197,16 +203,19 @@ fn entries(chunk: &[u8]) -> impl Iterator<Item = Result<(u64, &[u8])>> {
     })
 }
 
-/// Reads the chunk stored under `key` at `loc` into `buf`; `false` when
-/// retention removed it since its location was looked up.
+/// Reads the chunk stored under `key` (its location and marks in
+/// `value`) into `buf`, from its last entry that starts at or before
+/// `from`; `false` when retention removed it since `value` was looked up.
 fn read_chunk(
     tree: &Tree,
     segments: &Segments,
     key: &[u8],
-    loc: &[u8],
+    value: &[u8],
+    from: u64,
     buf: &mut Vec<u8>,
 ) -> Result<bool> {
-    match segments.read(Loc::decode(loc)?, buf) {
+    let skip = mark_before(value, key_first_seq(key)?, from);
+    match segments.read(Loc::decode(value)?.skip(skip), buf) {
         Ok(()) => Ok(true),
         Err(_) if !tree.contains_key(key)? => Ok(false),
         Err(e) => Err(e),
@@ -219,6 +228,21 @@ fn push_hex(out: &mut String, n: u64, digits: u32) {
         let nibble = (n >> (i * 4)) & 0xf;
         out.push(char::from(b"0123456789abcdef"[nibble as usize]));
     }
+}
+
+/// The byte offset of the last marked entry of a chunk (location and
+/// marks in `value`, first seq `first`) with seq at or before `seq`; 0
+/// when there is none.
+fn mark_before(value: &[u8], first: u64, seq: u64) -> u32 {
+    let mut offset = 0;
+    for mark in value.get(16..).unwrap_or_default().chunks_exact(8) {
+        let delta = u32::from_be_bytes([mark[0], mark[1], mark[2], mark[3]]);
+        if first.saturating_add(u64::from(delta)) > seq {
+            break;
+        }
+        offset = u32::from_be_bytes([mark[4], mark[5], mark[6], mark[7]]);
+    }
+    offset
 }
 
 fn put_entry(chunk: &mut Vec<u8>, seq: u64, value: &[u8]) {
@@ -482,6 +506,10 @@ struct Building {
     name: String,
     first: u64,
     entries: Vec<u8>,
+    /// How many entries `entries` holds.
+    count: usize,
+    /// The marks that follow the chunk's location ([`MARK_EVERY`]).
+    marks: Vec<u8>,
     summary: Summary,
 }
 
@@ -505,6 +533,8 @@ impl Chunks {
                     name: name.to_owned(),
                     first: seq,
                     entries: Vec::with_capacity(4096),
+                    count: 0,
+                    marks: Vec::new(),
                     summary: Summary::starting(seq, recipients),
                 });
                 let i = self.built.len() - 1;
@@ -513,6 +543,17 @@ impl Chunks {
             }
         };
         let chunk = &mut self.built[slot];
+        if chunk.count > 0 && chunk.count % MARK_EVERY == 0 {
+            // A mark that does not fit is left out: reads start earlier.
+            if let (Ok(delta), Ok(offset)) = (
+                u32::try_from(seq - chunk.first),
+                u32::try_from(chunk.entries.len()),
+            ) {
+                chunk.marks.extend_from_slice(&delta.to_be_bytes());
+                chunk.marks.extend_from_slice(&offset.to_be_bytes());
+            }
+        }
+        chunk.count += 1;
         put_entry(&mut chunk.entries, seq, value);
         chunk.summary.add(seq, recipients);
     }
@@ -532,7 +573,9 @@ impl Chunks {
                 name,
                 first,
                 entries,
+                marks: entry_marks,
                 summary,
+                ..
             } = chunk;
             bytes += entries.len() as u64;
             index.extend_from_slice(&first.to_be_bytes());
@@ -541,7 +584,10 @@ impl Chunks {
             index.extend_from_slice(name.as_bytes());
             let loc = segments.append(&entries)?;
             marks.add(loc, summary.last);
-            batch.insert(chunk_key(&name, first), &loc.encode());
+            let mut value = Vec::with_capacity(16 + entry_marks.len());
+            value.extend_from_slice(&loc.encode());
+            value.extend_from_slice(&entry_marks);
+            batch.insert(chunk_key(&name, first), value);
             batch.insert(summary_key(&name, first), summary.encode());
         }
         batch.insert(&num_key(COMMIT, commit_first), index);
@@ -606,9 +652,11 @@ impl<'n> Cursor<'n> {
         Ok(cursor)
     }
 
-    /// Makes the chunk under `key` at `loc` the current one.
-    fn load(&mut self, key: &[u8], loc: &[u8]) -> Result<()> {
-        if !read_chunk(self.tree, self.segments, key, loc, &mut self.chunk)? {
+    /// Makes the chunk under `key` (location and marks in `value`) the
+    /// current one, from its last mark at or before the cursor's start.
+    fn load(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+        let (tree, segments, start) = (self.tree, self.segments, self.start);
+        if !read_chunk(tree, segments, key, value, start, &mut self.chunk)? {
             self.chunk.clear();
         }
         self.next_seq = self.next_seq.max(key_first_seq(key)?.saturating_add(1));
@@ -812,14 +860,15 @@ impl SledLog {
         })
     }
 
-    /// The bytes of the chunk of `name` that starts at `first`.
-    fn chunk(&self, name: &str, first: u64) -> Result<Option<Vec<u8>>> {
+    /// The bytes of the chunk of `name` that starts at `first`, from its
+    /// last marked entry at or before `from`.
+    fn chunk(&self, name: &str, first: u64, from: u64) -> Result<Option<Vec<u8>>> {
         let key = chunk_key(name, first);
-        let Some(loc) = self.tree.get(&key)? else {
+        let Some(value) = self.tree.get(&key)? else {
             return Ok(None);
         };
         let mut chunk = Vec::new();
-        let kept = read_chunk(&self.tree, &self.segments, &key, &loc, &mut chunk)?;
+        let kept = read_chunk(&self.tree, &self.segments, &key, &value, from, &mut chunk)?;
         Ok(kept.then_some(chunk))
     }
 
@@ -998,7 +1047,7 @@ impl SledLog {
             if first > seq {
                 continue;
             }
-            let Some(chunk) = self.chunk(name, first)? else {
+            let Some(chunk) = self.chunk(name, first, seq)? else {
                 continue;
             };
             for entry in entries(&chunk) {
@@ -1065,7 +1114,7 @@ impl SledLog {
                     }
                 }
             }
-            let Some(chunk) = self.chunk(name, first)? else {
+            let Some(chunk) = self.chunk(name, first, start)? else {
                 return Err(StoreError::Damaged(format!(
                     "the chunk of {name} from {first} has a summary but no events"
                 )));
