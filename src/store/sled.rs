@@ -9,7 +9,7 @@
 //! |-----------------------------|------------------------------------------|
 //! | `e` name `\0` first seq     | where the chunk lies: events of one name |
 //! |                             | in seq order, in a segment file; then    |
-//! |                             | marks: where every 8th entry starts      |
+//! |                             | where every 8th entry starts (offsets)   |
 //! | `g` segment                 | the last seq the segment holds, and where |
 //! |                             | the bytes sled references in it end      |
 //! | `r` name `\0` recipient     | the first seq of name addressed to the   |
@@ -94,11 +94,11 @@ const DISCARDED: u8 = 1;
 const MAX_CHUNK_BYTES: usize = 16 * 1024;
 /// Bytes before each value in a chunk: seq and length.
 const ENTRY_HEAD: usize = 12;
-/// A chunk's location is followed by a mark for every this many entries:
-/// `seq - first: u32 BE, byte offset: u32 BE` of the entry, so that a read
+/// A chunk's location is followed by the offset of every this many
+/// entries: `seq - first: u32 BE, byte offset: u32 BE`, so that a read
 /// from the middle of a chunk skips what it does not need. (Chunks stored
-/// before marks were kept have none, and are read whole.)
-const MARK_EVERY: usize = 8;
+/// before offsets were kept have none, and are read whole.)
+const OFFSET_EVERY: usize = 8;
 /// Most chunk summaries one look for directly addressed events reads per
 /// name: bounds the time it takes.
 const SKIP_SUMMARIES: usize = 256;
@@ -203,9 +203,9 @@ fn entries(chunk: &[u8]) -> impl Iterator<Item = Result<(u64, &[u8])>> {
     })
 }
 
-/// Reads the chunk stored under `key` (its location and marks in
-/// `value`) into `buf`, from its last entry that starts at or before
-/// `from`; `false` when retention removed it since `value` was looked up.
+/// Reads the chunk stored under `key` (its location and offsets in
+/// `value`) into `buf`, from the last entry with an offset whose seq is
+/// at or before `from`; `false` when retention removed it since `value` was looked up.
 fn read_chunk(
     tree: &Tree,
     segments: &Segments,
@@ -214,7 +214,7 @@ fn read_chunk(
     from: u64,
     buf: &mut Vec<u8>,
 ) -> Result<bool> {
-    let skip = mark_before(value, key_first_seq(key)?, from);
+    let skip = offset_before(value, key_first_seq(key)?, from);
     match segments.read(Loc::decode(value)?.skip(skip), buf) {
         Ok(()) => Ok(true),
         Err(_) if !tree.contains_key(key)? => Ok(false),
@@ -230,17 +230,17 @@ fn push_hex(out: &mut String, n: u64, digits: u32) {
     }
 }
 
-/// The byte offset of the last marked entry of a chunk (location and
-/// marks in `value`, first seq `first`) with seq at or before `seq`; 0
-/// when there is none.
-fn mark_before(value: &[u8], first: u64, seq: u64) -> u32 {
+/// Where, in a chunk (location and offsets in `value`, first seq
+/// `first`), the last entry with an offset and a seq at or before `seq`
+/// starts; 0 when there is none.
+fn offset_before(value: &[u8], first: u64, seq: u64) -> u32 {
     let mut offset = 0;
-    for mark in value.get(16..).unwrap_or_default().chunks_exact(8) {
-        let delta = u32::from_be_bytes([mark[0], mark[1], mark[2], mark[3]]);
+    for entry in value.get(16..).unwrap_or_default().chunks_exact(8) {
+        let delta = u32::from_be_bytes([entry[0], entry[1], entry[2], entry[3]]);
         if first.saturating_add(u64::from(delta)) > seq {
             break;
         }
-        offset = u32::from_be_bytes([mark[4], mark[5], mark[6], mark[7]]);
+        offset = u32::from_be_bytes([entry[4], entry[5], entry[6], entry[7]]);
     }
     offset
 }
@@ -508,8 +508,8 @@ struct Building {
     entries: Vec<u8>,
     /// How many entries `entries` holds.
     count: usize,
-    /// The marks that follow the chunk's location ([`MARK_EVERY`]).
-    marks: Vec<u8>,
+    /// The offsets that follow the chunk's location ([`OFFSET_EVERY`]).
+    offsets: Vec<u8>,
     summary: Summary,
 }
 
@@ -534,7 +534,7 @@ impl Chunks {
                     first: seq,
                     entries: Vec::with_capacity(4096),
                     count: 0,
-                    marks: Vec::new(),
+                    offsets: Vec::new(),
                     summary: Summary::starting(seq, recipients),
                 });
                 let i = self.built.len() - 1;
@@ -543,14 +543,14 @@ impl Chunks {
             }
         };
         let chunk = &mut self.built[slot];
-        if chunk.count > 0 && chunk.count % MARK_EVERY == 0 {
-            // A mark that does not fit is left out: reads start earlier.
+        if chunk.count > 0 && chunk.count % OFFSET_EVERY == 0 {
+            // An offset that does not fit is left out: reads start earlier.
             if let (Ok(delta), Ok(offset)) = (
                 u32::try_from(seq - chunk.first),
                 u32::try_from(chunk.entries.len()),
             ) {
-                chunk.marks.extend_from_slice(&delta.to_be_bytes());
-                chunk.marks.extend_from_slice(&offset.to_be_bytes());
+                chunk.offsets.extend_from_slice(&delta.to_be_bytes());
+                chunk.offsets.extend_from_slice(&offset.to_be_bytes());
             }
         }
         chunk.count += 1;
@@ -573,7 +573,7 @@ impl Chunks {
                 name,
                 first,
                 entries,
-                marks: entry_marks,
+                offsets,
                 summary,
                 ..
             } = chunk;
@@ -584,9 +584,9 @@ impl Chunks {
             index.extend_from_slice(name.as_bytes());
             let loc = segments.append(&entries)?;
             marks.add(loc, summary.last);
-            let mut value = Vec::with_capacity(16 + entry_marks.len());
+            let mut value = Vec::with_capacity(16 + offsets.len());
             value.extend_from_slice(&loc.encode());
-            value.extend_from_slice(&entry_marks);
+            value.extend_from_slice(&offsets);
             batch.insert(chunk_key(&name, first), value);
             batch.insert(summary_key(&name, first), summary.encode());
         }
@@ -653,7 +653,7 @@ impl<'n> Cursor<'n> {
     }
 
     /// Makes the chunk under `key` (location and marks in `value`) the
-    /// current one, from its last mark at or before the cursor's start.
+    /// current one, from its last offset at or before the cursor's start.
     fn load(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         let (tree, segments, start) = (self.tree, self.segments, self.start);
         if !read_chunk(tree, segments, key, value, start, &mut self.chunk)? {
@@ -861,7 +861,7 @@ impl SledLog {
     }
 
     /// The bytes of the chunk of `name` that starts at `first`, from its
-    /// last marked entry at or before `from`.
+    /// last entry with an offset at or before `from`.
     fn chunk(&self, name: &str, first: u64, from: u64) -> Result<Option<Vec<u8>>> {
         let key = chunk_key(name, first);
         let Some(value) = self.tree.get(&key)? else {
