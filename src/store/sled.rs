@@ -205,7 +205,8 @@ fn entries(chunk: &[u8]) -> impl Iterator<Item = Result<(u64, &[u8])>> {
 
 /// Reads the chunk stored under `key` (its location and offsets in
 /// `value`) into `buf`, from the last entry with an offset whose seq is
-/// at or before `from`; `false` when retention removed it since `value` was looked up.
+/// at or before `from`; `false` when retention removed it since `value`
+/// was looked up.
 fn read_chunk(
     tree: &Tree,
     segments: &Segments,
@@ -506,8 +507,6 @@ struct Building {
     name: String,
     first: u64,
     entries: Vec<u8>,
-    /// How many entries `entries` holds.
-    count: usize,
     /// The offsets that follow the chunk's location ([`OFFSET_EVERY`]).
     offsets: Vec<u8>,
     summary: Summary,
@@ -533,7 +532,6 @@ impl Chunks {
                     name: name.to_owned(),
                     first: seq,
                     entries: Vec::with_capacity(4096),
-                    count: 0,
                     offsets: Vec::new(),
                     summary: Summary::starting(seq, recipients),
                 });
@@ -543,7 +541,8 @@ impl Chunks {
             }
         };
         let chunk = &mut self.built[slot];
-        if chunk.count > 0 && chunk.count % OFFSET_EVERY == 0 {
+        let count = chunk.summary.count as usize;
+        if count > 0 && count % OFFSET_EVERY == 0 {
             // An offset that does not fit is left out: reads start earlier.
             if let (Ok(delta), Ok(offset)) = (
                 u32::try_from(seq - chunk.first),
@@ -553,7 +552,6 @@ impl Chunks {
                 chunk.offsets.extend_from_slice(&offset.to_be_bytes());
             }
         }
-        chunk.count += 1;
         put_entry(&mut chunk.entries, seq, value);
         chunk.summary.add(seq, recipients);
     }
@@ -575,7 +573,6 @@ impl Chunks {
                 entries,
                 offsets,
                 summary,
-                ..
             } = chunk;
             bytes += entries.len() as u64;
             index.extend_from_slice(&first.to_be_bytes());
@@ -645,14 +642,14 @@ impl<'n> Cursor<'n> {
             .range(chunk_key(name, 0)..=chunk_key(name, start))
             .next_back()
             .transpose()?;
-        if let Some((key, loc)) = holding {
-            cursor.load(&key, &loc)?;
+        if let Some((key, value)) = holding {
+            cursor.load(&key, &value)?;
         }
         cursor.settle(0)?;
         Ok(cursor)
     }
 
-    /// Makes the chunk under `key` (location and marks in `value`) the
+    /// Makes the chunk under `key` (location and offsets in `value`) the
     /// current one, from its last offset at or before the cursor's start.
     fn load(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
         let (tree, segments, start) = (self.tree, self.segments, self.start);
@@ -663,7 +660,8 @@ impl<'n> Cursor<'n> {
         Ok(())
     }
 
-    /// The chunk after the current one: `(key, location)`.
+    /// The chunk after the current one: its key, and its location and
+    /// offsets.
     fn next_chunk(&mut self) -> Result<Option<(sled::IVec, sled::IVec)>> {
         if let Some(chunks) = &mut self.chunks {
             return chunks.next().transpose().map_err(StoreError::from);
@@ -672,8 +670,8 @@ impl<'n> Cursor<'n> {
             return Ok(None);
         }
         let key = chunk_key(self.name, self.next_seq);
-        if let Some(loc) = self.tree.get(&key)? {
-            return Ok(Some((key.into(), loc)));
+        if let Some(value) = self.tree.get(&key)? {
+            return Ok(Some((key.into(), value)));
         }
         let mut chunks = self.tree.range(key..=chunk_key(self.name, self.end));
         let next = chunks.next().transpose()?;
@@ -696,8 +694,8 @@ impl<'n> Cursor<'n> {
                 pos = next;
             }
             match self.next_chunk()? {
-                Some((key, loc)) => {
-                    self.load(&key, &loc)?;
+                Some((key, value)) => {
+                    self.load(&key, &value)?;
                     pos = 0;
                 }
                 None => {
