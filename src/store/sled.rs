@@ -946,6 +946,9 @@ impl SledLog {
         let mut done = Trimmed::default();
         let mut through = None;
         let mut removed = 0;
+        // The names whose chunks this step removes, with the first seq of
+        // the last one removed.
+        let mut touched: HashMap<String, u64> = HashMap::new();
         while let Some((key, index)) = next.take() {
             let first = be_u64(&key[1..])?;
             next = commits.next().transpose()?;
@@ -970,6 +973,7 @@ impl SledLog {
                 }
                 batch.remove(chunk);
                 batch.remove(summary_key(name, chunk_first));
+                touched.insert(name.to_owned(), chunk_first);
             }
             batch.remove(key);
             done.events += end - first;
@@ -979,6 +983,27 @@ impl SledLog {
         let Some(through) = through else {
             return Ok(done);
         };
+        // Names left with no events are forgotten, with their index of
+        // direct recipients: names that come and go (an id in the name)
+        // would otherwise pile up in memory and in the store for good.
+        let mut forgotten = Vec::new();
+        for (name, last_removed) in touched {
+            let later = chunk_key(&name, last_removed.saturating_add(1));
+            if self
+                .tree
+                .range(later..=chunk_key(&name, u64::MAX))
+                .next()
+                .is_none()
+            {
+                let mut key = vec![NAME];
+                key.extend_from_slice(name.as_bytes());
+                batch.remove(key);
+                for entry in self.tree.scan_prefix(direct_key(&name, b"")) {
+                    batch.remove(entry?.0);
+                }
+                forgotten.push(name);
+            }
+        }
         // Time entries whose events are all gone, and the settlements and
         // deferrals of removed events.
         let mut times = self.tree.scan_prefix([TIME]).peekable();
@@ -1016,6 +1041,9 @@ impl SledLog {
         tail.bytes -= done.bytes.min(tail.bytes);
         batch.insert(SIZE_KEY, &tail.bytes.to_be_bytes());
         self.tree.apply_batch(batch)?;
+        for name in &forgotten {
+            tail.names.remove(name);
+        }
         for segment in retired {
             self.segments.retire(segment);
         }
@@ -2023,6 +2051,59 @@ mod chunked_log {
             max_commits: usize::MAX,
         };
         log.apply(&[WriteOp::Trim(trim)], 2_000)?;
+        Ok(())
+    }
+
+    /// Names whose events retention removed are forgotten (in the store,
+    /// in memory and in the index of direct recipients); names with
+    /// events left are kept, and a forgotten name comes back when used.
+    #[test]
+    fn retention_forgets_names_it_emptied() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = SledLog::open(dir.path())?;
+        let gone: Vec<WriteOp> = (0..50)
+            .map(|i| event_to(&format!("gone/{i}"), i, &["bob"]))
+            .collect();
+        log.apply(&gone, 1_000)?;
+        log.apply(&[event_to("kept/x", 50, &["bob", "*"])], 1_000)?;
+        log.apply(&[event_to("kept/x", 51, &["carol"])], 2_000)?;
+        log.flush()?;
+        let names_stored = |log: &SledLog| -> Result<Vec<String>> {
+            let mut names = Vec::new();
+            for entry in log.tree.scan_prefix([NAME]) {
+                names.push(utf8(&entry?.0[1..])?.to_owned());
+            }
+            Ok(names)
+        };
+        let directs =
+            |log: &SledLog| -> Result<usize> { Ok(log.tree.scan_prefix([DIRECT]).count()) };
+        assert_eq!(names_stored(&log)?.len(), 51);
+        assert_eq!(directs(&log)?, 52);
+        let trim = Trim {
+            before_ms: Some(2_000),
+            max_bytes: None,
+            keep_from: u64::MAX,
+            max_commits: usize::MAX,
+        };
+        log.apply(&[WriteOp::Trim(trim)], 3_000)?;
+        assert_eq!(names_stored(&log)?, ["kept/x"]);
+        assert_eq!(log.tail.lock().expect("tail").names.len(), 1);
+        assert_eq!(log.names(&"*".parse().expect("pattern"))?, ["kept/x"]);
+        // kept/x keeps its index: bob (trimmed event) and carol.
+        assert_eq!(directs(&log)?, 2);
+        assert_eq!(seqs(&log, "*", 1..=52), [52]);
+
+        log.apply(&[event_to("gone/3", 52, &["bob"])], 4_000)?;
+        assert_eq!(seqs(&log, "gone/*", 1..=53), [53]);
+        let first = log
+            .tree
+            .get(direct_key("gone/3", b"bob"))?
+            .expect("indexed");
+        assert_eq!(be_u64(&first)?, 53);
+        drop(log);
+        let log = SledLog::open(dir.path())?;
+        assert_eq!(names_stored(&log)?, ["gone/3", "kept/x"]);
+        assert_eq!(log.tail.lock().expect("tail").names.len(), 2);
         Ok(())
     }
 
