@@ -466,6 +466,13 @@ fn split_chunk_key(key: &[u8]) -> Result<(&str, u64)> {
     Ok((utf8(&key[1..split])?, be_u64(&key[split + 1..])?))
 }
 
+fn name_key(name: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(name.len() + 1);
+    key.push(NAME);
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
 fn direct_key(name: &str, recipient: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(name.len() + recipient.len() + 2);
     key.push(DIRECT);
@@ -973,7 +980,12 @@ impl SledLog {
                 }
                 batch.remove(chunk);
                 batch.remove(summary_key(name, chunk_first));
-                touched.insert(name.to_owned(), chunk_first);
+                match touched.get_mut(name) {
+                    Some(last) => *last = chunk_first,
+                    None => {
+                        touched.insert(name.to_owned(), chunk_first);
+                    }
+                }
             }
             batch.remove(key);
             done.events += end - first;
@@ -995,9 +1007,7 @@ impl SledLog {
                 .next()
                 .is_none()
             {
-                let mut key = vec![NAME];
-                key.extend_from_slice(name.as_bytes());
-                batch.remove(key);
+                batch.remove(name_key(&name));
                 for entry in self.tree.scan_prefix(direct_key(&name, b"")) {
                     batch.remove(entry?.0);
                 }
@@ -1283,9 +1293,7 @@ impl EventLog for SledLog {
                     let name = event.name.as_str();
                     if !tail.names.contains(name) && !new_names.contains(&name) {
                         new_names.push(name);
-                        let mut key = vec![NAME];
-                        key.extend_from_slice(name.as_bytes());
-                        batch.insert(key, &[]);
+                        batch.insert(name_key(name), &[]);
                     }
                     for recipient in &event.recipients {
                         if let Recipient::Client(id) = recipient {
