@@ -166,7 +166,8 @@ impl Stream {
         let ids = self.job.ids();
         let (job, taken) = (&self.job, &self.taken);
         let (acked_marks, unacked_marks) = (&self.acked_marks, &self.unacked_marks);
-        let scanned = store.scan(&job.pattern, self.from..=self.last, &mut |event| {
+        let (seqs, want) = (self.from..=self.last, left);
+        let scanned = store.scan_expecting(&job.pattern, seqs, want, &mut |event| {
             if !event.is_addressed_to(&ids) {
                 return ControlFlow::Continue(());
             }
@@ -350,7 +351,7 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Rep
     let ids = job.ids();
     let mut buf = BytesMut::with_capacity(small_buffer(job.limit));
     let (mut count, mut visited, mut fits, mut failed) = (0, 0, true, None);
-    let scanned = store.scan(&job.pattern, start..=end, &mut |event| {
+    let scanned = store.scan_expecting(&job.pattern, start..=end, job.limit, &mut |event| {
         visited += 1;
         if visited > ONE_PASS_VISITS {
             fits = false;
@@ -444,7 +445,7 @@ fn count_unacked(
 ) -> Result<(Counted, Vec<u64>), StoreError> {
     let mut taken = Vec::new();
     let mut failed = None;
-    store.scan(&job.pattern, seqs, &mut |event| {
+    store.scan_expecting(&job.pattern, seqs, job.limit, &mut |event| {
         if !event.is_addressed_to(ids) {
             return ControlFlow::Continue(());
         }

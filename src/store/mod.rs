@@ -345,7 +345,7 @@ pub(crate) fn count_by_scan<L: EventLog + ?Sized>(
     if limit == 0 {
         return Ok(counted);
     }
-    log.scan(pattern, seqs, &mut |event| {
+    log.scan_expecting(pattern, seqs, limit, &mut |event| {
         if event.is_addressed_to(identities) {
             counted.count += 1;
             counted.last = event.seq;
@@ -484,6 +484,22 @@ pub trait EventLog: Send + Sync + 'static {
         &self,
         pattern: &Pattern,
         seqs: RangeInclusive<u64>,
+        visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        self.scan_expecting(pattern, seqs, u64::MAX, visit)
+    }
+
+    /// [`EventLog::scan`] for a caller that expects to stop after about
+    /// `want` events: the store then reads little past them. (It reads on
+    /// as long as `visit` continues.)
+    ///
+    /// # Errors
+    /// When the database fails or a value is damaged.
+    fn scan_expecting(
+        &self,
+        pattern: &Pattern,
+        seqs: RangeInclusive<u64>,
+        want: u64,
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
     ) -> Result<()>;
 

@@ -72,6 +72,17 @@ impl Loc {
             len: self.len - skip,
         }
     }
+
+    /// The chunk's bytes from `skip` to `end`.
+    pub fn part(self, skip: u32, end: u32) -> Self {
+        let end = end.min(self.len);
+        let skip = skip.min(end);
+        Self {
+            segment: self.segment,
+            offset: self.offset + u64::from(skip),
+            len: end - skip,
+        }
+    }
 }
 
 /// The segment files of one store.

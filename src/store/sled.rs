@@ -36,6 +36,11 @@
 //! entries `seq: u64 BE, len: u32 LE, value`, where value is the encoded
 //! recipients followed by the stored record.
 //!
+//! A read takes only the part of a chunk it needs: it starts at the last
+//! offset at or before its first seq and, for a caller that expects few
+//! events (a LIMIT replay, a lookup by id), stops at the first offset past
+//! them, reading on only if the caller goes on.
+//!
 //! A replay counts its events (for the header's COUNT) from the summaries
 //! where it can: a chunk inside the range whose events share their
 //! recipients counts all or none of them without being read.
@@ -89,9 +94,10 @@ const DIRECTS_KEY: &[u8] = b"mdirects";
 const ACKED: u8 = 0;
 const DISCARDED: u8 = 1;
 /// A chunk is closed once it holds this many bytes: large enough that a
-/// scan reads many records per value, small enough that finding one event
-/// in it (by id) stays cheap.
-const MAX_CHUNK_BYTES: usize = 16 * 1024;
+/// scan reads many records per positioned read and a replay of a few
+/// dozen usually finds them in one chunk. Its size does not slow finding
+/// one event: the chunk's offsets bound what is read.
+const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// Bytes before each value in a chunk: seq and length.
 const ENTRY_HEAD: usize = 12;
 /// A chunk's location is followed by the offset of every this many
@@ -99,6 +105,9 @@ const ENTRY_HEAD: usize = 12;
 /// from the middle of a chunk skips what it does not need. (Chunks stored
 /// before offsets were kept have none, and are read whole.)
 const OFFSET_EVERY: usize = 8;
+/// The most entries a scan that merges several names reads of each at a
+/// time: what it holds in memory per name.
+const MERGE_READ: u64 = 64;
 /// Most chunk summaries one look for directly addressed events reads per
 /// name: bounds the time it takes.
 const SKIP_SUMMARIES: usize = 256;
@@ -203,23 +212,98 @@ fn entries(chunk: &[u8]) -> impl Iterator<Item = Result<(u64, &[u8])>> {
     })
 }
 
-/// Reads the chunk stored under `key` (its location and offsets in
-/// `value`) into `buf`, from the last entry with an offset whose seq is
-/// at or before `from`; `false` when retention removed it since `value`
-/// was looked up.
-fn read_chunk(
+/// An entry of a chunk whose start the chunk's offsets give: every
+/// [`OFFSET_EVERY`]th entry, and the first.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    /// The entry's position in the chunk, from 0.
+    index: u64,
+    seq: u64,
+    /// Where the entry starts in the chunk.
+    offset: u32,
+}
+
+/// The marks of a chunk (location and offsets in `value`, first seq
+/// `first`) after its first entry.
+fn marks(value: &[u8], first: u64) -> impl Iterator<Item = Mark> + '_ {
+    let every = OFFSET_EVERY as u64;
+    value
+        .get(16..)
+        .unwrap_or_default()
+        .chunks_exact(8)
+        .zip(1u64..)
+        .map(move |(mark, k)| Mark {
+            index: k * every,
+            seq: first.saturating_add(u64::from(u32::from_be_bytes([
+                mark[0], mark[1], mark[2], mark[3],
+            ]))),
+            offset: u32::from_be_bytes([mark[4], mark[5], mark[6], mark[7]]),
+        })
+}
+
+/// Where a read of a chunk for its entries from seq `from` on starts: the
+/// last mark at or before `from`, and the position of the first entry
+/// with seq `from` or later (or a bound on it: when the seqs between two
+/// marks have no gap, the position is known).
+fn start_mark(value: &[u8], first: u64, from: u64) -> (Mark, u64) {
+    let mut start = Mark {
+        index: 0,
+        seq: first,
+        offset: 0,
+    };
+    for mark in marks(value, first) {
+        if mark.seq > from {
+            let gapless = mark.seq - start.seq == mark.index - start.index;
+            let index = if gapless {
+                start.index + from.saturating_sub(start.seq)
+            } else {
+                mark.index
+            };
+            return (start, index);
+        }
+        start = mark;
+    }
+    // Past the last mark: the entries after it are read to the end.
+    (start, start.index)
+}
+
+/// The first mark at or past position `index`: where a read that needs
+/// the entries before `index` may stop (`None`: at the chunk's end).
+fn mark_at_or_past(value: &[u8], first: u64, index: u64) -> Option<Mark> {
+    marks(value, first).find(|mark| mark.index >= index)
+}
+
+/// How far [`SledLog::chunk`] reads.
+#[derive(Debug, Clone, Copy)]
+enum Upto {
+    /// To the chunk's end.
+    End,
+    /// Only as far as the entry with the seq the read starts from.
+    Seq,
+}
+
+/// Reads `loc` of the chunk stored under `key` into `buf`; `false` when
+/// retention removed the chunk.
+fn read_or_gone(
     tree: &Tree,
     segments: &Segments,
     key: &[u8],
-    value: &[u8],
-    from: u64,
+    loc: Loc,
     buf: &mut Vec<u8>,
 ) -> Result<bool> {
-    let skip = offset_before(value, key_first_seq(key)?, from);
-    match segments.read(Loc::decode(value)?.skip(skip), buf) {
+    match segments.read(loc, buf) {
         Ok(()) => Ok(true),
         Err(_) if !tree.contains_key(key)? => Ok(false),
         Err(e) => Err(e),
+    }
+}
+
+/// The bytes of a chunk at `loc` from mark `from` to mark `to` (to the
+/// end without one).
+fn between(loc: Loc, from: Mark, to: Option<Mark>) -> Loc {
+    match to {
+        Some(to) => loc.part(from.offset, to.offset),
+        None => loc.skip(from.offset),
     }
 }
 
@@ -229,21 +313,6 @@ fn push_hex(out: &mut String, n: u64, digits: u32) {
         let nibble = (n >> (i * 4)) & 0xf;
         out.push(char::from(b"0123456789abcdef"[nibble as usize]));
     }
-}
-
-/// Where, in a chunk (location and offsets in `value`, first seq
-/// `first`), the last entry with an offset and a seq at or before `seq`
-/// starts; 0 when there is none.
-fn offset_before(value: &[u8], first: u64, seq: u64) -> u32 {
-    let mut offset = 0;
-    for entry in value.get(16..).unwrap_or_default().chunks_exact(8) {
-        let delta = u32::from_be_bytes([entry[0], entry[1], entry[2], entry[3]]);
-        if first.saturating_add(u64::from(delta)) > seq {
-            break;
-        }
-        offset = u32::from_be_bytes([entry[4], entry[5], entry[6], entry[7]]);
-    }
-    offset
 }
 
 fn put_entry(chunk: &mut Vec<u8>, seq: u64, value: &[u8]) {
@@ -613,7 +682,14 @@ struct Cursor<'n> {
     segments: &'n Segments,
     /// The chunks in key order, once a look by key missed.
     chunks: Option<sled::Iter>,
+    /// The chunk the cursor is in.
+    held: Option<Held>,
+    /// What has been read of it.
     chunk: Vec<u8>,
+    /// How many more entries the caller expects to take.
+    want: u64,
+    /// The most entries one read takes.
+    batch: u64,
     /// The seq after the last entry the cursor has passed: where the next
     /// chunk starts when the name's events are contiguous.
     next_seq: u64,
@@ -624,13 +700,24 @@ struct Cursor<'n> {
     end: u64,
 }
 
+/// The chunk a cursor is in: its first seq, its location and offsets, and
+/// the mark where what is still unread of it starts.
+struct Held {
+    first: u64,
+    value: sled::IVec,
+    unread: Option<Mark>,
+}
+
 impl<'n> Cursor<'n> {
-    /// A cursor at the first event of `name` with seq in `seqs`.
+    /// A cursor at the first event of `name` with seq in `seqs`, for a
+    /// caller that expects to take about `want` of them; it reads at most
+    /// `batch` entries at a time.
     fn new(
         tree: &'n Tree,
         segments: &'n Segments,
         name: &'n str,
         seqs: &RangeInclusive<u64>,
+        (want, batch): (u64, u64),
     ) -> Result<Self> {
         let (start, end) = (*seqs.start(), *seqs.end());
         let mut cursor = Self {
@@ -638,7 +725,10 @@ impl<'n> Cursor<'n> {
             tree,
             segments,
             chunks: None,
+            held: None,
             chunk: Vec::new(),
+            want,
+            batch,
             next_seq: start,
             current: None,
             start,
@@ -650,21 +740,55 @@ impl<'n> Cursor<'n> {
             .next_back()
             .transpose()?;
         if let Some((key, value)) = holding {
-            cursor.load(&key, &value)?;
+            cursor.load(&key, value)?;
         }
         cursor.settle(0)?;
         Ok(cursor)
     }
 
     /// Makes the chunk under `key` (location and offsets in `value`) the
-    /// current one, from its last offset at or before the cursor's start.
-    fn load(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
-        let (tree, segments, start) = (self.tree, self.segments, self.start);
-        if !read_chunk(tree, segments, key, value, start, &mut self.chunk)? {
-            self.chunk.clear();
-        }
-        self.next_seq = self.next_seq.max(key_first_seq(key)?.saturating_add(1));
+    /// current one, and reads the first of what the cursor wants of it.
+    fn load(&mut self, key: &[u8], value: sled::IVec) -> Result<()> {
+        let first = key_first_seq(key)?;
+        let (from, index) = start_mark(&value, first, self.start.max(self.next_seq));
+        self.held = Some(Held {
+            first,
+            value,
+            unread: None,
+        });
+        self.read(key, from, index)?;
+        self.next_seq = self.next_seq.max(first.saturating_add(1));
         Ok(())
+    }
+
+    /// Reads the held chunk from mark `from` on, as far as the entries up
+    /// to position `index` and those the cursor wants after it need.
+    fn read(&mut self, key: &[u8], from: Mark, index: u64) -> Result<()> {
+        let Some(held) = &mut self.held else {
+            return Ok(());
+        };
+        let more = self.want.min(self.batch).max(1);
+        let to = mark_at_or_past(&held.value, held.first, index.saturating_add(more));
+        let loc = between(Loc::decode(&held.value)?, from, to);
+        held.unread = to;
+        if !read_or_gone(self.tree, self.segments, key, loc, &mut self.chunk)? {
+            self.chunk.clear();
+            held.unread = None;
+        }
+        Ok(())
+    }
+
+    /// Reads on in the held chunk; `false` when it was read to its end.
+    fn read_on(&mut self) -> Result<bool> {
+        let Some((first, unread)) = self
+            .held
+            .as_ref()
+            .and_then(|held| Some((held.first, held.unread?)))
+        else {
+            return Ok(false);
+        };
+        self.read(&chunk_key(self.name, first), unread, unread.index)?;
+        Ok(true)
     }
 
     /// The chunk after the current one: its key, and its location and
@@ -700,9 +824,13 @@ impl<'n> Cursor<'n> {
                 }
                 pos = next;
             }
+            if self.read_on()? {
+                pos = 0;
+                continue;
+            }
             match self.next_chunk()? {
                 Some((key, value)) => {
-                    self.load(&key, &value)?;
+                    self.load(&key, value)?;
                     pos = 0;
                 }
                 None => {
@@ -731,6 +859,7 @@ impl<'n> Cursor<'n> {
             return Ok(ControlFlow::Break(()));
         };
         let flow = visit(EventView::decode(seq, self.name, &self.chunk[value])?);
+        self.want = self.want.saturating_sub(1);
         if flow.is_break() {
             self.current = None;
         } else {
@@ -866,14 +995,21 @@ impl SledLog {
     }
 
     /// The bytes of the chunk of `name` that starts at `first`, from its
-    /// last entry with an offset at or before `from`.
-    fn chunk(&self, name: &str, first: u64, from: u64) -> Result<Option<Vec<u8>>> {
+    /// last entry with an offset at or before `from`: to its end, or with
+    /// `Upto::Seq` only as far as entry `from` (when it is stored).
+    fn chunk(&self, name: &str, first: u64, from: u64, upto: Upto) -> Result<Option<Vec<u8>>> {
         let key = chunk_key(name, first);
         let Some(value) = self.tree.get(&key)? else {
             return Ok(None);
         };
+        let (start, index) = start_mark(&value, first, from);
+        let to = match upto {
+            Upto::End => None,
+            Upto::Seq => mark_at_or_past(&value, first, index + 1),
+        };
+        let loc = between(Loc::decode(&value)?, start, to);
         let mut chunk = Vec::new();
-        let kept = read_chunk(&self.tree, &self.segments, &key, &value, from, &mut chunk)?;
+        let kept = read_or_gone(&self.tree, &self.segments, &key, loc, &mut chunk)?;
         Ok(kept.then_some(chunk))
     }
 
@@ -1083,7 +1219,7 @@ impl SledLog {
             if first > seq {
                 continue;
             }
-            let Some(chunk) = self.chunk(name, first, seq)? else {
+            let Some(chunk) = self.chunk(name, first, seq, Upto::Seq)? else {
                 continue;
             };
             for entry in entries(&chunk) {
@@ -1150,7 +1286,7 @@ impl SledLog {
                     }
                 }
             }
-            let Some(chunk) = self.chunk(name, first, start)? else {
+            let Some(chunk) = self.chunk(name, first, start, Upto::End)? else {
                 return Err(StoreError::Damaged(format!(
                     "the chunk of {name} from {first} has a summary but no events"
                 )));
@@ -1534,19 +1670,26 @@ impl EventLog for SledLog {
         Ok(Ok(resolved))
     }
 
-    fn scan(
+    fn scan_expecting(
         &self,
         pattern: &Pattern,
         seqs: RangeInclusive<u64>,
+        want: u64,
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
     ) -> Result<()> {
         if seqs.is_empty() {
             return Ok(());
         }
         let names = self.names(pattern)?;
+        // A merge holds a read of every name at once: smaller reads.
+        let batch = if names.len() > 1 {
+            MERGE_READ
+        } else {
+            u64::MAX
+        };
         let mut cursors = names
             .iter()
-            .map(|name| Cursor::new(&self.tree, &self.segments, name, &seqs))
+            .map(|name| Cursor::new(&self.tree, &self.segments, name, &seqs, (want, batch)))
             .collect::<Result<Vec<_>>>()?;
         if let [cursor] = cursors.as_mut_slice() {
             while cursor.seq().is_some() {
@@ -1807,7 +1950,9 @@ mod chunked_log {
     use crate::store::NewEvent;
 
     fn event(name: &str, n: usize) -> WriteOp {
-        let payload: Payload = format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(900))
+        // About 18 events to a chunk, whatever its size.
+        let pad = "x".repeat(MAX_CHUNK_BYTES / 18);
+        let payload: Payload = format!("{{\"n\":{n},\"pad\":\"{pad}\"}}")
             .parse()
             .expect("json");
         WriteOp::Publish(NewEvent {
@@ -1829,7 +1974,7 @@ mod chunked_log {
         out
     }
 
-    /// 300 events of ~1 KiB over two names in one commit and two more
+    /// 300 events of ~1/18 chunk over two names in one commit and two more
     /// commits: many chunks per name, chunks interleaved in seq space.
     fn fill(log: &SledLog) {
         let ops: Vec<WriteOp> = (0..300)
@@ -2277,22 +2422,58 @@ mod chunked_log {
         log.flush()?;
         let last = log.last_seq();
         assert_eq!(last, 160);
-        for name in ["solo", "other"] {
+        for name in ["solo", "other", "*"] {
             for start in 1..=last {
                 for end in [start, start + 7, start + 33, last] {
                     let end = end.min(last);
                     let expected: Vec<u64> = (start..=end)
-                        .filter(|seq| names[usize::try_from(*seq).expect("small") - 1] == name)
+                        .filter(|seq| {
+                            name == "*" || names[usize::try_from(*seq).expect("small") - 1] == name
+                        })
                         .collect();
                     assert_eq!(
                         seqs(&log, name, start..=end),
                         expected,
                         "{name} {start}..={end}"
                     );
+                    // A scan told to expect few reads part of a chunk; it
+                    // stops where asked, or reads on.
+                    for want in [1, 5, 9, 50] {
+                        let taken = expected.len().min(want);
+                        let scan = |stop| seqs_expecting(&log, name, start..=end, want, stop);
+                        assert_eq!(
+                            scan(true),
+                            expected[..taken],
+                            "{name} {start}..={end} {want}"
+                        );
+                        assert_eq!(scan(false), expected, "{name} {start}..={end} {want} on");
+                    }
                 }
             }
         }
         Ok(())
+    }
+
+    /// The seqs a scan expecting `want` events visits: only those, with
+    /// `stop`, else all in `range`.
+    fn seqs_expecting(
+        log: &SledLog,
+        pattern: &str,
+        range: RangeInclusive<u64>,
+        want: usize,
+        stop: bool,
+    ) -> Vec<u64> {
+        let mut out = Vec::new();
+        let pattern = pattern.parse().expect("pattern");
+        log.scan_expecting(&pattern, range, want as u64, &mut |e| {
+            out.push(e.seq);
+            if stop && out.len() == want {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        })
+        .expect("scan");
+        out
     }
 
     #[test]
