@@ -1581,6 +1581,10 @@ impl EventLog for SledLog {
             applied.push(result);
         }
         let added = chunks.write(&mut batch, &self.segments)?;
+        // The chunks' bytes are on disk before sled holds their locations:
+        // sled may write its log at any time, and after a power loss a
+        // location it kept must point at bytes that were kept too.
+        self.segments.sync()?;
         if seq != tail.last_seq {
             batch.insert(LAST_KEY, &seq.to_be_bytes());
         }
@@ -1613,8 +1617,8 @@ impl EventLog for SledLog {
     }
 
     fn flush(&self) -> Result<()> {
-        // Chunk bytes first: a location sled keeps must point at bytes
-        // that were kept.
+        // Chunk bytes first (`apply` synced those it wrote): a location
+        // sled keeps must point at bytes that were kept.
         self.segments.sync()?;
         self.db.flush()?;
         self.segments.remove_retired()
