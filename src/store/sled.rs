@@ -108,6 +108,11 @@ const OFFSET_EVERY: usize = 8;
 /// The most entries a scan that merges several names reads of each at a
 /// time: what it holds in memory per name.
 const MERGE_READ: u64 = 64;
+/// Entries a scan that merges several names reads at a time over all of
+/// them: shared among the names, down to one offset's worth each
+/// ([`OFFSET_EVERY`]), so a merge over hundreds of names holds about as
+/// much as one over a few.
+const MERGE_READS: u64 = 4096;
 /// Most chunk summaries one look for directly addressed events reads per
 /// name: bounds the time it takes.
 const SKIP_SUMMARIES: usize = 256;
@@ -1686,10 +1691,9 @@ impl EventLog for SledLog {
         }
         let names = self.names(pattern)?;
         // A merge holds a read of every name at once: smaller reads.
-        let batch = if names.len() > 1 {
-            MERGE_READ
-        } else {
-            u64::MAX
+        let batch = match names.len() as u64 {
+            0 | 1 => u64::MAX,
+            n => (MERGE_READS / n).clamp(OFFSET_EVERY as u64, MERGE_READ),
         };
         let mut cursors = names
             .iter()
@@ -2478,6 +2482,41 @@ mod chunked_log {
         })
         .expect("scan");
         out
+    }
+
+    /// A merge over hundreds of names reads a few entries of each at a
+    /// time, and still visits every event once, in seq order.
+    #[test]
+    fn a_merge_over_many_names_reads_each_a_little_at_a_time() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = SledLog::open(dir.path())?;
+        let names: Vec<String> = (0..600).map(|k| format!("many/n{k:03}")).collect();
+        // The names take turns: 30 events of each in every chunk.
+        let ops: Vec<WriteOp> = (0..30 * names.len())
+            .map(|i| {
+                let WriteOp::Publish(mut event) = event("x", i) else {
+                    unreachable!("event() publishes")
+                };
+                event.name = names[i % names.len()].parse().expect("name");
+                event.payload = format!("{{\"n\":{i}}}").parse().expect("json");
+                WriteOp::Publish(event)
+            })
+            .collect();
+        log.apply(&ops, 1_000)?;
+        log.flush()?;
+        let last = log.last_seq();
+        assert_eq!(last, 18_000);
+        for (start, end) in [(1, last), (777, 9_000), (17_999, last)] {
+            let expected: Vec<u64> = (start..=end).collect();
+            assert_eq!(seqs(&log, "many/*", start..=end), expected);
+            for want in [1, 50] {
+                let stopped = seqs_expecting(&log, "many/*", start..=end, want, true);
+                assert_eq!(stopped, expected[..want.min(expected.len())]);
+                let went_on = seqs_expecting(&log, "many/*", start..=end, want, false);
+                assert_eq!(went_on, expected);
+            }
+        }
+        Ok(())
     }
 
     #[test]
