@@ -47,6 +47,9 @@ pub const DEFAULT_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Default pause between retention checks.
 pub const DEFAULT_RETENTION_CHECK: Duration = Duration::from_secs(10);
 
+/// Default memory for the store's index (`store.index_cache`).
+pub const DEFAULT_INDEX_CACHE: u64 = 256 * 1024 * 1024;
+
 /// Longest line a connection may send before its CONN succeeded.
 pub const MAX_LINE_BEFORE_CONN: usize = 4096;
 /// Commands one connection may have in flight (parsed, not yet answered).
@@ -93,6 +96,8 @@ pub struct Config {
     pub heartbeat: Heartbeat,
     /// How much history is kept.
     pub retention: Retention,
+    /// The store.
+    pub store: Store,
     /// TLS for both listeners; plain TCP and HTTP without it.
     pub tls: Option<Tls>,
     /// The clients: with at least one access key configured, only they
@@ -239,6 +244,26 @@ impl Default for Retention {
     }
 }
 
+/// Store settings (`[store]`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Store {
+    /// Memory for the store's index: where each chunk of events lies, the
+    /// time and sequence indexes, subscriptions and settlements (no event
+    /// bytes). A log whose index outgrows it still works, but seeks read
+    /// index pages from disk more often.
+    #[serde(deserialize_with = "byte_size")]
+    pub index_cache: u64,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self {
+            index_cache: DEFAULT_INDEX_CACHE,
+        }
+    }
+}
+
 /// A client (`[[clients]]`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -327,6 +352,7 @@ impl Default for Config {
             delivery: Delivery::default(),
             heartbeat: Heartbeat::default(),
             retention: Retention::default(),
+            store: Store::default(),
             tls: None,
             clients: Vec::new(),
             admin_token: None,
@@ -458,6 +484,9 @@ impl Config {
         if let Some((key, _)) = at_least_one.iter().find(|(_, value)| *value == 0) {
             return Err(Invalid::new(*key, "must be at least 1"));
         }
+        if self.store.index_cache < 1024 * 1024 {
+            return Err(Invalid::new("store.index_cache", "must be at least 1MiB"));
+        }
         if limits.max_outbound_bytes < 64 * 1024 {
             return Err(Invalid::new(
                 "limits.max_outbound_bytes",
@@ -568,6 +597,7 @@ mod config_file {
             config.retention.check_interval,
             default.retention.check_interval
         );
+        assert_eq!(config.store.index_cache, default.store.index_cache);
     }
 
     #[test]
@@ -613,6 +643,9 @@ mod config_file {
             Some(Duration::from_secs(7 * 86400))
         );
         assert_eq!(config.retention.max_bytes, Some(512 << 20));
+        let config: Config = toml::from_str("[store]\nindex_cache = \"1GiB\"\n").expect("parses");
+        assert_eq!(config.store.index_cache, 1 << 30);
+        assert_eq!(Config::default().store.index_cache, DEFAULT_INDEX_CACHE);
         assert_eq!(parse_size("1000"), Ok(1000));
         let refused = parse_size("5 parsecs").expect_err("not a unit");
         assert!(refused.contains("unknown size unit"), "{refused}");
@@ -634,6 +667,13 @@ mod config_file {
         let message = Config::from_file(&path).expect_err("too small").to_string();
         assert!(
             message.contains("line 3, limits.max_line_len: is 10"),
+            "{message}"
+        );
+
+        std::fs::write(&path, "[store]\nindex_cache = \"64KiB\"\n").expect("write");
+        let message = Config::from_file(&path).expect_err("too small").to_string();
+        assert!(
+            message.contains("line 2, store.index_cache: must be at least 1MiB"),
             "{message}"
         );
 

@@ -146,7 +146,10 @@ impl Engine {
             dir: config.data_dir.display().to_string(),
             source,
         };
-        let store: Arc<dyn EventLog> = Arc::new(SledLog::open(&config.data_dir).map_err(open_err)?);
+        let store: Arc<dyn EventLog> = Arc::new(
+            SledLog::open_with_cache(&config.data_dir, config.store.index_cache)
+                .map_err(open_err)?,
+        );
         let subs = Arc::new(Registry::new(store.subscriptions().map_err(open_err)?));
         let ops = operations::Operations::load(store.as_ref()).map_err(open_err)?;
         let pins = Arc::new(retention::Pins::default());

@@ -883,13 +883,13 @@ impl<'n> Cursor<'n> {
 /// for long.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
-/// Opens the sled database in `dir`. It holds no event bytes, only where
-/// they lie and the rest of the state: a small cache serves it.
-fn open_db(dir: &Path) -> Result<Db> {
+/// Opens the sled database in `dir`, with `cache` bytes of cache. It
+/// holds no event bytes, only where they lie and the rest of the state.
+fn open_db(dir: &Path, cache: u64) -> Result<Db> {
     let config = sled::Config::new()
         .path(dir)
         .flush_every_ms(None)
-        .cache_capacity(64 * 1024 * 1024);
+        .cache_capacity(cache);
     // sled reports a taken lock only in its message (kind `Other`).
     let locked = |e: &std::io::Error| e.to_string().starts_with("could not acquire lock");
     let started = std::time::Instant::now();
@@ -916,7 +916,16 @@ impl SledLog {
     /// When the directory cannot be opened (missing permissions, another
     /// process holding it) or its contents are damaged.
     pub fn open(dir: &Path) -> Result<Self> {
-        let db = open_db(dir)?;
+        Self::open_with_cache(dir, crate::config::DEFAULT_INDEX_CACHE)
+    }
+
+    /// Opens (or creates) the log in `dir`, with `cache` bytes of memory
+    /// for its index (`store.index_cache`).
+    ///
+    /// # Errors
+    /// As [`SledLog::open`].
+    pub fn open_with_cache(dir: &Path, cache: u64) -> Result<Self> {
+        let db = open_db(dir, cache)?;
         let tree = db.open_tree("log")?;
         let segments = Segments::open(dir)?;
         if tree.get(SEGMENTS_KEY)?.is_none() {
