@@ -166,8 +166,8 @@ impl Stream {
         let ids = self.job.ids();
         let (job, taken) = (&self.job, &self.taken);
         let (acked_marks, unacked_marks) = (&self.acked_marks, &self.unacked_marks);
-        let (seqs, want) = (self.from..=self.last, left);
-        let scanned = store.scan_expecting(&job.pattern, seqs, want, &mut |event| {
+        let seqs = self.from..=self.last;
+        let scanned = store.scan_expecting(&job.pattern, seqs, left, &mut |event| {
             if !event.is_addressed_to(&ids) {
                 return ControlFlow::Continue(());
             }

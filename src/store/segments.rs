@@ -63,16 +63,6 @@ impl Loc {
         })
     }
 
-    /// The part of the chunk after its first `skip` bytes.
-    pub fn skip(self, skip: u32) -> Self {
-        let skip = skip.min(self.len);
-        Self {
-            segment: self.segment,
-            offset: self.offset + u64::from(skip),
-            len: self.len - skip,
-        }
-    }
-
     /// The chunk's bytes from `skip` to `end`.
     pub fn part(self, skip: u32, end: u32) -> Self {
         let end = end.min(self.len);

@@ -306,10 +306,7 @@ fn read_or_gone(
 /// The bytes of a chunk at `loc` from mark `from` to mark `to` (to the
 /// end without one).
 fn between(loc: Loc, from: Mark, to: Option<Mark>) -> Loc {
-    match to {
-        Some(to) => loc.part(from.offset, to.offset),
-        None => loc.skip(from.offset),
-    }
+    loc.part(from.offset, to.map_or(loc.len, |to| to.offset))
 }
 
 /// Appends the low `digits` hex digits of `n`, lower case.
