@@ -278,15 +278,6 @@ fn mark_at_or_past(value: &[u8], first: u64, index: u64) -> Option<Mark> {
     marks(value, first).find(|mark| mark.index >= index)
 }
 
-/// How far [`SledLog::chunk`] reads.
-#[derive(Debug, Clone, Copy)]
-enum Upto {
-    /// To the chunk's end.
-    End,
-    /// Only as far as the entry with the seq the read starts from.
-    Seq,
-}
-
 /// Reads `loc` of the chunk stored under `key` into `buf`; `false` when
 /// retention removed the chunk.
 fn read_or_gone(
@@ -1006,18 +997,15 @@ impl SledLog {
     }
 
     /// The bytes of the chunk of `name` that starts at `first`, from its
-    /// last entry with an offset at or before `from`: to its end, or with
-    /// `Upto::Seq` only as far as entry `from` (when it is stored).
-    fn chunk(&self, name: &str, first: u64, from: u64, upto: Upto) -> Result<Option<Vec<u8>>> {
+    /// last entry with an offset at or before `from`, as far as its first
+    /// `want` entries from `from` on need (`u64::MAX`: to its end).
+    fn chunk(&self, name: &str, first: u64, from: u64, want: u64) -> Result<Option<Vec<u8>>> {
         let key = chunk_key(name, first);
         let Some(value) = self.tree.get(&key)? else {
             return Ok(None);
         };
         let (start, index) = start_mark(&value, first, from);
-        let to = match upto {
-            Upto::End => None,
-            Upto::Seq => mark_at_or_past(&value, first, index + 1),
-        };
+        let to = mark_at_or_past(&value, first, index.saturating_add(want));
         let loc = between(Loc::decode(&value)?, start, to);
         let mut chunk = Vec::new();
         let kept = read_or_gone(&self.tree, &self.segments, &key, loc, &mut chunk)?;
@@ -1230,7 +1218,7 @@ impl SledLog {
             if first > seq {
                 continue;
             }
-            let Some(chunk) = self.chunk(name, first, seq, Upto::Seq)? else {
+            let Some(chunk) = self.chunk(name, first, seq, 1)? else {
                 continue;
             };
             for entry in entries(&chunk) {
@@ -1297,7 +1285,7 @@ impl SledLog {
                     }
                 }
             }
-            let Some(chunk) = self.chunk(name, first, start, Upto::End)? else {
+            let Some(chunk) = self.chunk(name, first, start, u64::MAX)? else {
                 return Err(StoreError::Damaged(format!(
                     "the chunk of {name} from {first} has a summary but no events"
                 )));
