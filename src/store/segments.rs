@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tracing::error;
@@ -79,20 +80,41 @@ impl Loc {
 #[derive(Debug)]
 pub(crate) struct Segments {
     dir: PathBuf,
-    files: RwLock<BTreeMap<u32, Arc<File>>>,
+    files: RwLock<BTreeMap<u32, Arc<Segment>>>,
     writing: Mutex<Writing>,
+    /// Positioned reads made, for the tests.
+    #[cfg(test)]
+    reads: AtomicU64,
+}
+
+/// One segment file.
+#[derive(Debug)]
+struct Segment {
+    file: File,
+    /// The bytes before this offset were written in full: a read ahead
+    /// takes nothing past it, so it never copies a chunk half-written.
+    written: AtomicU64,
+}
+
+impl Segment {
+    fn new(file: File, written: u64) -> Arc<Self> {
+        Arc::new(Self {
+            file,
+            written: AtomicU64::new(written),
+        })
+    }
 }
 
 /// The segment being appended to, and what waits for the next sync.
 #[derive(Debug)]
 struct Writing {
     segment: u32,
-    file: Arc<File>,
+    file: Arc<Segment>,
     len: u64,
     /// Appended to since the last sync.
     dirty: bool,
     /// Closed segments not yet synced.
-    closed: Vec<Arc<File>>,
+    closed: Vec<Arc<Segment>>,
     /// Segments no longer referenced once sled's next sync lands.
     retired: Vec<u32>,
 }
@@ -113,22 +135,26 @@ impl Segments {
             let Some(segment) = segment_of(&path) else {
                 continue;
             };
-            files.insert(segment, Arc::new(open_file(&path, false)?));
+            let file = open_file(&path, false)?;
+            let len = file
+                .metadata()
+                .map_err(|e| io_error("cannot read", &path, &e))?
+                .len();
+            files.insert(segment, Segment::new(file, len));
         }
         let (segment, file) = match files.last_key_value() {
             Some((segment, file)) => (*segment, Arc::clone(file)),
             None => {
-                let file = Arc::new(create(&dir, 1)?);
+                let file = Segment::new(create(&dir, 1)?, 0);
                 files.insert(1, Arc::clone(&file));
                 (1, file)
             }
         };
-        let len = file
-            .metadata()
-            .map_err(|e| io_error("cannot read", &dir, &e))?
-            .len();
+        let len = file.written.load(Ordering::Acquire);
         Ok(Self {
             dir,
+            #[cfg(test)]
+            reads: AtomicU64::new(0),
             files: RwLock::new(files),
             writing: Mutex::new(Writing {
                 segment,
@@ -193,7 +219,7 @@ impl Segments {
         let mut w = self.writing();
         if w.len > 0 && w.len + u64::from(len) > SEGMENT_BYTES {
             let segment = w.segment + 1;
-            let file = Arc::new(create(&self.dir, segment)?);
+            let file = Segment::new(create(&self.dir, segment)?, 0);
             self.files
                 .write()
                 .expect("segment lock is never poisoned")
@@ -211,9 +237,11 @@ impl Segments {
             len,
         };
         w.file
+            .file
             .write_all_at(bytes, w.len)
             .map_err(|e| io_error("cannot write to", &self.path(w.segment), &e))?;
         w.len += u64::from(len);
+        w.file.written.store(w.len, Ordering::Release);
         w.dirty = true;
         Ok(loc)
     }
@@ -221,13 +249,16 @@ impl Segments {
     /// Makes every appended byte durable.
     pub fn sync(&self) -> Result<()> {
         let mut w = self.writing();
-        while let Some(file) = w.closed.first() {
-            file.sync_data()
+        while let Some(segment) = w.closed.first() {
+            segment
+                .file
+                .sync_data()
                 .map_err(|e| io_error("cannot sync", &self.dir, &e))?;
             w.closed.remove(0);
         }
         if w.dirty {
             w.file
+                .file
                 .sync_data()
                 .map_err(|e| io_error("cannot sync", &self.path(w.segment), &e))?;
             w.dirty = false;
@@ -266,26 +297,58 @@ impl Segments {
 
     /// Reads the chunk at `loc` into `buf` (replacing what it held).
     pub fn read(&self, loc: Loc, buf: &mut Vec<u8>) -> Result<()> {
-        let file = self
-            .files
+        let segment = self.segment(loc.segment)?;
+        read_into(&segment.file, loc, loc.len, buf)
+    }
+
+    /// Reads the chunk at `loc` into `buf` (replacing what it held),
+    /// followed by up to `ahead` more bytes of the segment, as far as it
+    /// was written in full: the chunks after one are often there.
+    pub fn read_ahead(&self, loc: Loc, ahead: u32, buf: &mut Vec<u8>) -> Result<()> {
+        let segment = self.segment(loc.segment)?;
+        let written = segment.written.load(Ordering::Acquire);
+        let end = loc.offset + u64::from(loc.len);
+        let more = u32::try_from(written.saturating_sub(end)).unwrap_or(u32::MAX);
+        read_into(
+            &segment.file,
+            loc,
+            loc.len.saturating_add(ahead.min(more)),
+            buf,
+        )
+    }
+
+    /// Positioned reads made so far.
+    #[cfg(test)]
+    pub fn reads(&self) -> u64 {
+        self.reads.load(Ordering::Relaxed)
+    }
+
+    fn segment(&self, segment: u32) -> Result<Arc<Segment>> {
+        #[cfg(test)]
+        self.reads.fetch_add(1, Ordering::Relaxed);
+        self.files
             .read()
             .expect("segment lock is never poisoned")
-            .get(&loc.segment)
+            .get(&segment)
             .cloned()
-            .ok_or_else(|| StoreError::Damaged(format!("segment {} is missing", loc.segment)))?;
-        buf.clear();
-        buf.resize(loc.len as usize, 0);
-        file.read_exact_at(buf, loc.offset).map_err(|e| {
-            StoreError::Damaged(format!(
-                "segment {} has no {} bytes at {}: {e}",
-                loc.segment, loc.len, loc.offset
-            ))
-        })
+            .ok_or_else(|| StoreError::Damaged(format!("segment {segment} is missing")))
     }
 
     fn path(&self, segment: u32) -> PathBuf {
         self.dir.join(file_name(segment))
     }
+}
+
+/// Reads `len` bytes at `loc`'s offset (at least the chunk) into `buf`.
+fn read_into(file: &File, loc: Loc, len: u32, buf: &mut Vec<u8>) -> Result<()> {
+    buf.clear();
+    buf.resize(len as usize, 0);
+    file.read_exact_at(buf, loc.offset).map_err(|e| {
+        StoreError::Damaged(format!(
+            "segment {} has no {len} bytes at {}: {e}",
+            loc.segment, loc.offset
+        ))
+    })
 }
 
 fn file_name(segment: u32) -> String {
@@ -345,6 +408,30 @@ mod tests {
         assert!(locs
             .iter()
             .all(|l| (l.segment, l.offset) < (next.segment, next.offset)));
+        Ok(())
+    }
+
+    #[test]
+    fn reads_ahead_only_what_was_written_in_full() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let segments = Segments::open(dir.path())?;
+        let a = segments.append(&[1; 100])?;
+        let mut buf = Vec::new();
+        segments.read_ahead(a, 1_000, &mut buf)?;
+        assert_eq!(buf, [1; 100]);
+        let b = segments.append(&[2; 200])?;
+        segments.read_ahead(a, 1_000, &mut buf)?;
+        assert_eq!(buf.len(), 300);
+        assert_eq!(buf[100..], [2; 200]);
+        segments.read_ahead(a, 50, &mut buf)?;
+        assert_eq!(buf.len(), 150);
+        segments.read_ahead(b, 1_000, &mut buf)?;
+        assert_eq!(buf, [2; 200]);
+        // After a reopen, the file's length is what was written.
+        drop(segments);
+        let segments = Segments::open(dir.path())?;
+        segments.read_ahead(a, 1_000, &mut buf)?;
+        assert_eq!(buf.len(), 300);
         Ok(())
     }
 

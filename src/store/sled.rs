@@ -41,6 +41,12 @@
 //! events (a LIMIT replay, a lookup by id), stops at the first offset past
 //! them, reading on only if the caller goes on.
 //!
+//! A name whose events are published one or a few at a time has a small
+//! chunk per commit, and its next chunks often lie right after it in the
+//! segment: a scan of one name reads a small chunk together with the
+//! segment bytes after it (at most 64 KiB in all), and takes the chunks it
+//! finds there from memory.
+//!
 //! A replay counts its events (for the header's COUNT) from the summaries
 //! where it can: a chunk inside the range whose events share their
 //! recipients counts all or none of them without being read.
@@ -98,6 +104,11 @@ const DISCARDED: u8 = 1;
 /// dozen usually finds them in one chunk. Its size does not slow finding
 /// one event: the chunk's offsets bound what is read.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
+/// The most a read of a chunk's last part takes in all, with the segment
+/// bytes after it ([`ahead_of`]).
+const READ_AHEAD: u32 = 64 * 1024;
+/// A chunk under this many bytes is read with what follows it.
+const SMALL_CHUNK: u32 = 8 * 1024;
 /// Bytes before each value in a chunk: seq and length.
 const ENTRY_HEAD: usize = 12;
 /// A chunk's location is followed by the offset of every this many
@@ -287,11 +298,38 @@ fn read_or_gone(
     loc: Loc,
     buf: &mut Vec<u8>,
 ) -> Result<bool> {
-    match segments.read(loc, buf) {
+    or_gone(tree, key, segments.read(loc, buf))
+}
+
+/// `true` once a read of the chunk under `key` went well, `false` when it
+/// failed because retention removed the chunk.
+fn or_gone(tree: &Tree, key: &[u8], read: Result<()>) -> Result<bool> {
+    match read {
         Ok(()) => Ok(true),
         Err(_) if !tree.contains_key(key)? => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// How many bytes past the end of `part`, the last part of the small
+/// chunk at `whole` (offsets in `value`), a cursor that wants `more`
+/// entries from the part's start reads along with it: what those entries
+/// take at the chunk's bytes per entry, up to [`READ_AHEAD`] in all.
+///
+/// A name published an event or a few at a time has a small chunk per
+/// commit, often side by side in the segment; reading ahead copies those
+/// that follow from memory instead of reading each on its own. A large
+/// chunk (one of many events published together) is read alone: the
+/// chunk after it is as large, and would be read again in full.
+fn ahead_of(whole: Loc, value: &[u8], part: Loc, more: u64) -> u32 {
+    if whole.len >= SMALL_CHUNK {
+        return 0;
+    }
+    // A chunk with k offsets holds at least 8k + 1 entries.
+    let entries = marks(value, 0).count() as u64 * OFFSET_EVERY as u64 + 1;
+    let per_entry = u64::from(whole.len) / entries;
+    let wanted = more.saturating_mul(per_entry).min(u64::from(READ_AHEAD));
+    u32::try_from(wanted.saturating_sub(u64::from(part.len))).unwrap_or(0)
 }
 
 /// The bytes of a chunk at `loc` from mark `from` to mark `to` (to the
@@ -662,6 +700,27 @@ impl Chunks {
     }
 }
 
+/// Segment bytes a cursor read past the end of a chunk: the chunks after
+/// it are often among them.
+#[derive(Default)]
+struct Ahead {
+    /// Where the bytes lie.
+    at: Option<Loc>,
+    bytes: Vec<u8>,
+}
+
+impl Ahead {
+    /// The bytes at `loc`, if they were read ahead.
+    fn get(&self, loc: Loc) -> Option<&[u8]> {
+        let at = self.at?;
+        if at.segment != loc.segment || loc.offset < at.offset {
+            return None;
+        }
+        let start = usize::try_from(loc.offset - at.offset).ok()?;
+        self.bytes.get(start..start.checked_add(loc.len as usize)?)
+    }
+}
+
 /// Reads the events of one name in seq order, chunk by chunk.
 ///
 /// Finding a chunk by a range of keys costs sled a copy of a whole leaf,
@@ -679,6 +738,7 @@ struct Cursor<'n> {
     held: Option<Held>,
     /// What has been read of it.
     chunk: Vec<u8>,
+    ahead: Ahead,
     /// How many more entries the caller expects to take.
     want: u64,
     /// The most entries one read takes.
@@ -720,6 +780,7 @@ impl<'n> Cursor<'n> {
             chunks: None,
             held: None,
             chunk: Vec::new(),
+            ahead: Ahead::default(),
             want,
             batch,
             next_seq: start,
@@ -762,12 +823,47 @@ impl<'n> Cursor<'n> {
         };
         let more = self.want.min(self.batch).max(1);
         let to = mark_at_or_past(&held.value, held.first, index.saturating_add(more));
-        let loc = between(Loc::decode(&held.value)?, from, to);
+        let whole = Loc::decode(&held.value)?;
+        let loc = between(whole, from, to);
         held.unread = to;
-        if !read_or_gone(self.tree, self.segments, key, loc, &mut self.chunk)? {
+        // A cursor of a merge holds only its share of the merge's reads.
+        let ahead = match to {
+            None if self.batch == u64::MAX => ahead_of(
+                whole,
+                &held.value,
+                loc,
+                more.saturating_add(index.saturating_sub(from.index)),
+            ),
+            _ => 0,
+        };
+        let read = self.fill(loc, ahead);
+        if !or_gone(self.tree, key, read)? {
             self.chunk.clear();
-            held.unread = None;
+            if let Some(held) = &mut self.held {
+                held.unread = None;
+            }
         }
+        Ok(())
+    }
+
+    /// Puts the bytes at `loc` into `chunk`: from what was read ahead if
+    /// they are there, else read, with `ahead` bytes more.
+    fn fill(&mut self, loc: Loc, ahead: u32) -> Result<()> {
+        self.chunk.clear();
+        if let Some(bytes) = self.ahead.get(loc) {
+            self.chunk.extend_from_slice(bytes);
+            return Ok(());
+        }
+        if ahead == 0 {
+            return self.segments.read(loc, &mut self.chunk);
+        }
+        self.ahead.at = None;
+        self.segments
+            .read_ahead(loc, ahead, &mut self.ahead.bytes)?;
+        let len = u32::try_from(self.ahead.bytes.len()).unwrap_or(u32::MAX);
+        self.ahead.at = Some(Loc { len, ..loc });
+        self.chunk
+            .extend_from_slice(&self.ahead.bytes[..loc.len as usize]);
         Ok(())
     }
 
@@ -2422,9 +2518,17 @@ mod chunked_log {
             vec!["solo"; 20],
         );
         log.flush()?;
+        assert_eq!(log.last_seq(), 160);
+        assert_scans(&log, &names, &["solo", "other", "*"]);
+        Ok(())
+    }
+
+    /// Scans of `patterns` (a name of `names`, or `*`) from every start to
+    /// several ends visit the events they should, whether they expect few
+    /// (and stop, or read on) or all; `names[i]` is event i + 1's name.
+    fn assert_scans(log: &SledLog, names: &[&str], patterns: &[&str]) {
         let last = log.last_seq();
-        assert_eq!(last, 160);
-        for name in ["solo", "other", "*"] {
+        for &name in patterns {
             for start in 1..=last {
                 for end in [start, start + 7, start + 33, last] {
                     let end = end.min(last);
@@ -2434,7 +2538,7 @@ mod chunked_log {
                         })
                         .collect();
                     assert_eq!(
-                        seqs(&log, name, start..=end),
+                        seqs(log, name, start..=end),
                         expected,
                         "{name} {start}..={end}"
                     );
@@ -2442,7 +2546,7 @@ mod chunked_log {
                     // stops where asked, or reads on.
                     for want in [1, 5, 9, 50] {
                         let taken = expected.len().min(want);
-                        let scan = |stop| seqs_expecting(&log, name, start..=end, want, stop);
+                        let scan = |stop| seqs_expecting(log, name, start..=end, want, stop);
                         assert_eq!(
                             scan(true),
                             expected[..taken],
@@ -2453,6 +2557,55 @@ mod chunked_log {
                 }
             }
         }
+    }
+
+    /// Events published one or a few at a time make a small chunk per
+    /// commit; a scan reads them many chunks at a time, and still visits
+    /// exactly its events.
+    #[test]
+    fn scans_read_small_chunks_many_at_a_time() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = SledLog::open(dir.path())?;
+        let small = |name: &str, n: usize| {
+            let WriteOp::Publish(mut event) = event(name, n) else {
+                unreachable!("event() publishes")
+            };
+            event.payload = format!("{{\"n\":{n},\"pad\":\"{}\"}}", "y".repeat(n % 300))
+                .parse()
+                .expect("json");
+            WriteOp::Publish(event)
+        };
+        let mut names = Vec::new();
+        // One event a commit, the names taking turns unevenly; then a
+        // commit of large events in the middle, and commits of three.
+        for i in 0..150 {
+            let name = ["t/a", "t/a", "t/b", "t/a", "t/c"][i % 5];
+            log.apply(&[small(name, i)], 1_000)?;
+            names.push(name);
+        }
+        let large: Vec<WriteOp> = (0..40).map(|i| event("t/a", 150 + i)).collect();
+        log.apply(&large, 1_000)?;
+        names.extend(["t/a"; 40]);
+        for i in 0..30 {
+            let batch = ["t/b", "t/a", "t/a"];
+            let ops: Vec<WriteOp> = batch
+                .iter()
+                .enumerate()
+                .map(|(k, name)| small(name, 190 + 3 * i + k))
+                .collect();
+            log.apply(&ops, 1_000)?;
+            names.extend(batch);
+        }
+        log.flush()?;
+        assert_eq!(log.last_seq(), 280);
+        assert_scans(&log, &names, &["t/a", "t/b", "*"]);
+
+        // The 90 single-event chunks of t/a: one read each without reading
+        // ahead, a handful with it.
+        let before = log.segments.reads();
+        assert_eq!(seqs(&log, "t/a", 1..=150).len(), 90);
+        let reads = log.segments.reads() - before;
+        assert!(reads <= 5, "{reads} reads for 90 small chunks");
         Ok(())
     }
 
