@@ -75,6 +75,21 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
         })?);
     }
 
+    if cfg.runs("trickle") {
+        // A name published the way services often publish: a few events
+        // at a time, each acknowledged before the next, so every commit
+        // holds a few of them.
+        let count = n.div_ceil(10);
+        trickle(port, "bench/t0", TRICKLERS, count, cfg.payload)?;
+        let mut conn = reader(port, "reader", "bench/t0")?;
+        let req = format!(
+            "REPLAY;CLIENT_ID=reader;EVENT_NAME=bench/t0;FROM_POSITION=earliest;LIMIT={count}\n"
+        );
+        res.trickle = Some(report::replay_rounds(cfg, count as u64, || {
+            timed(|| conn.replay(req.as_bytes(), None))
+        })?);
+    }
+
     if cfg.runs("seek") {
         res.seek = Some(seek(cfg, port, &mut rng)?);
     }
@@ -143,6 +158,35 @@ fn publish(port: u16, conns: usize, names: &[String], n: usize, size: usize) -> 
             .try_for_each(|h| h.join().expect("publisher panicked"))
     })?;
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Connections that publish the trickled log, each an event at a time.
+const TRICKLERS: usize = 4;
+
+/// Publishes `count` events of `name` over `conns` connections, each
+/// waiting for an event's ack before it sends the next.
+fn trickle(port: u16, name: &str, conns: usize, count: usize, size: usize) -> Result<()> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = (0..conns)
+            .map(|k| {
+                s.spawn(move || -> Result<()> {
+                    let client = format!("trickle{k}");
+                    let mut conn = connect(port, &client)?;
+                    for i in (k..count).step_by(conns) {
+                        let body = payload(i, size);
+                        conn.command(
+                            &format!("PUB;CLIENT_ID={client};EVENT_NAME={name};PAYLOAD={body};DELIVERY_TO=*\n"),
+                            "+PASS:PUBLISHED",
+                        )?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().expect("publisher panicked"))
+    })
 }
 
 /// Publishes events `range` (event `i` named `names[i % len]`) over one

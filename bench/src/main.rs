@@ -21,7 +21,9 @@ use common::Cfg;
 use procs::{CLIENT_CPU, SERVER_CPU};
 use report::{Report, SYSTEMS};
 
-const WORKLOADS: [&str; 6] = ["publish", "replay", "mixed", "seek", "limit", "memory"];
+const WORKLOADS: [&str; 7] = [
+    "publish", "replay", "mixed", "trickle", "seek", "limit", "memory",
+];
 
 /// Benchmarks ensync-server against redis-server, nats-server and a raw
 /// loopback ceiling; prints a table and writes every number as JSON.
@@ -43,7 +45,7 @@ struct Args {
     /// Systems to run (ensync,redis,nats,ceiling).
     #[arg(long, value_delimiter = ',', default_values_t = SYSTEMS.map(String::from))]
     only: Vec<String>,
-    /// Workloads to run (publish,replay,mixed,seek,limit,memory).
+    /// Workloads to run (publish,replay,mixed,trickle,seek,limit,memory).
     #[arg(long, value_delimiter = ',', default_values_t = WORKLOADS.map(String::from))]
     workloads: Vec<String>,
     /// The ensync-server binary.

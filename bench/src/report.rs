@@ -100,6 +100,8 @@ pub struct Results {
     pub publish_8: Option<Rate>,
     pub replay: Option<Replay>,
     pub mixed: Option<Replay>,
+    /// A full replay of a name published a few events at a time.
+    pub trickle: Option<Replay>,
     pub seek: Option<Seek>,
     pub limit_1: Option<Rate>,
     pub limit_8: Option<Rate>,
@@ -245,7 +247,7 @@ impl Report {
     /// target verdict.
     pub fn table(&self) -> String {
         type Metric = fn(&Results) -> Option<f64>;
-        let rows: [(&str, Metric, Option<&[usize]>); 16] = [
+        let rows: [(&str, Metric, Option<&[usize]>); 17] = [
             (
                 "publish 1 conn (ev/s)",
                 |r| r.publish_1.as_ref().map(|x| x.median),
@@ -274,6 +276,11 @@ impl Report {
             (
                 "mixed 1/10 (MB/s)",
                 |r| r.mixed.as_ref().map(|x| x.mb_per_s),
+                None,
+            ),
+            (
+                "trickled replay (ev/s)",
+                |r| r.trickle.as_ref().map(|x| x.events_per_s),
                 None,
             ),
             (

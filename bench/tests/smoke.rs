@@ -95,6 +95,13 @@ fn smoke_run_measures_every_system() {
         for l in ["limit_1", "limit_8"] {
             assert!(num(r, &[l, "median"]) > 0.0, "{system} {l}");
         }
+        if system == "ensync" {
+            assert_eq!(
+                num(r, &["trickle", "events"]),
+                n / 10.0,
+                "trickled replay count"
+            );
+        }
         if system != "ceiling" {
             for p in ["publish_1", "publish_8"] {
                 assert!(num(r, &[p, "median"]) > 0.0, "{system} {p}");
