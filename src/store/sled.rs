@@ -107,6 +107,13 @@ const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// The most a read of a chunk's last part takes in all, with the segment
 /// bytes after it ([`ahead_of`]).
 const READ_AHEAD: u32 = 64 * 1024;
+/// A cursor looks up this many chunks by key before it walks them in key
+/// order. A look costs a descent of sled's tree; a walk's first step
+/// copies a leaf, and its next steps cost less than a descent. A LIMIT
+/// replay, or a slice of a replay of large chunks, needs a few chunks and
+/// never walks; a replay of a name published a few events at a time
+/// crosses hundreds of small chunks, and walks.
+const LOOKS_BEFORE_WALK: u32 = 16;
 /// A chunk under this many bytes is read with what follows it.
 const SMALL_CHUNK: u32 = 8 * 1024;
 /// Bytes before each value in a chunk: seq and length.
@@ -732,8 +739,11 @@ struct Cursor<'n> {
     name: &'n str,
     tree: &'n Tree,
     segments: &'n Segments,
-    /// The chunks in key order, once a look by key missed.
+    /// The chunks in key order, once a look by key missed or the cursor
+    /// went past [`LOOKS_BEFORE_WALK`] chunks.
     chunks: Option<sled::Iter>,
+    /// Chunks looked up by key so far.
+    looked_up: u32,
     /// The chunk the cursor is in.
     held: Option<Held>,
     /// What has been read of it.
@@ -778,6 +788,7 @@ impl<'n> Cursor<'n> {
             tree,
             segments,
             chunks: None,
+            looked_up: 0,
             held: None,
             chunk: Vec::new(),
             ahead: Ahead::default(),
@@ -890,8 +901,11 @@ impl<'n> Cursor<'n> {
             return Ok(None);
         }
         let key = chunk_key(self.name, self.next_seq);
-        if let Some(value) = self.tree.get(&key)? {
-            return Ok(Some((key.into(), value)));
+        if self.looked_up < LOOKS_BEFORE_WALK {
+            self.looked_up += 1;
+            if let Some(value) = self.tree.get(&key)? {
+                return Ok(Some((key.into(), value)));
+            }
         }
         let mut chunks = self.tree.range(key..=chunk_key(self.name, self.end));
         let next = chunks.next().transpose()?;
@@ -2577,7 +2591,7 @@ mod chunked_log {
         };
         let mut names = Vec::new();
         // One event a commit, the names taking turns unevenly; then a
-        // commit of large events in the middle, and commits of three.
+        // commit of large events, t/a alone, and commits of three.
         for i in 0..150 {
             let name = ["t/a", "t/a", "t/b", "t/a", "t/c"][i % 5];
             log.apply(&[small(name, i)], 1_000)?;
@@ -2586,6 +2600,11 @@ mod chunked_log {
         let large: Vec<WriteOp> = (0..40).map(|i| event("t/a", 150 + i)).collect();
         log.apply(&large, 1_000)?;
         names.extend(["t/a"; 40]);
+        // t/a alone, one event a commit: looked up by key, then walked.
+        for i in 0..40 {
+            log.apply(&[small("t/a", 280 + i)], 1_000)?;
+            names.push("t/a");
+        }
         for i in 0..30 {
             let batch = ["t/b", "t/a", "t/a"];
             let ops: Vec<WriteOp> = batch
@@ -2597,7 +2616,7 @@ mod chunked_log {
             names.extend(batch);
         }
         log.flush()?;
-        assert_eq!(log.last_seq(), 280);
+        assert_eq!(log.last_seq(), 320);
         assert_scans(&log, &names, &["t/a", "t/b", "*"]);
 
         // The 90 single-event chunks of t/a: one read each without reading
