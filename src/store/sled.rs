@@ -43,9 +43,11 @@
 //!
 //! A name whose events are published one or a few at a time has a small
 //! chunk per commit, and its next chunks often lie right after it in the
-//! segment: a scan of one name reads a small chunk together with the
-//! segment bytes after it (at most 64 KiB in all), and takes the chunks it
-//! finds there from memory.
+//! segment: a scan of one name that reads a small chunk to its end takes
+//! the segment bytes after it too, as many as the entries it still wants
+//! would fill (at most 64 KiB in all), and copies the chunks it finds
+//! there from memory. After its first 16 chunks it walks the name's chunk
+//! keys in order instead of looking each up.
 //!
 //! A replay counts its events (for the header's COUNT) from the summaries
 //! where it can: a chunk inside the range whose events share their
@@ -114,7 +116,8 @@ const READ_AHEAD: u32 = 64 * 1024;
 /// never walks; a replay of a name published a few events at a time
 /// crosses hundreds of small chunks, and walks.
 const LOOKS_BEFORE_WALK: u32 = 16;
-/// A chunk under this many bytes is read with what follows it.
+/// A single-name scan that reads a chunk under this many bytes to its end
+/// reads the segment bytes after it too ([`ahead_of`]).
 const SMALL_CHUNK: u32 = 8 * 1024;
 /// Bytes before each value in a chunk: seq and length.
 const ENTRY_HEAD: usize = 12;
@@ -319,23 +322,24 @@ fn or_gone(tree: &Tree, key: &[u8], read: Result<()>) -> Result<bool> {
 }
 
 /// How many bytes past the end of `part`, the last part of the small
-/// chunk at `whole` (offsets in `value`), a cursor that wants `more`
-/// entries from the part's start reads along with it: what those entries
-/// take at the chunk's bytes per entry, up to [`READ_AHEAD`] in all.
+/// chunk at `whole` (offsets in `value`), a cursor that wants `entries`
+/// entries from the part's start on reads along with it: what those
+/// entries take at the chunk's bytes per entry, up to [`READ_AHEAD`] in
+/// all.
 ///
 /// A name published an event or a few at a time has a small chunk per
 /// commit, often side by side in the segment; reading ahead copies those
 /// that follow from memory instead of reading each on its own. A large
 /// chunk (one of many events published together) is read alone: the
 /// chunk after it is as large, and would be read again in full.
-fn ahead_of(whole: Loc, value: &[u8], part: Loc, more: u64) -> u32 {
+fn ahead_of(whole: Loc, value: &[u8], part: Loc, entries: u64) -> u32 {
     if whole.len >= SMALL_CHUNK {
         return 0;
     }
     // A chunk with k offsets holds at least 8k + 1 entries.
-    let entries = marks(value, 0).count() as u64 * OFFSET_EVERY as u64 + 1;
-    let per_entry = u64::from(whole.len) / entries;
-    let wanted = more.saturating_mul(per_entry).min(u64::from(READ_AHEAD));
+    let held = marks(value, 0).count() as u64 * OFFSET_EVERY as u64 + 1;
+    let per_entry = u64::from(whole.len) / held;
+    let wanted = entries.saturating_mul(per_entry).min(u64::from(READ_AHEAD));
     u32::try_from(wanted.saturating_sub(u64::from(part.len))).unwrap_or(0)
 }
 
@@ -711,19 +715,19 @@ impl Chunks {
 /// it are often among them.
 #[derive(Default)]
 struct Ahead {
-    /// Where the bytes lie.
-    at: Option<Loc>,
+    /// The segment and offset where `bytes` start, once read.
+    at: Option<(u32, u64)>,
     bytes: Vec<u8>,
 }
 
 impl Ahead {
     /// The bytes at `loc`, if they were read ahead.
     fn get(&self, loc: Loc) -> Option<&[u8]> {
-        let at = self.at?;
-        if at.segment != loc.segment || loc.offset < at.offset {
+        let (segment, offset) = self.at?;
+        if segment != loc.segment || loc.offset < offset {
             return None;
         }
-        let start = usize::try_from(loc.offset - at.offset).ok()?;
+        let start = usize::try_from(loc.offset - offset).ok()?;
         self.bytes.get(start..start.checked_add(loc.len as usize)?)
     }
 }
@@ -733,8 +737,9 @@ impl Ahead {
 /// Finding a chunk by a range of keys costs sled a copy of a whole leaf,
 /// so the cursor looks the next chunk up by its key where it can: the
 /// events of a name published on its own are contiguous, and its next
-/// chunk starts at the seq after the last one read. Only when that look
-/// misses does it walk the chunks in key order.
+/// chunk starts at the seq after the last one read. When that look
+/// misses, or after [`LOOKS_BEFORE_WALK`] looks, it walks the chunks in
+/// key order.
 struct Cursor<'n> {
     name: &'n str,
     tree: &'n Tree,
@@ -837,7 +842,8 @@ impl<'n> Cursor<'n> {
         let whole = Loc::decode(&held.value)?;
         let loc = between(whole, from, to);
         held.unread = to;
-        // A cursor of a merge holds only its share of the merge's reads.
+        // Only a single-name scan reads ahead: the cursors of a merge
+        // share its reads (`MERGE_READS`).
         let ahead = match to {
             None if self.batch == u64::MAX => ahead_of(
                 whole,
@@ -871,8 +877,7 @@ impl<'n> Cursor<'n> {
         self.ahead.at = None;
         self.segments
             .read_ahead(loc, ahead, &mut self.ahead.bytes)?;
-        let len = u32::try_from(self.ahead.bytes.len()).unwrap_or(u32::MAX);
-        self.ahead.at = Some(Loc { len, ..loc });
+        self.ahead.at = Some((loc.segment, loc.offset));
         self.chunk
             .extend_from_slice(&self.ahead.bytes[..loc.len as usize]);
         Ok(())
@@ -2625,7 +2630,32 @@ mod chunked_log {
         assert_eq!(seqs(&log, "t/a", 1..=150).len(), 90);
         let reads = log.segments.reads() - before;
         assert!(reads <= 5, "{reads} reads for 90 small chunks");
+        // A merge does not read ahead: its cursors keep to their share of
+        // its reads, a chunk at a time.
+        let before = log.segments.reads();
+        assert_eq!(seqs(&log, "*", 1..=150).len(), 150);
+        let reads = log.segments.reads() - before;
+        assert_eq!(reads, 150, "reads of 150 single-event chunks merged");
         Ok(())
+    }
+
+    #[test]
+    fn what_was_read_ahead_serves_only_locations_inside_it() {
+        let ahead = Ahead {
+            at: Some((2, 1_000)),
+            bytes: (0..100).collect(),
+        };
+        let loc = |segment, offset, len| Loc {
+            segment,
+            offset,
+            len,
+        };
+        assert_eq!(ahead.get(loc(2, 1_010, 3)), Some(&[10, 11, 12][..]));
+        assert_eq!(ahead.get(loc(2, 1_000, 100)).map(<[u8]>::len), Some(100));
+        assert_eq!(ahead.get(loc(2, 1_050, 51)), None, "runs past the end");
+        assert_eq!(ahead.get(loc(2, 999, 5)), None, "starts before");
+        assert_eq!(ahead.get(loc(3, 1_010, 3)), None, "another segment");
+        assert_eq!(Ahead::default().get(loc(2, 1_010, 3)), None);
     }
 
     /// The seqs a scan expecting `want` events visits: only those, with
