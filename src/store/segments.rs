@@ -301,10 +301,7 @@ impl Segments {
 
     /// Reads the chunk at `loc` into `buf` (replacing what it held).
     pub fn read(&self, loc: Loc, buf: &mut Vec<u8>) -> Result<()> {
-        let segment = self.segment(loc.segment)?;
-        #[cfg(test)]
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        read_into(&segment.file, loc, loc.len, buf)
+        self.read_ahead(loc, 0, buf)
     }
 
     /// Reads the chunk at `loc` into `buf` (replacing what it held),
@@ -317,12 +314,15 @@ impl Segments {
         let written = segment.written.load(Ordering::Acquire);
         let end = loc.offset + u64::from(loc.len);
         let more = u32::try_from(written.saturating_sub(end)).unwrap_or(u32::MAX);
-        read_into(
-            &segment.file,
-            loc,
-            loc.len.saturating_add(ahead.min(more)),
-            buf,
-        )
+        let len = loc.len.saturating_add(ahead.min(more));
+        buf.clear();
+        buf.resize(len as usize, 0);
+        segment.file.read_exact_at(buf, loc.offset).map_err(|e| {
+            StoreError::Damaged(format!(
+                "segment {} has no {len} bytes at {}: {e}",
+                loc.segment, loc.offset
+            ))
+        })
     }
 
     /// Positioned reads made so far.
@@ -343,18 +343,6 @@ impl Segments {
     fn path(&self, segment: u32) -> PathBuf {
         self.dir.join(file_name(segment))
     }
-}
-
-/// Reads `len` bytes at `loc`'s offset (at least the chunk) into `buf`.
-fn read_into(file: &File, loc: Loc, len: u32, buf: &mut Vec<u8>) -> Result<()> {
-    buf.clear();
-    buf.resize(len as usize, 0);
-    file.read_exact_at(buf, loc.offset).map_err(|e| {
-        StoreError::Damaged(format!(
-            "segment {} has no {len} bytes at {}: {e}",
-            loc.segment, loc.offset
-        ))
-    })
 }
 
 fn file_name(segment: u32) -> String {

@@ -302,18 +302,6 @@ fn mark_at_or_past(value: &[u8], first: u64, index: u64) -> Option<Mark> {
     marks(value, first).find(|mark| mark.index >= index)
 }
 
-/// Reads `loc` of the chunk stored under `key` into `buf`; `false` when
-/// retention removed the chunk.
-fn read_or_gone(
-    tree: &Tree,
-    segments: &Segments,
-    key: &[u8],
-    loc: Loc,
-    buf: &mut Vec<u8>,
-) -> Result<bool> {
-    or_gone(tree, key, segments.read(loc, buf))
-}
-
 /// `true` once a read of the chunk under `key` went well, `false` when it
 /// failed because retention removed the chunk.
 fn or_gone(tree: &Tree, key: &[u8], read: Result<()>) -> Result<bool> {
@@ -1124,7 +1112,7 @@ impl SledLog {
         let to = mark_at_or_past(&value, first, index.saturating_add(want));
         let loc = between(Loc::decode(&value)?, start, to);
         let mut chunk = Vec::new();
-        let kept = read_or_gone(&self.tree, &self.segments, &key, loc, &mut chunk)?;
+        let kept = or_gone(&self.tree, &key, self.segments.read(loc, &mut chunk))?;
         Ok(kept.then_some(chunk))
     }
 
