@@ -60,6 +60,10 @@ struct Args {
     /// Seconds of each LIMIT run.
     #[arg(long, default_value_t = 5.0)]
     limit_secs: f64,
+    /// Seeks timed at each log size (NATS: a tenth, at most 200, as its
+    /// seeks take milliseconds).
+    #[arg(long, default_value_t = 20_000)]
+    seek_samples: usize,
 }
 
 impl Args {
@@ -77,6 +81,9 @@ impl Args {
         if n == 0 || seek_n < 100 {
             bail!("--n must be positive and --seek-n at least 100");
         }
+        if self.seek_samples < 100 {
+            bail!("--seek-samples must be at least 100, or there is no p99");
+        }
         Ok(Cfg {
             n,
             payload: self.payload,
@@ -89,7 +96,7 @@ impl Args {
             rounds: if self.smoke { 1 } else { self.rounds.max(1) },
             workloads: self.workloads.clone(),
             limit_secs: if self.smoke { 0.3 } else { self.limit_secs },
-            seek_samples: if self.smoke { 200 } else { 2000 },
+            seek_samples: if self.smoke { 200 } else { self.seek_samples },
             slow_secs: if self.smoke { 0.5 } else { 5.0 },
         })
     }

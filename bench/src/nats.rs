@@ -261,7 +261,7 @@ async fn first_k(
 async fn seek(cfg: &Cfg, js: &Context) -> Result<Seek> {
     let subjects = ["seek.s0".to_owned()];
     let small = cfg.seek_small;
-    let samples = (cfg.seek_samples / 10).max(10);
+    let samples = (cfg.seek_samples / 10).clamp(10, 200);
     let mut rng = fastrand::Rng::new();
     let mut pool1 = Sampler::new(small, POOL, &mut rng);
     load(js, &subjects, 0..small, cfg.payload, Some(&mut pool1)).await?;
