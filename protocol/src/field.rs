@@ -5,6 +5,7 @@
 //! that validates), so a value that exists is valid. Storage and routing
 //! decisions built on top of them live in the server.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
 
@@ -435,6 +436,20 @@ pub enum Recipient {
     Client(ClientId),
 }
 
+impl Recipient {
+    /// The entry as written in a `DELIVERY_TO` list.
+    fn written(&self) -> &str {
+        match self {
+            Recipient::All => "*",
+            Recipient::Client(id) => id.as_str(),
+        }
+    }
+}
+
+/// Distinct entries of a `DELIVERY_TO` list checked for repeats by
+/// comparison, before a set takes over.
+const SHORT_LIST: usize = 16;
+
 /// The comma-separated `DELIVERY_TO` list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryTo(Vec<Recipient>);
@@ -468,14 +483,20 @@ impl FromStr for DeliveryTo {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut recipients: Vec<Recipient> = Vec::new();
-        // A set, not a scan of `recipients`: a 1 MiB line holds 100,000s
-        // of entries, and comparing each with all before it took minutes.
-        let mut seen = std::collections::HashSet::new();
-        for entry in s.split(',').map(str::trim) {
-            if !seen.insert(entry) {
+        // Repeats are found by comparison while the list is short (most
+        // lists hold one entry), then by a set: a 1 MiB line holds
+        // 100,000s of entries, and comparing each with all before it took
+        // minutes.
+        let mut seen: Option<HashSet<&str>> = None;
+        for (i, entry) in s.split(',').map(str::trim).enumerate() {
+            let repeated = match &mut seen {
+                Some(seen) => !seen.insert(entry),
+                None => recipients.iter().any(|r| r.written() == entry),
+            };
+            if repeated {
                 continue;
             }
-            if seen.len() > MAX_RECIPIENTS {
+            if recipients.len() == MAX_RECIPIENTS {
                 return Err(FieldError::new(format!(
                     "lists more than {MAX_RECIPIENTS} recipients"
                 )));
@@ -498,6 +519,9 @@ impl FromStr for DeliveryTo {
                 })?)
             };
             recipients.push(recipient);
+            if seen.is_none() && recipients.len() == SHORT_LIST {
+                seen = Some(s.split(',').map(str::trim).take(i + 1).collect());
+            }
         }
         Ok(DeliveryTo(recipients))
     }
@@ -509,10 +533,7 @@ impl fmt::Display for DeliveryTo {
             if i > 0 {
                 f.write_str(",")?;
             }
-            match recipient {
-                Recipient::All => f.write_str("*")?,
-                Recipient::Client(id) => f.write_str(id.as_str())?,
-            }
+            f.write_str(recipient.written())?;
         }
         Ok(())
     }
@@ -585,6 +606,53 @@ mod tests {
         let repeated = vec!["a"; 200_000].join(",");
         let one = repeated.parse::<DeliveryTo>().expect("one recipient");
         assert_eq!(one.to_string(), "a");
+    }
+
+    #[test]
+    fn repeats_are_dropped_in_short_and_long_lists_alike() {
+        for distinct in [
+            1,
+            SHORT_LIST - 1,
+            SHORT_LIST,
+            SHORT_LIST + 1,
+            3 * SHORT_LIST,
+        ] {
+            // Each entry three times, in an order that mixes them, with
+            // spaces around some, and `*` among them.
+            let entry = |k: usize| match (k * 7) % distinct {
+                0 => "*".to_owned(),
+                n if k % 3 == 0 => format!(" c{n} "),
+                n => format!("c{n}"),
+            };
+            let written: Vec<String> = (0..3 * distinct).map(entry).collect();
+            let mut expected: Vec<String> = Vec::new();
+            for e in &written {
+                if !expected.contains(&e.trim().to_owned()) {
+                    expected.push(e.trim().to_owned());
+                }
+            }
+            let parsed: DeliveryTo = written.join(",").parse().expect("valid list");
+            assert_eq!(
+                parsed.to_string(),
+                expected.join(","),
+                "{distinct} distinct"
+            );
+        }
+    }
+
+    #[test]
+    fn the_recipient_limit_counts_distinct_entries() {
+        let list = |n: usize| -> String {
+            let mut entries: Vec<String> = (0..n).map(|i| format!("r{i}")).collect();
+            entries.extend((0..n).map(|i| format!("r{i}")));
+            entries.join(",")
+        };
+        let at = list(MAX_RECIPIENTS)
+            .parse::<DeliveryTo>()
+            .expect("at the limit");
+        assert_eq!(at.recipients().len(), MAX_RECIPIENTS);
+        let past = list(MAX_RECIPIENTS + 1).parse::<DeliveryTo>();
+        assert!(past.is_err(), "{} distinct recipients", MAX_RECIPIENTS + 1);
     }
 
     #[test]

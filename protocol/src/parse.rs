@@ -16,7 +16,6 @@
 
 use std::str::FromStr;
 
-use nom::bytes::complete::{take_till, take_while1};
 use nom::character::complete::char;
 use nom::combinator::opt;
 use nom::sequence::{terminated, tuple};
@@ -40,29 +39,39 @@ pub fn parse_command(line: &str) -> Result<Command, ParseError> {
     let Ok((rest, verb)) = verb(line) else {
         return Err(unknown_verb(line));
     };
-    let verb = verb.to_ascii_uppercase();
     let pairs = match rest.strip_prefix(';') {
         Some(pairs) => pairs,
         None if rest.is_empty() => "",
         None => return Err(unknown_verb(line)),
     };
-    match verb.as_str() {
-        "CONN" => conn(pairs),
-        "PUB" => publish(pairs),
-        "SUB" => sub(pairs),
-        "UNSUB" => unsub(pairs),
-        "PAUSE" => pause(pairs),
-        "CONTINUE" => resume(pairs),
-        "ACK" => ack(pairs),
-        "DEFER" => defer(pairs),
-        "DISCARD" => discard(pairs),
-        "ROLLBACK" => rollback(pairs),
-        "REPLAY" => replay(pairs),
-        "PING" => bare("PING", pairs).map(|()| Command::Ping),
-        "PONG" => bare("PONG", pairs).map(|()| Command::Pong),
-        _ => Err(unknown_verb(line)),
+    match VERBS
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(verb))
+    {
+        Some((_, parse)) => parse(pairs),
+        None => Err(unknown_verb(line)),
     }
 }
+
+/// Builds a verb's command from the pairs after it.
+type VerbParser = fn(&str) -> Result<Command, ParseError>;
+
+/// Each verb and the parser of its pairs; verbs match without case.
+const VERBS: [(&str, VerbParser); 13] = [
+    ("PUB", publish),
+    ("CONN", conn),
+    ("SUB", sub),
+    ("UNSUB", unsub),
+    ("PAUSE", pause),
+    ("CONTINUE", resume),
+    ("ACK", ack),
+    ("DEFER", defer),
+    ("DISCARD", discard),
+    ("ROLLBACK", rollback),
+    ("REPLAY", replay),
+    ("PING", |pairs| bare("PING", pairs).map(|()| Command::Ping)),
+    ("PONG", |pairs| bare("PONG", pairs).map(|()| Command::Pong)),
+];
 
 fn unknown_verb(line: &str) -> ParseError {
     let verb = line.split(';').next().unwrap_or_default();
@@ -75,12 +84,30 @@ fn unknown_verb(line: &str) -> ParseError {
     }
 }
 
+/// One or more bytes `accept` takes, which must be ASCII. nom's own
+/// `take_while1` decodes a `&str` char by char, which cost a PUB more than
+/// reading its JSON's end.
+fn ascii_run(input: &str, accept: impl Fn(u8) -> bool) -> IResult<&str, &str> {
+    let len = input
+        .bytes()
+        .position(|b| !accept(b))
+        .unwrap_or(input.len());
+    if len == 0 {
+        return Err(nom::Err::Error(nom::error::Error::new(
+            input,
+            nom::error::ErrorKind::TakeWhile1,
+        )));
+    }
+    // Only ASCII was taken, so `len` is a char boundary.
+    Ok((&input[len..], &input[..len]))
+}
+
 fn verb(input: &str) -> IResult<&str, &str> {
-    take_while1(|c: char| c.is_ascii_alphabetic())(input)
+    ascii_run(input, |b| b.is_ascii_alphabetic())
 }
 
 fn key(input: &str) -> IResult<&str, &str> {
-    take_while1(|c: char| c.is_ascii_alphanumeric() || c == '_')(input)
+    ascii_run(input, |b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
 /// `key "=" [":"]`
@@ -88,8 +115,10 @@ fn key_eq(input: &str) -> IResult<&str, &str> {
     terminated(key, tuple((char('='), opt(char(':')))))(input)
 }
 
-fn text(input: &str) -> IResult<&str, &str> {
-    take_till(|c| c == ';')(input)
+/// A text value: everything up to the next `;`.
+fn text(input: &str) -> (&str, &str) {
+    let len = memchr::memchr(b';', input.as_bytes()).unwrap_or(input.len());
+    (&input[len..], &input[..len])
 }
 
 /// The length of the JSON value at the start of `input` (which starts with
@@ -146,10 +175,7 @@ fn pair(input: &str) -> Result<(&str, &str, &str), ParseError> {
         }
         Ok((key, value, after))
     } else {
-        let (after, value) = text(rest).map_err(|_: nom::Err<nom::error::Error<&str>>| {
-            let key = key.to_ascii_uppercase();
-            ParseError::Malformed(format!("the value of {key} cannot be read"))
-        })?;
+        let (after, value) = text(rest);
         Ok((key, value, after))
     }
 }
@@ -244,7 +270,7 @@ impl<'a, const N: usize> Fields<'a, N> {
 
     /// The value of a key `require` has checked, validated.
     fn get<T: FromStr<Err = FieldError>>(&self, key: &'static str) -> Result<T, ParseError> {
-        self.opt(key)?.ok_or(ParseError::Missing {
+        self.opt(key)?.ok_or_else(|| ParseError::Missing {
             verb: self.verb,
             keys: vec![key],
         })
