@@ -157,26 +157,31 @@ fn run(
                 None => break,
             },
         };
-        // The budget permit already holds each job's weight.
-        let mut bytes = first.budget.num_permits();
+        // The budget permit already holds each job's weight. The batch's
+        // permits are merged and given back at once, after its answers:
+        // one lock of the semaphore, not one per job.
+        let mut budget = first.budget;
         let alone = first.op.runs_alone();
         ops.push(first.op);
-        waiters.push((first.done, first.budget));
+        waiters.push(first.done);
         // Jobs taken since the last yield: while connections keep adding,
         // give them the CPU once more before committing. Woken by the
         // first job, this thread would otherwise preempt the connections
         // mid-burst and commit (and sync) a few jobs at a time.
         let mut taken_since_yield = 0;
-        while !alone && ops.len() < MAX_COMMIT_BATCH && bytes < MAX_COMMIT_BATCH_BYTES {
+        while !alone
+            && ops.len() < MAX_COMMIT_BATCH
+            && budget.num_permits() < MAX_COMMIT_BATCH_BYTES
+        {
             match jobs.try_recv() {
                 Ok(Some(job)) if job.op.runs_alone() => {
                     carried = Some(job);
                     break;
                 }
                 Ok(Some(job)) => {
-                    bytes += job.budget.num_permits();
+                    budget.merge(job.budget);
                     ops.push(job.op);
-                    waiters.push((job.done, job.budget));
+                    waiters.push(job.done);
                     taken_since_yield += 1;
                 }
                 Ok(None) => {
@@ -210,17 +215,18 @@ fn run(
                     signals.head.send_replace(last);
                 }
                 signals.changes.send_modify(|n| *n = n.wrapping_add(1));
-                for ((done, _budget), item) in waiters.drain(..).zip(applied) {
+                for (done, item) in waiters.drain(..).zip(applied) {
                     let _ = done.send(Ok(item));
                 }
             }
             Err(e) => {
                 error!(error = %e, "commit failed; its operations are answered with an error");
-                for (done, _budget) in waiters.drain(..) {
+                for done in waiters.drain(..) {
                     let _ = done.send(Err(e.to_string()));
                 }
             }
         }
+        drop(budget);
         ops.clear();
     }
     match store.flush() {
