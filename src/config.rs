@@ -251,7 +251,8 @@ pub struct Store {
     /// Memory for the store's index: where each chunk of events lies, the
     /// time and sequence indexes, subscriptions and settlements (no event
     /// bytes). A log whose index outgrows it still works, but seeks read
-    /// index pages from disk more often.
+    /// index pages from disk more often. An eighth of it lists where the
+    /// newest events lie, for seeks and replays into recent history.
     #[serde(deserialize_with = "byte_size")]
     pub index_cache: u64,
 }

@@ -8,6 +8,7 @@ use std::ops::{ControlFlow, RangeInclusive};
 use ensync_protocol::field::{ClientId, EventId, EventName, Metadata, Pattern, Payload, Recipient};
 use ensync_protocol::StoredRecord;
 
+mod directory;
 mod segments;
 mod sled;
 

@@ -59,6 +59,9 @@
 //! forward; a pattern merges the scans of its names by seq. `loggedAt`
 //! never decreases along the log, which makes the `t` table a seek from any
 //! timestamp to a seq; the `b` table finds the chunk holding any seq.
+//! The newest chunks and milliseconds are listed in memory as well
+//! ([`Directory`]): a seek or scan into them finds its chunk, and the next
+//! ones, without sled's range lookups.
 
 use std::cell::RefCell;
 use std::cmp::Reverse;
@@ -72,6 +75,7 @@ use ensync_protocol::field::{ClientId, EventId, Pattern, Position, Recipient};
 use ensync_protocol::{encode_record_into, RecordFields};
 use sled::{Batch, Db, Tree};
 
+use super::directory::Directory;
 use super::segments::{Loc, Segments};
 use super::{
     addressing_of, count_by_scan, encode_recipients, recipients_of, Addressing, Appended, Applied,
@@ -122,6 +126,12 @@ const LOOKS_BEFORE_WALK: u32 = 16;
 /// A scan that reads a chunk under this many bytes to its end reads the
 /// segment bytes after it too ([`ahead_of`]).
 const SMALL_CHUNK: u32 = 8 * 1024;
+/// The directory of the newest chunks and milliseconds takes this part of
+/// the index's memory (`store.index_cache`): an eighth, 32 MiB by default,
+/// lists the chunks of about 24 million events published in bulk, or
+/// about 450,000 chunks of an event or a few (a name published an event
+/// at a time).
+const DIRECTORY_SHARE: u64 = 8;
 /// Bytes before each value in a chunk: seq and length.
 const ENTRY_HEAD: usize = 12;
 /// A chunk's location is followed by the offset of every this many
@@ -172,6 +182,8 @@ pub struct SledLog {
     oldest: AtomicU64,
     /// Clients with at least one settlement.
     settlers: RwLock<HashSet<String>>,
+    /// The newest chunks and milliseconds, found without sled.
+    directory: Directory<sled::IVec>,
 }
 
 fn chunk_key(name: &str, first_seq: u64) -> Vec<u8> {
@@ -667,11 +679,12 @@ impl Chunks {
 
     /// Appends the chunks to the segments and puts where they lie into
     /// `batch`, with the commit's index entry; says how many bytes they
-    /// hold.
-    fn write(self, batch: &mut Batch, segments: &Segments) -> Result<u64> {
+    /// hold, and gives each chunk's name, first seq and value.
+    fn write(self, batch: &mut Batch, segments: &Segments) -> Result<(u64, Vec<Written>)> {
         let Some(commit_first) = self.built.iter().map(|c| c.first).min() else {
-            return Ok(0);
+            return Ok((0, Vec::new()));
         };
+        let mut written = Vec::with_capacity(self.built.len());
         let mut index = Vec::new();
         let mut bytes = 0;
         let mut marks = Marks::default();
@@ -693,14 +706,19 @@ impl Chunks {
             let mut value = Vec::with_capacity(16 + offsets.len());
             value.extend_from_slice(&loc.encode());
             value.extend_from_slice(&offsets);
-            batch.insert(chunk_key(&name, first), value);
+            let value = sled::IVec::from(value);
+            batch.insert(chunk_key(&name, first), value.clone());
             batch.insert(summary_key(&name, first), summary.encode());
+            written.push((name, first, value));
         }
         batch.insert(&num_key(COMMIT, commit_first), index);
         marks.write(batch);
-        Ok(bytes)
+        Ok((bytes, written))
     }
 }
+
+/// A chunk a commit wrote: its name, first seq, and location and offsets.
+type Written = (String, u64, sled::IVec);
 
 /// Segment bytes a scan read past the end of a chunk: the chunks after it
 /// are often among them. The cursors of a merge share one.
@@ -723,18 +741,28 @@ impl Ahead {
     }
 }
 
+/// What a cursor reads: sled's tree, the segments, and the directory of
+/// recent chunks.
+#[derive(Clone, Copy)]
+struct Store<'n> {
+    tree: &'n Tree,
+    segments: &'n Segments,
+    directory: &'n Directory<sled::IVec>,
+}
+
 /// Reads the events of one name in seq order, chunk by chunk.
 ///
 /// Finding a chunk by a range of keys costs sled a copy of a whole leaf,
-/// so the cursor looks the next chunk up by its key where it can: the
-/// events of a name published on its own are contiguous, and its next
-/// chunk starts at the seq after the last one read. When that look
-/// misses, or after [`LOOKS_BEFORE_WALK`] looks, it walks the chunks in
-/// key order.
+/// so the cursor finds its chunks in the directory where it lists them,
+/// else looks the next chunk up by its key where it can: the events of a
+/// name published on its own are contiguous, and its next chunk starts at
+/// the seq after the last one read. When that look misses, or after
+/// [`LOOKS_BEFORE_WALK`] looks, it walks the chunks in key order.
 struct Cursor<'n> {
     name: &'n str,
     tree: &'n Tree,
     segments: &'n Segments,
+    directory: &'n Directory<sled::IVec>,
     /// The chunks in key order, once a look by key missed or the cursor
     /// went past [`LOOKS_BEFORE_WALK`] chunks.
     chunks: Option<sled::Iter>,
@@ -772,7 +800,12 @@ impl<'n> Cursor<'n> {
     /// caller that expects to take about `want` of them; it reads at most
     /// `batch` entries at a time, and reads ahead into `ahead`.
     fn new(
-        (tree, segments, ahead): (&'n Tree, &'n Segments, &'n RefCell<Ahead>),
+        Store {
+            tree,
+            segments,
+            directory,
+        }: Store<'n>,
+        ahead: &'n RefCell<Ahead>,
         name: &'n str,
         seqs: &RangeInclusive<u64>,
         (want, batch): (u64, u64),
@@ -782,6 +815,7 @@ impl<'n> Cursor<'n> {
             name,
             tree,
             segments,
+            directory,
             chunks: None,
             looked_up: 0,
             held: None,
@@ -795,35 +829,40 @@ impl<'n> Cursor<'n> {
             end,
         };
         // The chunk holding `start` is the last one opened at or before it.
-        let holding = tree
-            .range(chunk_key(name, 0)..=chunk_key(name, start))
-            .next_back()
-            .transpose()?;
-        if let Some((key, value)) = holding {
-            cursor.load(&key, value)?;
+        let holding = match directory.chunk_holding(name, start) {
+            Some(listed) => Some(listed),
+            None => tree
+                .range(chunk_key(name, 0)..=chunk_key(name, start))
+                .next_back()
+                .transpose()?
+                .map(|(key, value)| Ok::<_, StoreError>((key_first_seq(&key)?, value)))
+                .transpose()?,
+        };
+        if let Some((first, value)) = holding {
+            cursor.load(first, value)?;
         }
         cursor.settle(0)?;
         Ok(cursor)
     }
 
-    /// Makes the chunk under `key` (location and offsets in `value`) the
-    /// current one, and reads the first of what the cursor wants of it.
-    fn load(&mut self, key: &[u8], value: sled::IVec) -> Result<()> {
-        let first = key_first_seq(key)?;
+    /// Makes the chunk starting at `first` (location and offsets in
+    /// `value`) the current one, and reads the first of what the cursor
+    /// wants of it.
+    fn load(&mut self, first: u64, value: sled::IVec) -> Result<()> {
         let (from, index) = start_mark(&value, first, self.start.max(self.next_seq));
         self.held = Some(Held {
             first,
             value,
             unread: None,
         });
-        self.read(key, from, index)?;
+        self.read(first, from, index)?;
         self.next_seq = self.next_seq.max(first.saturating_add(1));
         Ok(())
     }
 
     /// Reads the held chunk from mark `from` on, as far as the entries up
     /// to position `index` and those the cursor wants after it need.
-    fn read(&mut self, key: &[u8], from: Mark, index: u64) -> Result<()> {
+    fn read(&mut self, first: u64, from: Mark, index: u64) -> Result<()> {
         let Some(held) = &mut self.held else {
             return Ok(());
         };
@@ -842,7 +881,8 @@ impl<'n> Cursor<'n> {
             Some(_) => 0,
         };
         let read = self.fill(loc, ahead);
-        if !or_gone(self.tree, key, read)? {
+        // The key is built only when the read failed, to see why.
+        if read.is_err() && !or_gone(self.tree, &chunk_key(self.name, first), read)? {
             self.chunk.clear();
             if let Some(held) = &mut self.held {
                 held.unread = None;
@@ -881,30 +921,41 @@ impl<'n> Cursor<'n> {
         else {
             return Ok(false);
         };
-        self.read(&chunk_key(self.name, first), unread, unread.index)?;
+        self.read(first, unread, unread.index)?;
         Ok(true)
     }
 
-    /// The chunk after the current one: its key, and its location and
-    /// offsets.
-    fn next_chunk(&mut self) -> Result<Option<(sled::IVec, sled::IVec)>> {
+    /// The chunk after the current one: its first seq, and its location
+    /// and offsets.
+    fn next_chunk(&mut self) -> Result<Option<(u64, sled::IVec)>> {
         if let Some(chunks) = &mut self.chunks {
-            return chunks.next().transpose().map_err(StoreError::from);
+            return match chunks.next().transpose()? {
+                Some((key, value)) => Ok(Some((key_first_seq(&key)?, value))),
+                None => Ok(None),
+            };
         }
         if self.next_seq > self.end {
             return Ok(None);
+        }
+        let listed = self
+            .held
+            .as_ref()
+            .and_then(|held| self.directory.chunk_after(self.name, held.first));
+        if let Some((first, value)) = listed {
+            return Ok((first <= self.end).then_some((first, value)));
         }
         let key = chunk_key(self.name, self.next_seq);
         if self.looked_up < LOOKS_BEFORE_WALK {
             self.looked_up += 1;
             if let Some(value) = self.tree.get(&key)? {
-                return Ok(Some((key.into(), value)));
+                return Ok(Some((self.next_seq, value)));
             }
         }
         let mut chunks = self.tree.range(key..=chunk_key(self.name, self.end));
         let next = chunks.next().transpose()?;
         self.chunks = Some(chunks);
-        Ok(next)
+        next.map(|(key, value)| Ok((key_first_seq(&key)?, value)))
+            .transpose()
     }
 
     /// Moves to the first entry at or after byte `pos` with seq >= start,
@@ -926,8 +977,8 @@ impl<'n> Cursor<'n> {
                 continue;
             }
             match self.next_chunk()? {
-                Some((key, value)) => {
-                    self.load(&key, value)?;
+                Some((first, value)) => {
+                    self.load(first, value)?;
                     pos = 0;
                 }
                 None => {
@@ -1012,11 +1063,20 @@ impl SledLog {
     }
 
     /// Opens (or creates) the log in `dir`, with `cache` bytes of memory
-    /// for its index (`store.index_cache`).
+    /// for its index (`store.index_cache`): an eighth of it for the
+    /// directory of the newest chunks and milliseconds, the rest for
+    /// sled's cache.
     ///
     /// # Errors
     /// As [`SledLog::open`].
     pub fn open_with_cache(dir: &Path, cache: u64) -> Result<Self> {
+        let listed = cache / DIRECTORY_SHARE;
+        Self::open_with_budgets(dir, cache - listed, listed)
+    }
+
+    /// Opens (or creates) the log in `dir`, with `cache` bytes for sled's
+    /// cache and `listed` for the directory.
+    fn open_with_budgets(dir: &Path, cache: u64, listed: u64) -> Result<Self> {
         let db = open_db(dir, cache)?;
         let tree = db.open_tree("log")?;
         let segments = Segments::open(dir)?;
@@ -1083,6 +1143,7 @@ impl SledLog {
         for entry in tree.scan_prefix([SETTLER]) {
             settlers.insert(utf8(&entry?.0[1..])?.to_owned());
         }
+        let directory = Directory::new(usize::try_from(listed).unwrap_or(usize::MAX));
         Ok(Self {
             db,
             tree,
@@ -1097,6 +1158,7 @@ impl SledLog {
             bytes: AtomicU64::new(bytes),
             oldest: AtomicU64::new(oldest),
             settlers: RwLock::new(settlers),
+            directory,
         })
     }
 
@@ -1290,6 +1352,7 @@ impl SledLog {
         tail.bytes -= done.bytes.min(tail.bytes);
         batch.insert(SIZE_KEY, &tail.bytes.to_be_bytes());
         self.tree.apply_batch(batch)?;
+        self.directory.forget_through(through, tail.last_seq);
         for name in &forgotten {
             tail.names.remove(name);
         }
@@ -1511,6 +1574,8 @@ impl EventLog for SledLog {
         }
         let (mut seq, mut ts) = (tail.last_seq, tail.last_ts);
         let mut new_names: Vec<&str> = Vec::new();
+        // The milliseconds this batch logs first, with their first seqs.
+        let mut new_times: Vec<(u64, u64)> = Vec::new();
         let mut new_directs: Vec<Vec<u8>> = Vec::new();
         let mut new_settlers: Vec<&str> = Vec::new();
         let mut batch = Batch::default();
@@ -1528,6 +1593,7 @@ impl EventLog for SledLog {
                     if now_ms > ts {
                         ts = now_ms;
                         batch.insert(&num_key(TIME, ts), &seq.to_be_bytes());
+                        new_times.push((ts, seq));
                     }
                     let name = event.name.as_str();
                     if !tail.names.contains(name) && !new_names.contains(&name) {
@@ -1683,7 +1749,7 @@ impl EventLog for SledLog {
             };
             applied.push(result);
         }
-        let added = chunks.write(&mut batch, &self.segments)?;
+        let (added, written) = chunks.write(&mut batch, &self.segments)?;
         // The chunks' bytes are on disk before sled holds their locations:
         // sled may write its log at any time, and after a power loss a
         // location it kept must point at bytes that were kept too.
@@ -1701,6 +1767,14 @@ impl EventLog for SledLog {
             }
         }
         self.tree.apply_batch(batch)?;
+        // Listed before the seqs become visible (`last_seq`), so that the
+        // directory holds every chunk a reader can be looking for.
+        self.directory.add(
+            written
+                .iter()
+                .map(|(name, first, value)| (name.as_str(), *first, value.clone())),
+            new_times,
+        );
         if seq > tail.last_seq && self.oldest.load(Ordering::Acquire) == 0 {
             self.oldest.store(tail.last_seq + 1, Ordering::Release);
         }
@@ -1740,6 +1814,9 @@ impl EventLog for SledLog {
             });
         };
         let first_at_or_after = |ms: u64| -> Result<Option<u64>> {
+            if let Some(seq) = self.directory.first_seq_from(ms) {
+                return Ok(Some(seq));
+            }
             match self
                 .tree
                 .range(num_key(TIME, ms)..=num_key(TIME, u64::MAX))
@@ -1794,10 +1871,14 @@ impl EventLog for SledLog {
             n => (MERGE_READS / n).clamp(OFFSET_EVERY as u64, MERGE_READ),
         };
         let ahead = RefCell::new(Ahead::default());
-        let store = (&self.tree, &self.segments, &ahead);
+        let store = Store {
+            tree: &self.tree,
+            segments: &self.segments,
+            directory: &self.directory,
+        };
         let mut cursors = names
             .iter()
-            .map(|name| Cursor::new(store, name, &seqs, (want, batch)))
+            .map(|name| Cursor::new(store, &ahead, name, &seqs, (want, batch)))
             .collect::<Result<Vec<_>>>()?;
         if let [cursor] = cursors.as_mut_slice() {
             while cursor.seq().is_some() {
@@ -2072,6 +2153,14 @@ mod chunked_log {
         })
     }
 
+    /// Directory budgets a scan test runs with: none (every chunk found in
+    /// sled), room for some of the newest chunks, and room for all.
+    const LISTINGS: [u64; 3] = [0, 2 * 1024, 32 << 20];
+
+    fn open_listing(dir: &Path, listed: u64) -> Result<SledLog> {
+        SledLog::open_with_budgets(dir, crate::config::DEFAULT_INDEX_CACHE, listed)
+    }
+
     fn seqs(log: &SledLog, pattern: &str, range: RangeInclusive<u64>) -> Vec<u64> {
         let mut out = Vec::new();
         log.scan(&pattern.parse().expect("pattern"), range, &mut |e| {
@@ -2229,6 +2318,11 @@ mod chunked_log {
         }
         assert!(stripped > 10, "the filled log has chunks with offsets");
         log.tree.apply_batch(batch)?;
+        log.flush()?;
+        // Reopened: the directory lists only chunks committed since, so
+        // every chunk is read as stored.
+        drop(log);
+        let log = SledLog::open(dir.path())?;
         assert_eq!(read_all(&log)?, with_offsets);
         Ok(())
     }
@@ -2493,8 +2587,14 @@ mod chunked_log {
     /// walking the keys), from every start to several ends.
     #[test]
     fn scans_cross_chunks_found_by_key_and_by_walking() -> Result<()> {
+        LISTINGS
+            .into_iter()
+            .try_for_each(scans_cross_chunks_listing)
+    }
+
+    fn scans_cross_chunks_listing(listed: u64) -> Result<()> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = SledLog::open(dir.path())?;
+        let log = open_listing(dir.path(), listed)?;
         let mut names = Vec::new();
         let mut commit = |ops: Vec<WriteOp>, names_of: Vec<&'static str>| {
             log.apply(&ops, 1_000).expect("apply");
@@ -2574,8 +2674,14 @@ mod chunked_log {
     /// exactly its events.
     #[test]
     fn scans_read_small_chunks_many_at_a_time() -> Result<()> {
+        LISTINGS
+            .into_iter()
+            .try_for_each(scans_read_small_chunks_listing)
+    }
+
+    fn scans_read_small_chunks_listing(listed: u64) -> Result<()> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let log = SledLog::open(dir.path())?;
+        let log = open_listing(dir.path(), listed)?;
         let small = |name: &str, n: usize| {
             let WriteOp::Publish(mut event) = event(name, n) else {
                 unreachable!("event() publishes")
@@ -2628,6 +2734,115 @@ mod chunked_log {
         assert_eq!(seqs(&log, "*", 1..=150).len(), 150);
         let reads = log.segments.reads() - before;
         assert!(reads <= 6, "{reads} reads for 150 small chunks merged");
+        Ok(())
+    }
+
+    /// What a log answers: the start and end every millisecond resolves
+    /// to, and the seqs of scans of each name from every start, expecting
+    /// few events and all.
+    fn answers(log: &SledLog, names: &[&str]) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        let last = log.last_seq();
+        for ms in 990..1_400 {
+            for side in [Side::Start, Side::End] {
+                let resolved = log.resolve(&Position::Timestamp(ms), side)?;
+                out.push(format!("{ms} {side:?}: {resolved:?}"));
+            }
+        }
+        for &name in names {
+            let pattern: Pattern = name.parse().expect("pattern");
+            for start in 1..=last {
+                out.push(format!(
+                    "{name} from {start}: {:?}",
+                    seqs(log, name, start..=last)
+                ));
+                let mut few = Vec::new();
+                log.scan_expecting(&pattern, start..=last, 3, &mut |e| {
+                    few.push(e.seq);
+                    ControlFlow::Continue(())
+                })?;
+                out.push(format!("{name} from {start}, expecting 3: {few:?}"));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A log whose directory lists all, some or none of its chunks and
+    /// milliseconds answers every seek and scan alike: as commits list
+    /// them and drop the oldest past the budget, after retention trims,
+    /// and once reopened (the lists start empty) and committed to again.
+    #[test]
+    fn the_directory_answers_as_sled_does() -> Result<()> {
+        let dirs: Vec<_> = LISTINGS
+            .iter()
+            .map(|_| tempfile::tempdir().expect("temp dir"))
+            .collect();
+        let logs = LISTINGS
+            .iter()
+            .zip(&dirs)
+            .map(|(listed, dir)| open_listing(dir.path(), *listed))
+            .collect::<Result<Vec<_>>>()?;
+        let names = ["d/a", "d/b", "d/c"];
+        // Commits of one to four events, names taking turns unevenly, the
+        // clock moving by 0, 1 or 7 ms between them; then a bulk commit.
+        let mut ms = 1_000;
+        for i in 0..120 {
+            let ops: Vec<WriteOp> = (0..1 + i % 4)
+                .map(|k| event(names[(i * 7 + k) % 5 % 3], i))
+                .collect();
+            ms += [0, 1, 7][i % 3];
+            for log in &logs {
+                log.apply(&ops, ms)?;
+            }
+        }
+        let bulk: Vec<WriteOp> = (0..60).map(|i| event(names[i % 2], i)).collect();
+        for log in &logs {
+            log.apply(&bulk, ms + 3)?;
+        }
+        let every = |logs: &[SledLog]| -> Result<()> {
+            let unlisted = answers(&logs[0], &names)?;
+            for log in &logs[1..] {
+                assert_eq!(answers(log, &names)?, unlisted, "{:?}", log.directory);
+            }
+            Ok(())
+        };
+        assert_eq!(logs[0].directory.bytes(), 0);
+        assert!(
+            logs[1].directory.bytes() < logs[2].directory.bytes() / 4,
+            "some are listed: {:?}",
+            logs[1].directory
+        );
+        every(&logs)?;
+
+        let trim = Trim {
+            before_ms: Some(1_150),
+            max_bytes: None,
+            keep_from: u64::MAX,
+            max_commits: usize::MAX,
+        };
+        for log in &logs {
+            log.apply(&[WriteOp::Trim(trim)], ms + 3)?;
+            log.flush()?;
+        }
+        assert!(logs[0].oldest()? > Some(50), "retention removed events");
+        every(&logs)?;
+
+        drop(logs);
+        let logs = LISTINGS
+            .iter()
+            .zip(&dirs)
+            .map(|(listed, dir)| open_listing(dir.path(), *listed))
+            .collect::<Result<Vec<_>>>()?;
+        every(&logs)?;
+        for i in 0..40 {
+            let ops: Vec<WriteOp> = (0..1 + i % 3)
+                .map(|k| event(names[(i + k) % 3], i))
+                .collect();
+            for log in &logs {
+                log.apply(&ops, ms + 10 + i as u64)?;
+            }
+        }
+        every(&logs)?;
         Ok(())
     }
 

@@ -1,0 +1,328 @@
+//! What the store keeps in memory to find a place in the log without a
+//! range lookup in sled (each of which copies the whole leaf it lands in):
+//! where each name's newest chunks start and lie, and the first seq of each
+//! of the newest logged milliseconds.
+//!
+//! Every list holds the newest entries of its table, all of them from its
+//! first entry on: a lookup at or past that entry is answered here, and
+//! one before it goes to sled. A list can also lag the table by the commit
+//! being applied, so only what a list holds is trusted: a lookup that would
+//! need an entry past a list's last one goes to sled as well.
+//!
+//! The lists start empty when the store opens: reading the whole index
+//! to fill them would take the store's index into memory, and time, at
+//! every start. The commit adds its chunks and milliseconds before its
+//! seqs become visible; retention removes what it trimmed. Past the
+//! budget, the oldest entries go first, whatever their name or table: the
+//! same order retention follows.
+
+use std::collections::{HashMap, VecDeque};
+use std::mem::size_of;
+use std::sync::{Arc, RwLock};
+
+/// The in-memory lists, with values `V` (a chunk's location and offsets).
+pub(super) struct Directory<V> {
+    lists: RwLock<Lists<V>>,
+    /// The most bytes the lists may take, about.
+    budget: usize,
+}
+
+struct Lists<V> {
+    /// Each name's chunks by first seq, oldest first.
+    chunks: HashMap<Arc<str>, VecDeque<(u64, V)>>,
+    /// Every chunk listed, oldest first: the order they are dropped in.
+    order: VecDeque<(u64, Arc<str>)>,
+    /// Each logged millisecond with the first seq logged at it, oldest
+    /// first.
+    times: VecDeque<(u64, u64)>,
+    /// What the lists take, about.
+    bytes: usize,
+}
+
+/// Bytes a name's list takes besides its entries.
+const NAME_COST: usize = 64;
+/// Bytes a millisecond's entry takes.
+const TIME_COST: usize = size_of::<(u64, u64)>();
+
+impl<V: Clone + AsRef<[u8]>> Directory<V> {
+    /// An empty directory that takes about `budget` bytes at most.
+    pub fn new(budget: usize) -> Self {
+        Self {
+            lists: RwLock::new(Lists {
+                chunks: HashMap::new(),
+                order: VecDeque::new(),
+                times: VecDeque::new(),
+                bytes: 0,
+            }),
+            budget,
+        }
+    }
+
+    fn chunk_cost(value: &V) -> usize {
+        size_of::<(u64, V)>() + size_of::<(u64, Arc<str>)>() + value.as_ref().len()
+    }
+
+    /// The chunk of `name` that holds `seq`: the last one starting at or
+    /// before it, when the name's list reaches back that far.
+    pub fn chunk_holding(&self, name: &str, seq: u64) -> Option<(u64, V)> {
+        let lists = self.lists.read().expect("directory lock is never poisoned");
+        let list = lists.chunks.get(name)?;
+        let at = list.partition_point(|(first, _)| *first <= seq);
+        at.checked_sub(1).map(|i| list[i].clone())
+    }
+
+    /// The chunk of `name` after the one starting at `first`, when both
+    /// are listed.
+    pub fn chunk_after(&self, name: &str, first: u64) -> Option<(u64, V)> {
+        let lists = self.lists.read().expect("directory lock is never poisoned");
+        let list = lists.chunks.get(name)?;
+        let at = list
+            .binary_search_by_key(&first, |(first, _)| *first)
+            .ok()?;
+        list.get(at + 1).cloned()
+    }
+
+    /// The first seq logged at or after millisecond `ms`, when the list
+    /// reaches back to `ms` and holds a millisecond at or after it.
+    pub fn first_seq_from(&self, ms: u64) -> Option<u64> {
+        let lists = self.lists.read().expect("directory lock is never poisoned");
+        if lists.times.front()?.0 > ms {
+            return None;
+        }
+        let at = lists.times.partition_point(|(at, _)| *at < ms);
+        lists.times.get(at).map(|(_, seq)| *seq)
+    }
+
+    /// Adds a commit's chunks (name, first seq, value) and milliseconds
+    /// (ms, first seq), each newer than all listed, then drops the oldest
+    /// entries past the budget.
+    pub fn add<'a>(
+        &self,
+        chunks: impl IntoIterator<Item = (&'a str, u64, V)>,
+        times: impl IntoIterator<Item = (u64, u64)>,
+    ) {
+        let mut lists = self
+            .lists
+            .write()
+            .expect("directory lock is never poisoned");
+        for (name, first, value) in chunks {
+            lists.bytes += Self::chunk_cost(&value);
+            let name = match lists.chunks.get_key_value(name) {
+                Some((name, _)) => name.clone(),
+                None => {
+                    lists.bytes += NAME_COST + name.len();
+                    let name: Arc<str> = name.into();
+                    lists.chunks.insert(name.clone(), VecDeque::new());
+                    name
+                }
+            };
+            lists.order.push_back((first, name.clone()));
+            if let Some(list) = lists.chunks.get_mut(&name) {
+                list.push_back((first, value));
+            }
+        }
+        for time in times {
+            lists.bytes += TIME_COST;
+            lists.times.push_back(time);
+        }
+        while lists.bytes > self.budget && lists.drop_oldest() {}
+    }
+
+    /// Forgets what retention removed: the chunks of commits up to seq
+    /// `through`, and the milliseconds whose events all lie at or before
+    /// it (`last` is the log's last seq).
+    pub fn forget_through(&self, through: u64, last: u64) {
+        let mut lists = self
+            .lists
+            .write()
+            .expect("directory lock is never poisoned");
+        while lists
+            .order
+            .front()
+            .is_some_and(|(first, _)| *first <= through)
+        {
+            lists.drop_oldest_chunk();
+        }
+        // A millisecond stays while an event logged at it is left: until
+        // the next one starts past `through + 1`.
+        while !lists.times.is_empty() {
+            let next_first = lists.times.get(1).map_or(last + 1, |(_, seq)| *seq);
+            if next_first > through + 1 {
+                break;
+            }
+            lists.times.pop_front();
+            lists.bytes -= TIME_COST;
+        }
+    }
+
+    /// Bytes the lists take, about.
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        self.lists
+            .read()
+            .expect("directory lock is never poisoned")
+            .bytes
+    }
+}
+
+impl<V> std::fmt::Debug for Directory<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = f.debug_struct("Directory");
+        if let Ok(lists) = self.lists.try_read() {
+            out.field("names", &lists.chunks.len())
+                .field("chunks", &lists.order.len())
+                .field("times", &lists.times.len())
+                .field("bytes", &lists.bytes);
+        }
+        out.field("budget", &self.budget).finish()
+    }
+}
+
+impl<V: AsRef<[u8]>> Lists<V> {
+    /// Drops the oldest entry, chunk or millisecond; `false` when none is
+    /// left.
+    fn drop_oldest(&mut self) -> bool {
+        let chunk = self.order.front().map(|(first, _)| *first);
+        let time = self.times.front().map(|(_, seq)| *seq);
+        match (chunk, time) {
+            (Some(chunk), Some(time)) if time < chunk => self.drop_oldest_time(),
+            (Some(_), _) => self.drop_oldest_chunk(),
+            (None, Some(_)) => self.drop_oldest_time(),
+            (None, None) => return false,
+        }
+        true
+    }
+
+    fn drop_oldest_time(&mut self) {
+        if self.times.pop_front().is_some() {
+            self.bytes -= TIME_COST;
+        }
+    }
+
+    fn drop_oldest_chunk(&mut self) {
+        let Some((first, name)) = self.order.pop_front() else {
+            return;
+        };
+        let Some(list) = self.chunks.get_mut(&name) else {
+            return;
+        };
+        // NOTE: every chunk enters `order` and its name's list together,
+        // both in seq order, so the oldest of `order` is its list's first.
+        if list.front().is_some_and(|(at, _)| *at == first) {
+            if let Some((_, value)) = list.pop_front() {
+                self.bytes -=
+                    size_of::<(u64, V)>() + size_of::<(u64, Arc<str>)>() + value.as_ref().len();
+            }
+        }
+        if list.is_empty() {
+            self.chunks.remove(&name);
+            self.bytes -= NAME_COST + name.len();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Dir = Directory<Vec<u8>>;
+
+    fn value(first: u64) -> Vec<u8> {
+        first.to_be_bytes().to_vec()
+    }
+
+    /// Chunks of `a` at 10, 20, 30, of `b` at 15, 25; milliseconds 100
+    /// (seq 10), 101 (seq 20), 105 (seq 25).
+    fn listed(budget: usize) -> Dir {
+        let dir = Dir::new(budget);
+        dir.add([("a", 10, value(10)), ("b", 15, value(15))], [(100, 10)]);
+        dir.add(
+            [("a", 20, value(20)), ("b", 25, value(25))],
+            [(101, 20), (105, 25)],
+        );
+        dir.add([("a", 30, value(30))], []);
+        dir
+    }
+
+    fn first(found: Option<(u64, Vec<u8>)>) -> Option<u64> {
+        found.map(|(first, value)| {
+            assert_eq!(value, self::value(first), "a chunk keeps its value");
+            first
+        })
+    }
+
+    #[test]
+    fn lookups_answer_only_from_what_is_listed() {
+        let dir = listed(1 << 20);
+        assert_eq!(first(dir.chunk_holding("a", 9)), None, "before the list");
+        assert_eq!(first(dir.chunk_holding("a", 10)), Some(10));
+        assert_eq!(first(dir.chunk_holding("a", 29)), Some(20));
+        assert_eq!(first(dir.chunk_holding("a", 1000)), Some(30));
+        assert_eq!(first(dir.chunk_holding("b", 24)), Some(15));
+        assert_eq!(first(dir.chunk_holding("c", 24)), None, "an unlisted name");
+
+        assert_eq!(first(dir.chunk_after("a", 10)), Some(20));
+        assert_eq!(first(dir.chunk_after("b", 15)), Some(25));
+        assert_eq!(first(dir.chunk_after("a", 30)), None, "the last one");
+        assert_eq!(first(dir.chunk_after("a", 11)), None, "not a chunk's start");
+
+        assert_eq!(dir.first_seq_from(99), None, "before the list");
+        assert_eq!(dir.first_seq_from(100), Some(10));
+        assert_eq!(dir.first_seq_from(102), Some(25));
+        assert_eq!(dir.first_seq_from(105), Some(25));
+        assert_eq!(dir.first_seq_from(106), None, "past the list");
+    }
+
+    #[test]
+    fn the_budget_drops_the_oldest_entries_of_any_name_or_table() {
+        let whole = listed(1 << 20).bytes();
+        // Room for all but about one chunk: the oldest entry goes, which is
+        // a's first chunk (seq 10, older than the millisecond at seq 10
+        // only by order: a chunk goes first on a tie).
+        let dir = listed(whole - 1);
+        assert_eq!(first(dir.chunk_holding("a", 15)), None);
+        assert_eq!(first(dir.chunk_holding("a", 20)), Some(20));
+        assert_eq!(first(dir.chunk_holding("b", 15)), Some(15));
+        assert!(dir.bytes() < whole);
+
+        // Less room: b's first chunk and the first milliseconds go too,
+        // and every name keeps its newest chunks, from one on.
+        let dir = listed(whole / 2);
+        assert!(dir.bytes() <= whole / 2);
+        assert_eq!(first(dir.chunk_holding("b", 20)), None);
+        assert_eq!(first(dir.chunk_holding("a", 35)), Some(30));
+        assert_eq!(dir.first_seq_from(100), None);
+        assert_eq!(dir.first_seq_from(105), Some(25));
+
+        // No room: nothing is listed and every lookup goes to sled.
+        let dir = listed(0);
+        assert_eq!(dir.bytes(), 0);
+        assert_eq!(first(dir.chunk_holding("a", 35)), None);
+        assert_eq!(dir.first_seq_from(105), None);
+    }
+
+    #[test]
+    fn retention_forgets_chunks_and_milliseconds_it_removed() {
+        let dir = listed(1 << 20);
+        // Commits through seq 19 removed: the chunks at 10 and 15 go, and
+        // the millisecond at seq 10 (the next one starts at 20).
+        dir.forget_through(19, 40);
+        assert_eq!(first(dir.chunk_holding("a", 15)), None);
+        assert_eq!(first(dir.chunk_holding("a", 25)), Some(20));
+        assert_eq!(first(dir.chunk_holding("b", 16)), None);
+        assert_eq!(dir.first_seq_from(100), None);
+        assert_eq!(dir.first_seq_from(101), Some(20));
+
+        // Through 22: the chunk at 20 goes, but the millisecond at seq 20
+        // stays while events logged at it (21..=24) are left, as in sled.
+        dir.forget_through(22, 40);
+        assert_eq!(first(dir.chunk_holding("a", 25)), None);
+        assert_eq!(first(dir.chunk_holding("a", 1000)), Some(30));
+        assert_eq!(dir.first_seq_from(101), Some(20));
+
+        dir.forget_through(40, 40);
+        assert_eq!(dir.bytes(), 0, "everything removed is forgotten");
+        assert_eq!(first(dir.chunk_holding("a", 1000)), None);
+        assert_eq!(dir.first_seq_from(105), None);
+    }
+}
