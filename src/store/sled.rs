@@ -1769,12 +1769,14 @@ impl EventLog for SledLog {
         self.tree.apply_batch(batch)?;
         // Listed before the seqs become visible (`last_seq`), so that the
         // directory holds every chunk a reader can be looking for.
-        self.directory.add(
-            written
-                .iter()
-                .map(|(name, first, value)| (name.as_str(), *first, value.clone())),
-            new_times,
-        );
+        if !written.is_empty() || !new_times.is_empty() {
+            self.directory.add(
+                written
+                    .iter()
+                    .map(|(name, first, value)| (name.as_str(), *first, value.clone())),
+                new_times,
+            );
+        }
         if seq > tail.last_seq && self.oldest.load(Ordering::Acquire) == 0 {
             self.oldest.store(tail.last_seq + 1, Ordering::Release);
         }
