@@ -44,6 +44,12 @@ const NAME_COST: usize = 64;
 /// Bytes a millisecond's entry takes.
 const TIME_COST: usize = size_of::<(u64, u64)>();
 
+/// Bytes a chunk's entry takes: in its name's list, in the order, and its
+/// value.
+fn chunk_cost<V: AsRef<[u8]>>(value: &V) -> usize {
+    size_of::<(u64, V)>() + size_of::<(u64, Arc<str>)>() + value.as_ref().len()
+}
+
 impl<V: Clone + AsRef<[u8]>> Directory<V> {
     /// An empty directory that takes about `budget` bytes at most.
     pub fn new(budget: usize) -> Self {
@@ -56,10 +62,6 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
             }),
             budget,
         }
-    }
-
-    fn chunk_cost(value: &V) -> usize {
-        size_of::<(u64, V)>() + size_of::<(u64, Arc<str>)>() + value.as_ref().len()
     }
 
     /// The chunk of `name` that holds `seq`: the last one starting at or
@@ -106,7 +108,7 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
             .write()
             .expect("directory lock is never poisoned");
         for (name, first, value) in chunks {
-            lists.bytes += Self::chunk_cost(&value);
+            lists.bytes += chunk_cost(&value);
             let name = match lists.chunks.get_key_value(name) {
                 Some((name, _)) => name.clone(),
                 None => {
@@ -150,8 +152,7 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
             if next_first > through + 1 {
                 break;
             }
-            lists.times.pop_front();
-            lists.bytes -= TIME_COST;
+            lists.drop_oldest_time();
         }
     }
 
@@ -210,8 +211,7 @@ impl<V: AsRef<[u8]>> Lists<V> {
         // both in seq order, so the oldest of `order` is its list's first.
         if list.front().is_some_and(|(at, _)| *at == first) {
             if let Some((_, value)) = list.pop_front() {
-                self.bytes -=
-                    size_of::<(u64, V)>() + size_of::<(u64, Arc<str>)>() + value.as_ref().len();
+                self.bytes -= chunk_cost(&value);
             }
         }
         if list.is_empty() {
