@@ -5,9 +5,11 @@
 //!
 //! Every list holds the newest entries of its table, all of them from its
 //! first entry on: a lookup at or past that entry is answered here, and
-//! one before it goes to sled. A list can also lag the table by the commit
-//! being applied, so only what a list holds is trusted: a lookup that would
-//! need an entry past a list's last one goes to sled as well.
+//! one before it goes to sled. A list can also lag its table by the commit
+//! being applied, whose seqs are not visible yet, so the chunk after the
+//! last one listed, and a millisecond past the last, are looked up in
+//! sled too. The chunk holding a visible seq is always listed by then
+//! (and a cursor handed an older one reads on to it).
 //!
 //! The lists start empty when the store opens: reading the whole index
 //! to fill them would take the store's index into memory, and time, at
