@@ -570,6 +570,12 @@ fn key_first_seq(key: &[u8]) -> Result<u64> {
     }
 }
 
+/// A chunk's entry in sled as its first seq, and its location and
+/// offsets.
+fn chunk_entry((key, value): (sled::IVec, sled::IVec)) -> Result<(u64, sled::IVec)> {
+    Ok((key_first_seq(&key)?, value))
+}
+
 /// The name and first seq a chunk (or summary) key holds.
 fn split_chunk_key(key: &[u8]) -> Result<(&str, u64)> {
     let split = key
@@ -835,7 +841,7 @@ impl<'n> Cursor<'n> {
                 .range(chunk_key(name, 0)..=chunk_key(name, start))
                 .next_back()
                 .transpose()?
-                .map(|(key, value)| Ok::<_, StoreError>((key_first_seq(&key)?, value)))
+                .map(chunk_entry)
                 .transpose()?,
         };
         if let Some((first, value)) = holding {
@@ -929,10 +935,7 @@ impl<'n> Cursor<'n> {
     /// and offsets.
     fn next_chunk(&mut self) -> Result<Option<(u64, sled::IVec)>> {
         if let Some(chunks) = &mut self.chunks {
-            return match chunks.next().transpose()? {
-                Some((key, value)) => Ok(Some((key_first_seq(&key)?, value))),
-                None => Ok(None),
-            };
+            return chunks.next().transpose()?.map(chunk_entry).transpose();
         }
         if self.next_seq > self.end {
             return Ok(None);
@@ -954,8 +957,7 @@ impl<'n> Cursor<'n> {
         let mut chunks = self.tree.range(key..=chunk_key(self.name, self.end));
         let next = chunks.next().transpose()?;
         self.chunks = Some(chunks);
-        next.map(|(key, value)| Ok((key_first_seq(&key)?, value)))
-            .transpose()
+        next.map(chunk_entry).transpose()
     }
 
     /// Moves to the first entry at or after byte `pos` with seq >= start,
