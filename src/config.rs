@@ -253,6 +253,9 @@ pub struct Store {
     /// bytes). A log whose index outgrows it still works, but seeks read
     /// index pages from disk more often. An eighth of it lists where the
     /// newest events lie, for seeks and replays into recent history.
+    /// sled counts its cache by the size of its pages on disk, and in
+    /// memory they take several times that, so the server's memory for a
+    /// large index is a multiple of this setting.
     #[serde(deserialize_with = "byte_size")]
     pub index_cache: u64,
 }
