@@ -56,14 +56,17 @@
 //! recipients counts all or none of them without being read.
 //!
 //! A replay of a name seeks to the chunk holding its start and reads
-//! forward; a pattern merges the scans of its names by seq. `loggedAt`
+//! forward; a pattern merges the scans of its names by seq. A pattern of
+//! more names than a merge takes ([`MERGE_NAMES`]), or a range of fewer
+//! seqs than the pattern has names, walks the `b` table instead, commit
+//! by commit, reading the chunks of the names it matches. `loggedAt`
 //! never decreases along the log, which makes the `t` table a seek from any
 //! timestamp to a seq; the `b` table finds the chunk holding any seq.
 //! The newest chunks and milliseconds are listed in memory as well
 //! ([`Directory`]): a seek or scan into them finds its chunk, and the next
 //! ones, without sled's range lookups.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::ops::{ControlFlow, RangeInclusive};
@@ -147,6 +150,19 @@ const MERGE_READ: u64 = 64;
 /// ([`OFFSET_EVERY`]), so a merge over hundreds of names holds about as
 /// much as one over a few.
 const MERGE_READS: u64 = 4096;
+/// The most names a scan merges, a cursor each. A pattern that matches
+/// more is scanned commit by commit ([`SledLog::walk`]): a merge looks up
+/// every name, and holds a read of each, whether or not it has events in
+/// the range, so over thousands of names a live delivery took hundreds
+/// of milliseconds and a replay hundreds of megabytes.
+const MERGE_NAMES: usize = 64;
+/// Commits a walk steps through per name its pattern matches before it
+/// merges the names instead ([`SledLog::walk`]): about what a step costs
+/// against a name's lookup.
+const STEPS_PER_NAME: u64 = 32;
+/// The most names a walk merges instead: a merge holds a read of each
+/// ([`MERGE_READS`], down to [`OFFSET_EVERY`] entries a name).
+const MERGE_NAMES_AFTER_WALK: usize = 1024;
 /// Most chunk summaries one look for directly addressed events reads per
 /// name: bounds the time it takes.
 const SKIP_SUMMARIES: usize = 256;
@@ -809,6 +825,63 @@ struct Store<'n> {
     tree: &'n Tree,
     segments: &'n Segments,
     directory: &'n Directory<sled::IVec>,
+}
+
+/// The most entries each of `cursors` cursors reads at a time: a merge
+/// holds a read of every name at once, so the more names, the smaller.
+fn merge_batch(cursors: usize) -> u64 {
+    match cursors as u64 {
+        0 | 1 => u64::MAX,
+        n => (MERGE_READS / n).clamp(OFFSET_EVERY as u64, MERGE_READ),
+    }
+}
+
+/// Visits in seq order, until `visit` breaks, the events of the names in
+/// `pending`, each given with the least seq its events can have there (in
+/// that order); says whether `visit` broke. `open(from, name)` makes a
+/// name's cursor from `from` on, once the merge has reached `from`, so a
+/// merge that stops early opens only the names it needed.
+fn merge<'n>(
+    pending: impl IntoIterator<Item = (u64, &'n str)>,
+    mut open: impl FnMut(u64, &'n str) -> Result<Cursor<'n>>,
+    visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
+) -> Result<ControlFlow<()>> {
+    let mut pending = pending.into_iter().peekable();
+    let mut cursors = Vec::new();
+    // Each open cursor's next seq.
+    let mut heap = BinaryHeap::new();
+    loop {
+        while let Some(&(from, name)) = pending.peek() {
+            if heap.peek().is_some_and(|Reverse((seq, _))| *seq < from) {
+                break;
+            }
+            pending.next();
+            let cursor = open(from, name)?;
+            if let Some(seq) = cursor.seq() {
+                heap.push(Reverse((seq, cursors.len())));
+            }
+            cursors.push(cursor);
+        }
+        let Some(Reverse((_, i))) = heap.pop() else {
+            return Ok(ControlFlow::Continue(()));
+        };
+        let cursor: &mut Cursor<'n> = &mut cursors[i];
+        if heap.is_empty() && pending.peek().is_none() {
+            // The last name left: no heap to keep.
+            while cursor.seq().is_some() {
+                if cursor.visit(visit)?.is_break() {
+                    return Ok(ControlFlow::Break(()));
+                }
+            }
+            return Ok(ControlFlow::Continue(()));
+        }
+        if cursor.visit(visit)?.is_break() {
+            return Ok(ControlFlow::Break(()));
+        }
+        if let Some(seq) = cursor.seq() {
+            heap.push(Reverse((seq, i)));
+        }
+    }
 }
 
 /// Reads the events of one name in seq order, chunk by chunk.
@@ -1599,19 +1672,156 @@ impl SledLog {
 
     /// The names `pattern` matches.
     fn names(&self, pattern: &Pattern) -> Result<Vec<String>> {
+        Ok(self.names_within(pattern, usize::MAX)?.unwrap_or_default())
+    }
+
+    /// The names in the log that `pattern` matches, if there are at most
+    /// `most` of them.
+    fn names_within(&self, pattern: &Pattern, most: usize) -> Result<Option<Vec<String>>> {
         if let Pattern::Exact(name) = pattern {
-            return Ok(vec![name.as_str().to_owned()]);
+            return Ok(Some(vec![name.as_str().to_owned()]));
         }
         let mut prefix = vec![NAME];
         prefix.extend_from_slice(pattern.prefix().as_bytes());
         let mut names = Vec::new();
         for entry in self.tree.scan_prefix(&prefix) {
-            let name = utf8(&entry?.0[1..])?.to_owned();
-            if pattern.matches(&name) {
-                names.push(name);
+            let (key, _) = entry?;
+            let name = utf8(&key[1..])?;
+            if pattern.matches(name) {
+                if names.len() == most {
+                    return Ok(None);
+                }
+                names.push(name.to_owned());
             }
         }
-        Ok(names)
+        Ok(Some(names))
+    }
+
+    /// A scan that walks the `b` table: each commit's chunks of the names
+    /// `pattern` matches, merged by seq, one commit at a time. It looks up
+    /// only the names with events in each commit, and holds one commit's
+    /// cursors at most; it costs a step per commit in `seqs`, which suits
+    /// many names, or a range that holds fewer commits than the pattern
+    /// has names.
+    ///
+    /// A step costs far less than looking a name up, but a long log can
+    /// hold many commits between a pattern's events. Once the walk has
+    /// taken [`STEPS_PER_NAME`] steps per name the pattern matches, it
+    /// merges the names for the rest of the range instead, if they are at
+    /// most [`MERGE_NAMES_AFTER_WALK`]: at most about twice the cost of
+    /// the cheaper way, whichever it is.
+    fn walk(
+        &self,
+        pattern: &Pattern,
+        seqs: RangeInclusive<u64>,
+        want: u64,
+        visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        let (start, end) = (*seqs.start(), *seqs.end());
+        // From the commit holding `start`: the last one that began at or
+        // before it.
+        let from = match self
+            .tree
+            .range(num_key(COMMIT, 0)..=num_key(COMMIT, start))
+            .next_back()
+        {
+            Some(entry) => entry?.0.to_vec(),
+            None => num_key(COMMIT, start).to_vec(),
+        };
+        let mut commits = self
+            .tree
+            .range(from..=num_key(COMMIT, end).to_vec())
+            .peekable();
+        let ahead = RefCell::new(Ahead::default());
+        let store = self.store();
+        let visited = Cell::new(0);
+        let mut counting = |event: EventView<'_>| {
+            visited.set(visited.get() + 1);
+            visit(event)
+        };
+        let mut steps = 0;
+        // The names to merge instead, once looked up (`None`: too many).
+        let mut names: Option<Option<Vec<String>>> = None;
+        while let Some(entry) = commits.next() {
+            let (key, index) = entry?;
+            let lo = start.max(be_u64(&key[1..])?);
+            steps += 1;
+            // Only a pattern of more names than a merge takes walks this
+            // far: one of fewer walks only ranges of fewer seqs.
+            if steps > STEPS_PER_NAME * MERGE_NAMES as u64 {
+                let names = match &names {
+                    Some(names) => names,
+                    None => names.insert(self.names_within(pattern, MERGE_NAMES_AFTER_WALK)?),
+                };
+                if let Some(names) = names {
+                    if steps > STEPS_PER_NAME * names.len() as u64 {
+                        let left = want.saturating_sub(visited.get()).max(1);
+                        return self.merge_names(names, lo..=end, left, &mut counting);
+                    }
+                }
+            }
+            // The commit's seqs end where the next one begins; an error
+            // reading the next is returned on the next step.
+            let next = match commits.peek() {
+                Some(Ok((next, _))) => Some(be_u64(&next[1..])?),
+                _ => None,
+            };
+            let hi = next.map_or(end, |next| end.min(next.saturating_sub(1)));
+            if lo > hi {
+                continue;
+            }
+            let mut chunks: Vec<(u64, &str)> = decode_commit(&index)?
+                .into_iter()
+                .filter(|(_, name)| pattern.matches(name))
+                .collect();
+            // A name's cursor reads on through its later chunks in the
+            // commit: one cursor per name, from its first chunk.
+            chunks.sort_unstable_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(&b.0)));
+            chunks.dedup_by(|later, earlier| later.1 == earlier.1);
+            chunks.sort_unstable();
+            let left = want.saturating_sub(visited.get()).max(1);
+            let reads = (left, merge_batch(chunks.len()));
+            let flow = merge(
+                chunks
+                    .into_iter()
+                    .map(|(first, name)| (lo.max(first), name)),
+                |from, name| Cursor::new(store, &ahead, name, &(from..=hi), reads),
+                &mut counting,
+            )?;
+            if flow.is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// A scan that merges `names` by seq, a cursor each.
+    fn merge_names(
+        &self,
+        names: &[String],
+        seqs: RangeInclusive<u64>,
+        want: u64,
+        visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        let ahead = RefCell::new(Ahead::default());
+        let reads = (want, merge_batch(names.len()));
+        let (start, end) = (*seqs.start(), *seqs.end());
+        // Whether the visitor stopped it or not, the scan is done.
+        merge(
+            names.iter().map(|name| (start, name.as_str())),
+            |from, name| Cursor::new(self.store(), &ahead, name, &(from..=end), reads),
+            visit,
+        )
+        .map(drop)
+    }
+
+    /// What a cursor reads.
+    fn store(&self) -> Store<'_> {
+        Store {
+            tree: &self.tree,
+            segments: &self.segments,
+            directory: &self.directory,
+        }
     }
 }
 
@@ -1923,47 +2133,15 @@ impl EventLog for SledLog {
         if seqs.is_empty() {
             return Ok(());
         }
-        let names = self.names(pattern)?;
-        // A merge holds a read of every name at once: smaller reads.
-        let batch = match names.len() as u64 {
-            0 | 1 => u64::MAX,
-            n => (MERGE_READS / n).clamp(OFFSET_EVERY as u64, MERGE_READ),
+        let len = (seqs.end() - seqs.start()).saturating_add(1);
+        let names = match self.names_within(pattern, MERGE_NAMES)? {
+            Some(names) if names.is_empty() => return Ok(()),
+            // A merge looks up each name: a walk takes fewer steps when
+            // the range holds fewer seqs (so fewer commits) than that.
+            Some(names) if len >= names.len() as u64 => names,
+            _ => return self.walk(pattern, seqs, want, visit),
         };
-        let ahead = RefCell::new(Ahead::default());
-        let store = Store {
-            tree: &self.tree,
-            segments: &self.segments,
-            directory: &self.directory,
-        };
-        let mut cursors = names
-            .iter()
-            .map(|name| Cursor::new(store, &ahead, name, &seqs, (want, batch)))
-            .collect::<Result<Vec<_>>>()?;
-        if let [cursor] = cursors.as_mut_slice() {
-            while cursor.seq().is_some() {
-                if cursor.visit(visit)?.is_break() {
-                    break;
-                }
-            }
-            return Ok(());
-        }
-        // Merge the names by seq: a heap of each cursor's next seq.
-        let mut heap = BinaryHeap::with_capacity(cursors.len());
-        for (i, cursor) in cursors.iter().enumerate() {
-            if let Some(seq) = cursor.seq() {
-                heap.push(Reverse((seq, i)));
-            }
-        }
-        while let Some(Reverse((_, i))) = heap.pop() {
-            let cursor = &mut cursors[i];
-            if cursor.visit(visit)?.is_break() {
-                break;
-            }
-            if let Some(seq) = cursor.seq() {
-                heap.push(Reverse((seq, i)));
-            }
-        }
-        Ok(())
+        self.merge_names(&names, seqs, want, visit)
     }
 
     fn count(
@@ -1977,7 +2155,9 @@ impl EventLog for SledLog {
         if seqs.is_empty() || limit == 0 {
             return Ok(counted);
         }
-        let names = self.names(pattern)?;
+        let Some(names) = self.names_within(pattern, MERGE_NAMES)? else {
+            return count_by_scan(self, pattern, seqs, identities, limit);
+        };
         if let [name] = names.as_slice() {
             self.count_name(name, &seqs, identities, limit, &mut counted)?;
             return Ok(counted);
@@ -2978,6 +3158,158 @@ mod chunked_log {
                 assert_eq!(went_on, expected);
             }
         }
+        Ok(())
+    }
+
+    /// An event of a few bytes.
+    fn small_event(name: &str, n: usize) -> WriteOp {
+        let WriteOp::Publish(mut event) = event("x", n) else {
+            unreachable!("event() publishes")
+        };
+        event.name = name.parse().expect("name");
+        event.payload = format!("{{\"n\":{n}}}").parse().expect("json");
+        WriteOp::Publish(event)
+    }
+
+    /// Asserts that scans of `pattern` over each of `ranges` visit what
+    /// scanning each of `names` on its own visits, in seq order, whether
+    /// they stop early or go on.
+    fn assert_scans_visit_each_name(
+        log: &SledLog,
+        pattern: &str,
+        names: &[String],
+        ranges: &[(u64, u64)],
+        what: &str,
+    ) {
+        for &(start, end) in ranges {
+            let mut expected: Vec<(u64, String)> = names
+                .iter()
+                .flat_map(|name| {
+                    seqs(log, name, start..=end)
+                        .into_iter()
+                        .map(move |seq| (seq, name.clone()))
+                })
+                .collect();
+            expected.sort_unstable();
+            let what = format!("{pattern} {start}..={end}, {what}");
+            assert_eq!(visits(log, pattern, start..=end), expected, "{what}");
+            let expected: Vec<u64> = expected.into_iter().map(|(seq, _)| seq).collect();
+            for want in [1, 7, 50] {
+                let stopped = seqs_expecting(log, pattern, start..=end, want, true);
+                assert_eq!(stopped, expected[..want.min(expected.len())], "{what}");
+                let went_on = seqs_expecting(log, pattern, start..=end, want, false);
+                assert_eq!(went_on, expected, "{what} want {want}");
+            }
+        }
+    }
+
+    /// Each event of `pattern` in `range` a scan visits: seq and name.
+    fn visits(log: &SledLog, pattern: &str, range: RangeInclusive<u64>) -> Vec<(u64, String)> {
+        let mut out = Vec::new();
+        log.scan(&pattern.parse().expect("pattern"), range, &mut |e| {
+            out.push((e.seq, e.name.to_owned()));
+            ControlFlow::Continue(())
+        })
+        .expect("scan");
+        out
+    }
+
+    /// A scan of a pattern that matches more names than a merge takes
+    /// walks the commits instead, and so does one over fewer seqs than
+    /// names. Either way it visits what scanning each name on its own
+    /// visits, in seq order: from any start to any end, with names split
+    /// over several chunks of a commit, names outside the pattern between,
+    /// whether it stops early or goes on, and whatever the directory lists.
+    #[test]
+    fn scans_walking_the_commits_visit_what_each_name_holds() -> Result<()> {
+        let names: Vec<String> = (0..100).map(|k| format!("w/n{k:02}")).collect();
+        assert!(names.len() > MERGE_NAMES);
+        for listed in LISTINGS {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let log = open_listing(dir.path(), listed)?;
+            // Every name, taking turns.
+            let ops: Vec<WriteOp> = (0..300).map(|i| small_event(&names[i % 100], i)).collect();
+            log.apply(&ops, 1_000)?;
+            // Two names of large events, three chunks each, with a name
+            // outside the pattern between.
+            let ops: Vec<WriteOp> = (0..120)
+                .map(|i| event(["w/n05", "x/out", "w/n50"][i % 3], i))
+                .collect();
+            log.apply(&ops, 1_000)?;
+            // Commits of one event, some outside the pattern.
+            for k in 0..20 {
+                let name = if k % 4 == 0 {
+                    "x/out"
+                } else {
+                    &names[k * 7 % 100]
+                };
+                log.apply(&[small_event(name, k)], 2_000 + k as u64)?;
+            }
+            // Every name again, last name first.
+            let ops: Vec<WriteOp> = (0..100).map(|i| small_event(&names[99 - i], i)).collect();
+            log.apply(&ops, 3_000)?;
+            log.flush()?;
+            let last = log.last_seq();
+            assert_eq!(last, 540);
+            let mut ranges = vec![
+                (1, last),
+                (1, 1),
+                (2, 3),
+                (150, 150),
+                (299, 302),
+                (301, 420),
+                (250, 330),
+                (415, 445),
+                (last - 5, last),
+            ];
+            ranges.extend(
+                (1..=last)
+                    .step_by(37)
+                    .map(|start| (start, (start + 60).min(last))),
+            );
+            let what = format!("listing {listed}");
+            assert_scans_visit_each_name(&log, "w/*", &names, &ranges, &what);
+            let out = ["x/out".to_owned()];
+            assert_scans_visit_each_name(&log, "x/*", &out, &ranges, &what);
+        }
+        Ok(())
+    }
+
+    /// A walk through a long stretch of commits without its pattern's
+    /// events merges the pattern's names for the rest of its range, and
+    /// visits what each name holds all the same.
+    #[test]
+    fn a_long_walk_merges_the_names_for_the_rest_of_its_range() -> Result<()> {
+        let names: Vec<String> = (0..70).map(|k| format!("w/n{k:02}")).collect();
+        assert!(names.len() > MERGE_NAMES && names.len() <= MERGE_NAMES_AFTER_WALK);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = SledLog::open(dir.path())?;
+        let ops: Vec<WriteOp> = names.iter().map(|name| small_event(name, 0)).collect();
+        log.apply(&ops, 1_000)?;
+        // Commits of one event, one in 50 of them to the pattern: seq
+        // 71 + k is the `k`th.
+        for k in 0..2_400 {
+            let name = if k % 50 == 0 { &names[k / 50] } else { "x/out" };
+            log.apply(&[small_event(name, k)], 2_000 + k as u64)?;
+        }
+        let ops: Vec<WriteOp> = names.iter().map(|name| small_event(name, 1)).collect();
+        log.apply(&ops, 9_000)?;
+        log.flush()?;
+        let last = log.last_seq();
+        assert_eq!(last, 2_540);
+        // Past 32 steps a name (2,240 commits), the walks from before
+        // 300 merge for the rest, the one from 81 at an event of the
+        // pattern (k = 2,250); the one to 2,300 ends before.
+        let ranges = [
+            (1, last),
+            (2, last),
+            (71, last),
+            (81, last),
+            (300, last),
+            (2_000, last),
+            (1, 2_300),
+        ];
+        assert_scans_visit_each_name(&log, "w/*", &names, &ranges, "one event a commit");
         Ok(())
     }
 
