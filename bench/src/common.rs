@@ -28,6 +28,10 @@ pub struct Cfg {
     pub seek_samples: usize,
     /// How long the slow reader of the memory workload reads.
     pub slow_secs: f64,
+    /// Names of the `names` workload, an event each.
+    pub names: usize,
+    /// Live deliveries timed in the `names` workload.
+    pub live_samples: usize,
 }
 
 impl Cfg {

@@ -10,7 +10,8 @@ use anyhow::{bail, Context, Result};
 use crate::common::{self, payload, pick, Cfg, Pacer, Sampler, LIMIT_COUNT, POOL, WINDOW};
 use crate::lineconn::LineConn;
 use crate::procs::{self, RssSampler, Server};
-use crate::report::{self, Memory, Results, Seek};
+use crate::report::{self, Memory, Names, Results, Seek};
+use crate::stats::percentile;
 
 /// A place in the log a seek can start from.
 type Position = (String, u64);
@@ -109,6 +110,10 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
 
     if cfg.runs("memory") {
         res.memory = Some(memory(cfg, &server, port, &full)?);
+    }
+
+    if cfg.runs("names") {
+        res.names = Some(names(cfg, &server, port, &mut rng)?);
     }
     Ok(res)
 }
@@ -293,6 +298,110 @@ fn seek_samples(
         "+PASS:UNSUBSCRIBED",
     )?;
     Ok(out)
+}
+
+/// The pattern of the `names` workload.
+const NAMES_PATTERN: &str = "bench/n/*";
+
+/// A pattern over `cfg.names` names, an event each, as a service that
+/// names its events by entity has: LIMIT-50 replays of it from random
+/// events, full replays of it, and live deliveries to a subscription to
+/// it, with the server's RSS meanwhile.
+fn names(cfg: &Cfg, server: &Server, port: u16, rng: &mut fastrand::Rng) -> Result<Names> {
+    let names: Vec<String> = (0..cfg.names).map(|k| format!("bench/n/{k}")).collect();
+    let mut pool = Sampler::new(cfg.names, POOL, rng);
+    load(
+        port,
+        "bench",
+        &names,
+        0..cfg.names,
+        cfg.payload,
+        Some(&mut pool),
+    )?;
+    procs::settle();
+    let before = procs::rss_kib(server.pid())?;
+    let rss = RssSampler::start(server.pid());
+    let ids = &pool.got;
+    let op = |conn: &mut LineConn, rng: &mut fastrand::Rng| -> Result<()> {
+        let (id, _) = &ids[rng.usize(0..ids.len())];
+        let req = format!(
+            "REPLAY;CLIENT_ID=nreader;EVENT_NAME={NAMES_PATTERN};FROM_POSITION={id};LIMIT={LIMIT_COUNT}\n"
+        );
+        conn.replay(req.as_bytes(), None).map(drop)
+    };
+    let connect = |_| reader(port, "nreader", NAMES_PATTERN);
+    let limit_1 = report::rounds(cfg, |_| common::rate(1, cfg.limit_duration(), connect, op))?;
+    let mut conn = reader(port, "nreader", NAMES_PATTERN)?;
+    let full = format!(
+        "REPLAY;CLIENT_ID=nreader;EVENT_NAME={NAMES_PATTERN};FROM_POSITION=earliest;LIMIT={}\n",
+        cfg.names
+    );
+    let replay = report::replay_rounds(cfg, cfg.names as u64, || {
+        timed(|| conn.replay(full.as_bytes(), None))
+    })?;
+    // No live deliveries to this subscription from here on.
+    conn.command(
+        &format!("UNSUB;CLIENT_ID=nreader;EVENT_NAME={NAMES_PATTERN}\n"),
+        "+PASS:UNSUBSCRIBED",
+    )?;
+    let live = live_deliveries(port, &names, cfg.live_samples, rng)?;
+    let peak = rss.finish();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    Ok(Names {
+        names: cfg.names,
+        limit_1,
+        replay,
+        live_samples: live.len(),
+        live_p50_us: percentile(&live, 50.0).unwrap_or(f64::NAN),
+        live_p99_us: percentile(&live, 99.0).unwrap_or(f64::NAN),
+        rss_before_mib: mib(before),
+        rss_growth_mib: mib(peak.saturating_sub(before)),
+    })
+}
+
+/// `samples` times (µs) from publishing an event to a random one of
+/// `names` to its record reaching a subscriber of [`NAMES_PATTERN`], which
+/// acknowledges each.
+fn live_deliveries(
+    port: u16,
+    names: &[String],
+    samples: usize,
+    rng: &mut fastrand::Rng,
+) -> Result<Vec<f64>> {
+    let mut sub = reader(port, "nlive", NAMES_PATTERN)?;
+    let mut publisher = connect(port, "npub")?;
+    let mut out = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let name = &names[rng.usize(0..names.len())];
+        let start = Instant::now();
+        publisher.send(
+            format!("PUB;CLIENT_ID=npub;EVENT_NAME={name};PAYLOAD={{}};DELIVERY_TO=*\n").as_bytes(),
+        )?;
+        let line = sub.read_line()?;
+        let took = start.elapsed();
+        let idem = record_idem(line)
+            .with_context(|| format!("not a record: {}", String::from_utf8_lossy(line)))?;
+        out.push(took.as_secs_f64() * 1e6);
+        let ack = format!("ACK;CLIENT_ID=nlive;EVENT_IDEM={idem}\n");
+        let line = publisher.read_line()?;
+        if !line.starts_with(b"+PASS:PUBLISHED") {
+            bail!("publish failed: {}", String::from_utf8_lossy(line));
+        }
+        sub.command(&ack, "+PASS:ACKNOWLEDGED")?;
+    }
+    sub.command(
+        &format!("UNSUB;CLIENT_ID=nlive;EVENT_NAME={NAMES_PATTERN}\n"),
+        "+PASS:UNSUBSCRIBED",
+    )?;
+    Ok(out)
+}
+
+/// The `idem` of a `+RECORD:` line.
+fn record_idem(line: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(line.strip_prefix(b"+RECORD:")?).ok()?;
+    let (_, rest) = text.split_once("\"idem\":\"")?;
+    let (idem, _) = rest.split_once('"')?;
+    Some(idem.to_owned())
 }
 
 /// Server RSS growth during a full replay to a fast and to a slow reader.

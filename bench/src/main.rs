@@ -21,8 +21,8 @@ use common::Cfg;
 use procs::{CLIENT_CPU, SERVER_CPU};
 use report::{Report, SYSTEMS};
 
-const WORKLOADS: [&str; 7] = [
-    "publish", "replay", "mixed", "trickle", "seek", "limit", "memory",
+const WORKLOADS: [&str; 8] = [
+    "publish", "replay", "mixed", "trickle", "seek", "limit", "memory", "names",
 ];
 
 /// Benchmarks ensync-server against redis-server, nats-server and a raw
@@ -45,7 +45,7 @@ struct Args {
     /// Systems to run (ensync,redis,nats,ceiling).
     #[arg(long, value_delimiter = ',', default_values_t = SYSTEMS.map(String::from))]
     only: Vec<String>,
-    /// Workloads to run (publish,replay,mixed,trickle,seek,limit,memory).
+    /// Workloads to run (publish,replay,mixed,trickle,seek,limit,memory,names).
     #[arg(long, value_delimiter = ',', default_values_t = WORKLOADS.map(String::from))]
     workloads: Vec<String>,
     /// The ensync-server binary.
@@ -64,6 +64,9 @@ struct Args {
     /// seeks take milliseconds).
     #[arg(long, default_value_t = 20_000)]
     seek_samples: usize,
+    /// Names of the `names` workload (ensync only), an event each.
+    #[arg(long, default_value_t = 100_000)]
+    names: usize,
 }
 
 impl Args {
@@ -80,6 +83,9 @@ impl Args {
         };
         if n == 0 || seek_n < 100 {
             bail!("--n must be positive and --seek-n at least 100");
+        }
+        if self.names < 100 {
+            bail!("--names must be at least 100, or a pattern's merge would do");
         }
         if self.seek_samples < 100 {
             bail!("--seek-samples must be at least 100, or there is no p99");
@@ -98,6 +104,8 @@ impl Args {
             limit_secs: if self.smoke { 0.3 } else { self.limit_secs },
             seek_samples: if self.smoke { 200 } else { self.seek_samples },
             slow_secs: if self.smoke { 0.5 } else { 5.0 },
+            names: if self.smoke { 2_000 } else { self.names },
+            live_samples: if self.smoke { 50 } else { 2_000 },
         })
     }
 }

@@ -93,6 +93,21 @@ impl Memory {
     }
 }
 
+/// A pattern over many names with an event each: LIMIT-50 replays of it
+/// from one client, full replays, live deliveries to a subscription to it
+/// (µs from publishing to the record), and the server's RSS meanwhile.
+#[derive(Debug, Clone, Serialize)]
+pub struct Names {
+    pub names: usize,
+    pub limit_1: Rate,
+    pub replay: Replay,
+    pub live_samples: usize,
+    pub live_p50_us: f64,
+    pub live_p99_us: f64,
+    pub rss_before_mib: f64,
+    pub rss_growth_mib: f64,
+}
+
 /// Everything measured for one system; `None` when not measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Results {
@@ -106,6 +121,7 @@ pub struct Results {
     pub limit_1: Option<Rate>,
     pub limit_8: Option<Rate>,
     pub memory: Option<Memory>,
+    pub names: Option<Names>,
 }
 
 /// Runs `f` once per round; the median of what it returns.
@@ -247,7 +263,7 @@ impl Report {
     /// target verdict.
     pub fn table(&self) -> String {
         type Metric = fn(&Results) -> Option<f64>;
-        let rows: [(&str, Metric, Option<&[usize]>); 17] = [
+        let rows: [(&str, Metric, Option<&[usize]>); 22] = [
             (
                 "publish 1 conn (ev/s)",
                 |r| r.publish_1.as_ref().map(|x| x.median),
@@ -331,6 +347,31 @@ impl Report {
             (
                 "slow reader read (MB)",
                 |r| r.memory.as_ref().map(|x| x.slow_bytes_read as f64 / 1e6),
+                None,
+            ),
+            (
+                "names limit-50 (/s)",
+                |r| r.names.as_ref().map(|x| x.limit_1.median),
+                None,
+            ),
+            (
+                "names replay (ev/s)",
+                |r| r.names.as_ref().map(|x| x.replay.events_per_s),
+                None,
+            ),
+            (
+                "names live p50 (us)",
+                |r| r.names.as_ref().map(|x| x.live_p50_us),
+                None,
+            ),
+            (
+                "names live p99 (us)",
+                |r| r.names.as_ref().map(|x| x.live_p99_us),
+                None,
+            ),
+            (
+                "names rss growth (MiB)",
+                |r| r.names.as_ref().map(|x| x.rss_growth_mib),
                 None,
             ),
         ];

@@ -101,6 +101,11 @@ fn smoke_run_measures_every_system() {
                 n / 10.0,
                 "trickled replay count"
             );
+            let names = num(&json, &["config", "names"]);
+            assert_eq!(num(r, &["names", "replay", "events"]), names, "names");
+            assert!(num(r, &["names", "limit_1", "median"]) > 0.0, "names");
+            assert_eq!(num(r, &["names", "live_samples"]), 50.0, "names");
+            assert!(num(r, &["names", "live_p99_us"]) > 0.0, "names");
         }
         if system != "ceiling" {
             for p in ["publish_1", "publish_8"] {
