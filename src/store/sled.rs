@@ -3233,6 +3233,34 @@ mod chunked_log {
         out
     }
 
+    /// Events of the 100 `names` (`w/n00` to `w/n99`), with `x/out` among
+    /// them, in 23 commits: seqs 1 to 300 are every name three times in
+    /// turn; 301 to 420 `w/n05`, `x/out` and `w/n50` in turn, in large
+    /// events (three chunks of each); 421 to 440 commits of one event,
+    /// every fourth to `x/out`; 441 to 540 every name again, last first.
+    fn fill_names(log: &SledLog, names: &[String]) -> Result<()> {
+        assert_eq!(names.len(), 100);
+        let ops: Vec<WriteOp> = (0..300).map(|i| small_event(&names[i % 100], i)).collect();
+        log.apply(&ops, 1_000)?;
+        let ops: Vec<WriteOp> = (0..120)
+            .map(|i| event(["w/n05", "x/out", "w/n50"][i % 3], i))
+            .collect();
+        log.apply(&ops, 1_000)?;
+        for k in 0..20 {
+            let name = if k % 4 == 0 {
+                "x/out"
+            } else {
+                &names[k * 7 % 100]
+            };
+            log.apply(&[small_event(name, k)], 2_000 + k as u64)?;
+        }
+        let ops: Vec<WriteOp> = (0..100).map(|i| small_event(&names[99 - i], i)).collect();
+        log.apply(&ops, 3_000)?;
+        log.flush()?;
+        assert_eq!(log.last_seq(), 540);
+        Ok(())
+    }
+
     /// A scan of a pattern that matches more names than a merge takes
     /// walks the commits instead, and so does one over fewer seqs than
     /// names. Either way it visits what scanning each name on its own
@@ -3246,30 +3274,8 @@ mod chunked_log {
         for listed in LISTINGS {
             let dir = tempfile::tempdir().expect("temp dir");
             let log = open_listing(dir.path(), listed)?;
-            // Every name, taking turns.
-            let ops: Vec<WriteOp> = (0..300).map(|i| small_event(&names[i % 100], i)).collect();
-            log.apply(&ops, 1_000)?;
-            // Two names of large events, three chunks each, with a name
-            // outside the pattern between.
-            let ops: Vec<WriteOp> = (0..120)
-                .map(|i| event(["w/n05", "x/out", "w/n50"][i % 3], i))
-                .collect();
-            log.apply(&ops, 1_000)?;
-            // Commits of one event, some outside the pattern.
-            for k in 0..20 {
-                let name = if k % 4 == 0 {
-                    "x/out"
-                } else {
-                    &names[k * 7 % 100]
-                };
-                log.apply(&[small_event(name, k)], 2_000 + k as u64)?;
-            }
-            // Every name again, last name first.
-            let ops: Vec<WriteOp> = (0..100).map(|i| small_event(&names[99 - i], i)).collect();
-            log.apply(&ops, 3_000)?;
-            log.flush()?;
+            fill_names(&log, &names)?;
             let last = log.last_seq();
-            assert_eq!(last, 540);
             let mut ranges = vec![
                 (1, last),
                 (1, 1),
@@ -3385,19 +3391,9 @@ mod chunked_log {
         for listed in LISTINGS {
             let dir = tempfile::tempdir().expect("temp dir");
             let log = open_listing(dir.path(), listed)?;
-            let ops: Vec<WriteOp> = (0..100).map(|i| small_event(&names[i], i)).collect();
-            log.apply(&ops, 1_000)?;
-            let ops: Vec<WriteOp> = (0..120)
-                .map(|i| event(["w/n05", "x/out", "w/n50"][i % 3], i))
-                .collect();
-            log.apply(&ops, 1_000)?;
-            for k in 0..10 {
-                log.apply(&[small_event(&names[k * 11 % 100], k)], 2_000 + k as u64)?;
-            }
-            let ops: Vec<WriteOp> = (0..100).map(|i| small_event(&names[99 - i], i)).collect();
-            log.apply(&ops, 3_000)?;
+            fill_names(&log, &names)?;
             check(&log, &format!("listing {listed}"))?;
-            for (commits, oldest) in [(1, 101), (3, 223)] {
+            for (commits, oldest) in [(1, 301), (3, 423)] {
                 let trim = Trim {
                     before_ms: None,
                     max_bytes: Some(0),
