@@ -1741,9 +1741,11 @@ impl SledLog {
             visited.set(visited.get() + 1);
             visit(event)
         };
+        // What the caller still expects: at least one more.
+        let left = || want.saturating_sub(visited.get()).max(1);
         let mut steps = 0;
         // The names to merge instead, once looked up (`None`: too many).
-        let mut names: Option<Option<Vec<String>>> = None;
+        let mut merge_instead: Option<Option<Vec<String>>> = None;
         while let Some(entry) = commits.next() {
             let (key, index) = entry?;
             let lo = start.max(be_u64(&key[1..])?);
@@ -1751,14 +1753,12 @@ impl SledLog {
             // Only a pattern of more names than a merge takes walks this
             // far: one of fewer walks only ranges of fewer seqs.
             if steps > STEPS_PER_NAME * MERGE_NAMES as u64 {
-                let names = match &names {
-                    Some(names) => names,
-                    None => names.insert(self.names_within(pattern, MERGE_NAMES_AFTER_WALK)?),
-                };
-                if let Some(names) = names {
+                if merge_instead.is_none() {
+                    merge_instead = Some(self.names_within(pattern, MERGE_NAMES_AFTER_WALK)?);
+                }
+                if let Some(Some(names)) = &merge_instead {
                     if steps > STEPS_PER_NAME * names.len() as u64 {
-                        let left = want.saturating_sub(visited.get()).max(1);
-                        return self.merge_names(names, lo..=end, left, &mut counting);
+                        return self.merge_names(names, lo..=end, left(), &mut counting);
                     }
                 }
             }
@@ -1786,8 +1786,7 @@ impl SledLog {
             chunks.sort_unstable_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(&b.0)));
             chunks.dedup_by(|later, earlier| later.1 == earlier.1);
             chunks.sort_unstable();
-            let left = want.saturating_sub(visited.get()).max(1);
-            let reads = (left, merge_batch(chunks.len()));
+            let reads = (left(), merge_batch(chunks.len()));
             let flow = merge(
                 chunks
                     .into_iter()
