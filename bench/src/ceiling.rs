@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::common::{self, payload, Cfg, LIMIT_COUNT};
-use crate::lineconn::LineConn;
+use crate::common::{self, payload, Cfg, Seeker, LIMIT_COUNT};
+use crate::lineconn::{LineConn, Received};
 use crate::procs::{self, SERVER_CPU};
 use crate::report::{self, Results, Seek};
 
@@ -64,65 +64,116 @@ impl Records {
     }
 }
 
-/// Starts the ceiling server on a free port; its threads live as long as
-/// the process (the listener thread is detached).
-fn start(n: usize, size: usize) -> Result<u16> {
-    let records = Arc::new(Records::new(n, size));
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let port = listener.local_addr()?.port();
-    std::thread::spawn(move || {
-        if procs::pin_current_thread(SERVER_CPU).is_err() {
-            eprintln!("ceiling: cannot pin to CPU {SERVER_CPU}");
-        }
-        for stream in listener.incoming().flatten() {
-            let records = records.clone();
-            // Connection threads inherit the server CPU.
-            std::thread::spawn(move || records.serve(stream));
-        }
-    });
-    Ok(port)
+/// The ceiling server, started on a free port; its threads live as long
+/// as the process (the listener thread is detached).
+///
+/// It is started before ensync-server's run, so that ensync's replays,
+/// seeks and LIMIT replays can be measured in turns with the ceiling's
+/// ([`crate::common::in_turns`]); what was measured so is kept in
+/// `measured`.
+pub struct Ceiling {
+    port: u16,
+    /// Records it serves.
+    n: usize,
+    pub measured: Results,
 }
 
-/// Replay, mixed, seek and LIMIT against the ceiling.
-pub fn run(cfg: &Cfg) -> Result<Results> {
-    let n = cfg.n;
-    let port = start(n, cfg.payload)?;
-    let mut res = Results::default();
-    let mut conn = LineConn::connect(port)?;
-    let mut timed_replay = |count: usize| {
+impl Ceiling {
+    pub fn start(cfg: &Cfg) -> Result<Self> {
+        let records = Arc::new(Records::new(cfg.n, cfg.payload));
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        std::thread::spawn(move || {
+            if procs::pin_current_thread(SERVER_CPU).is_err() {
+                eprintln!("ceiling: cannot pin to CPU {SERVER_CPU}");
+            }
+            for stream in listener.incoming().flatten() {
+                let records = records.clone();
+                // Connection threads inherit the server CPU.
+                std::thread::spawn(move || records.serve(stream));
+            }
+        });
+        Ok(Self {
+            port,
+            n: cfg.n,
+            measured: Results::default(),
+        })
+    }
+
+    pub fn connect(&self) -> Result<LineConn> {
+        LineConn::connect(self.port)
+    }
+
+    /// A replay of the first `count` records, timed.
+    pub fn replay(&self, conn: &mut LineConn, count: usize) -> Result<(Received, Duration)> {
         let req = format!("R 0 {count}\n");
         let start = Instant::now();
         let got = conn.replay(req.as_bytes(), None)?;
         Ok((got, start.elapsed()))
-    };
-    if cfg.runs("replay") {
-        res.replay = Some(report::replay_rounds(cfg, n as u64, || timed_replay(n))?);
     }
-    if cfg.runs("mixed") {
-        let m = n.div_ceil(10);
-        res.mixed = Some(report::replay_rounds(cfg, m as u64, || timed_replay(m))?);
+
+    /// A connection that times seeks: a record from a random place.
+    pub fn seeker(&self) -> Result<impl Seeker> {
+        Ok(Seeks {
+            conn: self.connect()?,
+            n: self.n,
+        })
     }
-    if cfg.runs("seek") {
-        // Finding a line is O(1) here whatever the log size, so one set of
-        // samples over the `n` records stands for both sizes.
-        let mut rng = fastrand::Rng::new();
-        let us = (0..cfg.seek_samples)
-            .map(|_| {
-                let req = format!("R {} 1\n", rng.usize(0..n));
-                Ok(conn.first_record(req.as_bytes())?.as_secs_f64() * 1e6)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        res.seek = Some(Seek::new(cfg.seek_small, cfg.seek_n, &us, &us));
-    }
-    if cfg.runs("limit") {
+
+    /// LIMIT-50 replays per second from `clients` connections.
+    pub fn limit(&self, clients: usize, d: Duration) -> Result<f64> {
+        let n = self.n;
         let op = |conn: &mut LineConn, rng: &mut fastrand::Rng| {
             let req = format!("R {} {LIMIT_COUNT}\n", rng.usize(0..n));
             conn.replay(req.as_bytes(), None).map(drop)
         };
-        let connect = |_| LineConn::connect(port);
-        let d: Duration = cfg.limit_duration();
-        res.limit_1 = Some(report::rounds(cfg, |_| common::rate(1, d, connect, op))?);
-        res.limit_8 = Some(report::rounds(cfg, |_| common::rate(8, d, connect, op))?);
+        common::rate(clients, d, |_| self.connect(), op)
+    }
+}
+
+/// Seeks of the ceiling: finding a line is O(1) here whatever the log
+/// size, so one set of samples over its records stands for both sizes.
+struct Seeks {
+    conn: LineConn,
+    n: usize,
+}
+
+impl Seeker for Seeks {
+    fn seek(&mut self, rng: &mut fastrand::Rng) -> Result<f64> {
+        let req = format!("R {} 1\n", rng.usize(0..self.n));
+        Ok(self.conn.first_record(req.as_bytes())?.as_secs_f64() * 1e6)
+    }
+}
+
+/// Replay, mixed, seek and LIMIT against the ceiling: those not already
+/// measured in turns with ensync-server.
+pub fn run(cfg: &Cfg, ceiling: Ceiling) -> Result<Results> {
+    let n = cfg.n;
+    let mut res = ceiling.measured.clone();
+    let mut conn = ceiling.connect()?;
+    if cfg.runs("replay") && res.replay.is_none() {
+        res.replay = Some(report::replay_rounds(cfg, n as u64, || {
+            ceiling.replay(&mut conn, n)
+        })?);
+    }
+    if cfg.runs("mixed") {
+        let m = n.div_ceil(10);
+        res.mixed = Some(report::replay_rounds(cfg, m as u64, || {
+            ceiling.replay(&mut conn, m)
+        })?);
+    }
+    if cfg.runs("seek") && res.seek.is_none() {
+        let mut rng = fastrand::Rng::new();
+        let mut seeks = ceiling.seeker()?;
+        let us = (0..cfg.seek_samples)
+            .map(|_| seeks.seek(&mut rng))
+            .collect::<Result<Vec<_>>>()?;
+        res.seek = Some(Seek::new(cfg.seek_small, cfg.seek_n, &us, &us));
+    }
+    if cfg.runs("limit") && res.limit_1.is_none() {
+        let d = cfg.limit_duration();
+        res.limit_1 = Some(report::rounds(cfg, |_| ceiling.limit(1, d))?);
+        res.limit_8 = Some(report::rounds(cfg, |_| ceiling.limit(8, d))?);
     }
     Ok(res)
 }

@@ -167,6 +167,57 @@ pub fn rate<C: Send>(
     Ok(total as f64 / start.elapsed().as_secs_f64())
 }
 
+/// Runs `a` and `b` in turns, `rounds` times each, `a` first: a stretch of
+/// a noisy machine then slows both alike, not whichever ran during it.
+/// Where a target compares two systems, the bench measures them so.
+pub fn in_turns<A, B>(
+    rounds: usize,
+    mut a: impl FnMut() -> Result<A>,
+    mut b: impl FnMut() -> Result<B>,
+) -> Result<(Vec<A>, Vec<B>)> {
+    let (mut got_a, mut got_b) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        got_a.push(a()?);
+        got_b.push(b()?);
+    }
+    Ok((got_a, got_b))
+}
+
+/// Something whose seeks are timed one at a time.
+pub trait Seeker {
+    /// Times a seek to a random place: µs to its first record.
+    fn seek(&mut self, rng: &mut fastrand::Rng) -> Result<f64>;
+}
+
+/// Seeks timed in a turn of [`seeks_in_turns`]: about 6 ms of seeking,
+/// so that a turn of each of three systems takes about 20 ms.
+const SEEK_TURN: usize = 100;
+
+/// `samples` seeks of each seeker, taken in turns of [`SEEK_TURN`].
+///
+/// Each turn starts with a seek that is not counted. It follows the other
+/// systems' turns, and a server's first request after a pause is slower
+/// (caches gone cold) than the back-to-back ones measured here: without
+/// it, turns would add a slow seek per turn that a run of one system's
+/// seeks does not have.
+pub fn seeks_in_turns(
+    seekers: &mut [&mut dyn Seeker],
+    samples: usize,
+    rng: &mut fastrand::Rng,
+) -> Result<Vec<Vec<f64>>> {
+    let mut got = vec![Vec::with_capacity(samples); seekers.len()];
+    while got[0].len() < samples {
+        let turn = SEEK_TURN.min(samples - got[0].len());
+        for (seeker, got) in seekers.iter_mut().zip(&mut got) {
+            seeker.seek(rng)?;
+            for _ in 0..turn {
+                got.push(seeker.seek(rng)?);
+            }
+        }
+    }
+    Ok(got)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +229,51 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&p).unwrap();
         assert_eq!(v["seq"], 17);
         assert!(serde_json::from_str::<serde_json::Value>(&payload(3, 1)).is_ok());
+    }
+
+    #[test]
+    fn seeks_in_turns_take_each_seeker_s_samples_a_turn_at_a_time() {
+        /// Records which seeker each seek went to, in one shared log, and
+        /// times its seeks 0, 1, 2, ...
+        struct Logged<'a>(usize, &'a std::cell::RefCell<Vec<usize>>, f64);
+        impl Seeker for Logged<'_> {
+            fn seek(&mut self, _: &mut fastrand::Rng) -> Result<f64> {
+                self.1.borrow_mut().push(self.0);
+                self.2 += 1.0;
+                Ok(self.2 - 1.0)
+            }
+        }
+        let log = std::cell::RefCell::new(Vec::new());
+        let (mut a, mut b) = (Logged(0, &log, 0.0), Logged(1, &log, 0.0));
+        let samples = SEEK_TURN * 2 + 7;
+        let got =
+            seeks_in_turns(&mut [&mut a, &mut b], samples, &mut fastrand::Rng::new()).unwrap();
+        // Each turn's first seek is not counted.
+        let counted: Vec<f64> = [SEEK_TURN, SEEK_TURN, 7]
+            .into_iter()
+            .enumerate()
+            .flat_map(|(turn, len)| {
+                let first = turn * (SEEK_TURN + 1) + 1;
+                (first..first + len).map(|k| k as f64)
+            })
+            .collect();
+        assert_eq!(got, [counted.clone(), counted]);
+        let log = log.into_inner();
+        let turns: Vec<(usize, usize)> = log
+            .chunk_by(|x, y| x == y)
+            .map(|run| (run[0], run.len()))
+            .collect();
+        assert_eq!(
+            turns,
+            [
+                (0, SEEK_TURN + 1),
+                (1, SEEK_TURN + 1),
+                (0, SEEK_TURN + 1),
+                (1, SEEK_TURN + 1),
+                (0, 8),
+                (1, 8)
+            ]
+        );
     }
 
     #[test]

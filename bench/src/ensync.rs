@@ -7,19 +7,21 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::common::{self, payload, pick, Cfg, Pacer, Sampler, LIMIT_COUNT, POOL, WINDOW};
+use crate::ceiling::Ceiling;
+use crate::common::{self, payload, Cfg, Pacer, Sampler, Seeker, LIMIT_COUNT, POOL, WINDOW};
 use crate::lineconn::LineConn;
 use crate::procs::{self, RssSampler, Server};
-use crate::report::{self, Memory, Names, Results, Seek};
+use crate::redis::Redis;
+use crate::report::{self, Memory, Names, Rate, Replay, Results, Seek};
 use crate::stats::percentile;
 
 /// A place in the log a seek can start from.
 type Position = (String, u64);
 
-/// Runs the chosen workloads against a fresh ensync-server.
-pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
-    let dir = tmp.join("ensync");
-    std::fs::create_dir_all(&dir)?;
+/// Starts an ensync-server with its data in `dir`; returns it and its
+/// port.
+fn start(cfg: &Cfg, bin: &Path, dir: &Path) -> Result<(Server, u16)> {
+    std::fs::create_dir_all(dir)?;
     let port = procs::free_port()?;
     let config = dir.join("ensync.toml");
     std::fs::write(
@@ -36,18 +38,59 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
     )?;
     let args = ["--config".to_owned(), config.display().to_string()];
     let server = Server::spawn("ensync-server", bin, &args, &dir.join("log"), port)?;
+    Ok((server, port))
+}
+
+/// The systems ensync-server's run takes turns with where a target
+/// compares them ([`common::in_turns`]); what it measures of them goes to
+/// their `measured`.
+pub struct Peers<'a> {
+    /// For full replays, seeks and LIMIT replays.
+    pub ceiling: Option<&'a mut Ceiling>,
+    /// For publishing.
+    pub redis: Option<&'a mut Redis>,
+}
+
+/// Runs the chosen workloads against a fresh ensync-server, in turns
+/// with `peers`.
+pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path, peers: Peers<'_>) -> Result<Results> {
+    let Peers { mut ceiling, redis } = peers;
+    let (server, port) = start(cfg, bin, &tmp.join("ensync"))?;
     let mut res = Results::default();
     let mut rng = fastrand::Rng::new();
     let n = cfg.n;
 
     if cfg.runs("publish") {
         let pub_name = ["bench/pub".to_owned()];
-        res.publish_1 = Some(report::rounds(cfg, |_| {
-            publish(port, 1, &pub_name, n, cfg.payload)
-        })?);
-        res.publish_8 = Some(report::rounds(cfg, |_| {
-            publish(port, 8, &pub_name, n, cfg.payload)
-        })?);
+        let publish = |conns| publish(port, conns, &pub_name, n, cfg.payload);
+        match redis {
+            Some(redis) => {
+                // Each round starts once what the last one wrote is on disk.
+                let in_turns = |conns| {
+                    common::in_turns(
+                        cfg.rounds,
+                        || {
+                            procs::settle();
+                            publish(conns)
+                        },
+                        || {
+                            procs::settle();
+                            redis.publish(cfg, conns)
+                        },
+                    )
+                };
+                let (ours_1, its_1) = in_turns(1)?;
+                let (ours_8, its_8) = in_turns(8)?;
+                res.publish_1 = Some(Rate::of(ours_1));
+                res.publish_8 = Some(Rate::of(ours_8));
+                redis.measured.publish_1 = Some(Rate::of(its_1));
+                redis.measured.publish_8 = Some(Rate::of(its_8));
+            }
+            None => {
+                res.publish_1 = Some(report::rounds(cfg, |_| publish(1))?);
+                res.publish_8 = Some(report::rounds(cfg, |_| publish(8))?);
+            }
+        }
     }
 
     let e0 = ["bench/e0".to_owned()];
@@ -59,9 +102,17 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
         format!("REPLAY;CLIENT_ID=reader;EVENT_NAME=bench/e0;FROM_POSITION=earliest;LIMIT={n}\n");
     if cfg.runs("replay") {
         let mut conn = reader(port, "reader", "bench/e0")?;
-        res.replay = Some(report::replay_rounds(cfg, n as u64, || {
-            timed(|| conn.replay(full.as_bytes(), None))
-        })?);
+        let replay = || timed(|| conn.replay(full.as_bytes(), None));
+        res.replay = Some(match ceiling.as_deref_mut() {
+            Some(ceiling) => {
+                let mut to_ceiling = ceiling.connect()?;
+                let (ours, its) =
+                    common::in_turns(cfg.rounds, replay, || ceiling.replay(&mut to_ceiling, n))?;
+                ceiling.measured.replay = Some(Replay::of(n as u64, &its)?);
+                Replay::of(n as u64, &ours)?
+            }
+            None => report::replay_rounds(cfg, n as u64, replay)?,
+        });
     }
 
     if cfg.runs("mixed") {
@@ -92,7 +143,7 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
     }
 
     if cfg.runs("seek") {
-        res.seek = Some(seek(cfg, port, &mut rng)?);
+        res.seek = Some(seek(cfg, bin, tmp, port, ceiling.as_deref_mut())?);
     }
 
     if cfg.runs("limit") {
@@ -104,8 +155,24 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
         };
         let connect = |_| reader(port, "reader", "bench/e0");
         let d = cfg.limit_duration();
-        res.limit_1 = Some(report::rounds(cfg, |_| common::rate(1, d, connect, op))?);
-        res.limit_8 = Some(report::rounds(cfg, |_| common::rate(8, d, connect, op))?);
+        let limit = |clients| common::rate(clients, d, connect, op);
+        match ceiling {
+            Some(ceiling) => {
+                let in_turns = |clients| {
+                    common::in_turns(cfg.rounds, || limit(clients), || ceiling.limit(clients, d))
+                };
+                let (ours_1, its_1) = in_turns(1)?;
+                let (ours_8, its_8) = in_turns(8)?;
+                res.limit_1 = Some(Rate::of(ours_1));
+                res.limit_8 = Some(Rate::of(ours_8));
+                ceiling.measured.limit_1 = Some(Rate::of(its_1));
+                ceiling.measured.limit_8 = Some(Rate::of(its_8));
+            }
+            None => {
+                res.limit_1 = Some(report::rounds(cfg, |_| limit(1))?);
+                res.limit_8 = Some(report::rounds(cfg, |_| limit(8))?);
+            }
+        }
     }
 
     if cfg.runs("memory") {
@@ -244,60 +311,86 @@ fn parse_ack(rest: &[u8]) -> Position {
 }
 
 /// Seek latency (first record of a LIMIT=1 replay from a random id or
-/// timestamp) at `seek_small` events, then at `seek_n`.
-fn seek(cfg: &Cfg, port: u16, rng: &mut fastrand::Rng) -> Result<Seek> {
-    let s0 = ["bench/s0".to_owned()];
-    let small = cfg.seek_small;
-    let mut pool1 = Sampler::new(small, POOL, rng);
-    load(port, "bench", &s0, 0..small, cfg.payload, Some(&mut pool1))?;
+/// timestamp) in a log of `seek_small` events, on a server of its own
+/// started for it, and in one of `seek_n` on the server at `port`; taken
+/// in turns, with the `ceiling`'s seeks if it runs.
+fn seek(
+    cfg: &Cfg,
+    bin: &Path,
+    tmp: &Path,
+    port: u16,
+    ceiling: Option<&mut Ceiling>,
+) -> Result<Seek> {
+    let (_small_server, small_port) = start(cfg, bin, &tmp.join("ensync-small"))?;
+    let small = Positions::load(cfg, small_port, cfg.seek_small)?;
+    let large = Positions::load(cfg, port, cfg.seek_n)?;
     procs::settle();
-    let small_us = seek_samples(cfg, port, rng, &pool1.got, &[], small, small)?;
-    let mut pool2 = Sampler::new(cfg.seek_n - small, POOL, rng);
-    load(
-        port,
-        "bench",
-        &s0,
-        small..cfg.seek_n,
-        cfg.payload,
-        Some(&mut pool2),
-    )?;
-    procs::settle();
-    let large_us = seek_samples(cfg, port, rng, &pool1.got, &pool2.got, small, cfg.seek_n)?;
-    Ok(Seek::new(small, cfg.seek_n, &small_us, &large_us))
+    // Connected now: a connection idle while the other log loads gets
+    // the server's PING.
+    let (mut small, mut large) = (small.connect(small_port)?, large.connect(port)?);
+    let mut rng = fastrand::Rng::new();
+    let samples = cfg.seek_samples;
+    let us = match ceiling {
+        Some(ceiling) => {
+            let mut its = ceiling.seeker()?;
+            let mut us =
+                common::seeks_in_turns(&mut [&mut small, &mut large, &mut its], samples, &mut rng)?;
+            let its = us.pop().expect("three seekers");
+            ceiling.measured.seek = Some(Seek::new(cfg.seek_small, cfg.seek_n, &its, &its));
+            us
+        }
+        None => common::seeks_in_turns(&mut [&mut small, &mut large], samples, &mut rng)?,
+    };
+    Ok(Seek::new(cfg.seek_small, cfg.seek_n, &us[0], &us[1]))
 }
 
-/// `cfg.seek_samples` seek latencies in µs, alternating id and timestamp.
-fn seek_samples(
-    cfg: &Cfg,
-    port: u16,
-    rng: &mut fastrand::Rng,
-    small: &[Position],
-    rest: &[Position],
-    small_len: usize,
-    total: usize,
-) -> Result<Vec<f64>> {
-    let mut conn = reader(port, "seeker", "bench/s0")?;
-    let mut out = Vec::with_capacity(cfg.seek_samples);
-    for i in 0..cfg.seek_samples {
-        let (id, ts) = pick(rng, small, rest, small_len, total);
-        let from = if i % 2 == 0 {
-            id.clone()
-        } else {
+/// Places to seek to in a log of `bench/s0`, picked as it loaded.
+struct Positions(Vec<Position>);
+
+impl Positions {
+    /// Loads `len` events of `bench/s0` into the server at `port`.
+    fn load(cfg: &Cfg, port: u16, len: usize) -> Result<Self> {
+        let mut pool = Sampler::new(len, POOL, &mut fastrand::Rng::new());
+        let s0 = ["bench/s0".to_owned()];
+        load(port, "bench", &s0, 0..len, cfg.payload, Some(&mut pool))?;
+        Ok(Self(pool.got))
+    }
+
+    fn connect(self, port: u16) -> Result<Seeks> {
+        Ok(Seeks {
+            conn: reader(port, "seeker", "bench/s0")?,
+            positions: self.0,
+            by_time: false,
+        })
+    }
+}
+
+/// A connection that times seeks into a log of `bench/s0`, alternating
+/// from an event's id and from its timestamp.
+struct Seeks {
+    conn: LineConn,
+    positions: Vec<Position>,
+    /// Whether the next seek is from a timestamp.
+    by_time: bool,
+}
+
+impl Seeker for Seeks {
+    fn seek(&mut self, rng: &mut fastrand::Rng) -> Result<f64> {
+        let (id, ts) = &self.positions[rng.usize(0..self.positions.len())];
+        let from = if self.by_time {
             ts.to_string()
+        } else {
+            id.clone()
         };
+        self.by_time = !self.by_time;
         let req =
             format!("REPLAY;CLIENT_ID=seeker;EVENT_NAME=bench/s0;FROM_POSITION={from};LIMIT=1\n");
-        let took = conn
+        let took = self
+            .conn
             .first_record(req.as_bytes())
             .with_context(|| format!("seek from {from}"))?;
-        out.push(took.as_secs_f64() * 1e6);
+        Ok(took.as_secs_f64() * 1e6)
     }
-    // No live deliveries to this subscription while more events load.
-    conn.command(
-        "UNSUB;CLIENT_ID=seeker;EVENT_NAME=bench/s0\n",
-        "+PASS:UNSUBSCRIBED",
-    )?;
-    Ok(out)
 }
 
 /// The pattern of the `names` workload.

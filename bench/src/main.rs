@@ -110,6 +110,21 @@ impl Args {
     }
 }
 
+/// What the report says was measured in turns (see `ensync::Peers`).
+fn turns(runs: &dyn Fn(&str) -> bool) -> String {
+    let mut turns = Vec::new();
+    if runs("ensync") && runs("redis") {
+        turns.push("publish: ensync with redis");
+    }
+    if runs("ensync") && runs("ceiling") {
+        turns.push("replay, seek (turns of 100) and LIMIT: ensync with the ceiling");
+    }
+    match turns.is_empty() {
+        true => "none".into(),
+        false => turns.join("; "),
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let cfg = args.cfg()?;
@@ -144,18 +159,34 @@ fn main() -> Result<()> {
     let mut report = Report {
         machine,
         pinning: format!("servers on CPU {SERVER_CPU}, bench client on CPU {CLIENT_CPU}"),
+        turns: turns(&runs),
         versions,
         config: cfg.clone(),
         systems: BTreeMap::new(),
         targets: Vec::new(),
     };
+    // Up before ensync's run, which takes turns with them.
+    let mut ceiling = match runs("ceiling") {
+        true => Some(ceiling::Ceiling::start(&cfg).context("starting the ceiling")?),
+        false => None,
+    };
+    let mut redis = match runs("redis") {
+        true => Some(redis::Redis::start(&bins["redis"], tmp.path()).context("starting redis")?),
+        false => None,
+    };
     for system in SYSTEMS.into_iter().filter(|s| runs(s)) {
         eprintln!("running {system} ...");
         let results = match system {
-            "ensync" => ensync::run(&cfg, &args.server_bin, tmp.path()),
-            "redis" => redis::run(&cfg, &bins["redis"], tmp.path()),
+            "ensync" => {
+                let peers = ensync::Peers {
+                    ceiling: ceiling.as_mut(),
+                    redis: redis.as_mut(),
+                };
+                ensync::run(&cfg, &args.server_bin, tmp.path(), peers)
+            }
+            "redis" => redis::run(&cfg, redis.take().expect("redis runs")),
             "nats" => nats::run(&cfg, &bins["nats"], tmp.path()),
-            _ => ceiling::run(&cfg),
+            _ => ceiling::run(&cfg, ceiling.take().expect("the ceiling runs")),
         }
         .with_context(|| format!("{system} benchmark"))?;
         report.systems.insert(system, results);

@@ -125,6 +125,19 @@ impl Conn {
         self.0.send(bytes)
     }
 
+    /// The text of `INFO section`.
+    fn info(&mut self, section: &str) -> Result<String> {
+        self.send(&command(&["INFO", section]))?;
+        loop {
+            if let Some((text, next)) = bulk(self.0.data(), 0)? {
+                let info = String::from_utf8_lossy(&self.0.data()[text]).into_owned();
+                self.0.consume(next);
+                return Ok(info);
+            }
+            self.0.fill()?;
+        }
+    }
+
     /// Reads a whole XRANGE reply; returns it with its last id copied out.
     fn read_xrange(&mut self, mut pacer: Option<&mut Pacer>) -> Result<(XRange, Option<String>)> {
         loop {
@@ -153,42 +166,92 @@ fn command(args: &[&str]) -> Vec<u8> {
     out
 }
 
-/// Runs the chosen workloads against a fresh redis-server (AOF,
-/// fsync every second). Keys: bench:pub, bench:e0, one stream per mixed
-/// name bench:m0..bench:m9, bench:s0.
-pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
-    let dir = tmp.join("redis");
-    std::fs::create_dir_all(&dir)?;
-    let port = procs::free_port()?;
-    let args: Vec<String> = [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--dir",
-        &dir.display().to_string(),
-        "--appendonly",
-        "yes",
-        "--appendfsync",
-        "everysec",
-        "--save",
-        "",
-    ]
-    .map(str::to_owned)
-    .into();
-    let server = Server::spawn("redis-server", bin, &args, &dir.join("log"), port)?;
-    let mut res = Results::default();
+/// A redis-server (AOF, fsync every second) in a temp dir. It is started
+/// before ensync-server's run when both run, so that their publishing can
+/// be measured in turns ([`common::in_turns`]); what was measured so is
+/// kept in `measured`.
+pub struct Redis {
+    server: Server,
+    port: u16,
+    pub measured: Results,
+}
+
+impl Redis {
+    pub fn start(bin: &Path, tmp: &Path) -> Result<Self> {
+        let dir = tmp.join("redis");
+        std::fs::create_dir_all(&dir)?;
+        let port = procs::free_port()?;
+        let args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            &dir.display().to_string(),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--save",
+            "",
+        ]
+        .map(str::to_owned)
+        .into();
+        let server = Server::spawn("redis-server", bin, &args, &dir.join("log"), port)?;
+        Ok(Self {
+            server,
+            port,
+            measured: Results::default(),
+        })
+    }
+
+    /// Publishes `cfg.n` events to `bench:pub` over `conns` connections;
+    /// returns events/s. Then waits out any rewrite of the AOF the
+    /// publishing set off, which would otherwise run on into what is
+    /// measured next (in turns, another system's round).
+    pub fn publish(&self, cfg: &Cfg, conns: usize) -> Result<f64> {
+        let rate = publish(
+            self.port,
+            conns,
+            &["bench:pub".to_owned()],
+            cfg.n,
+            cfg.payload,
+        )?;
+        let mut conn = Conn::connect(self.port)?;
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            let info = conn.info("persistence")?;
+            let busy = ["aof_rewrite_in_progress:1", "aof_rewrite_scheduled:1"]
+                .iter()
+                .any(|flag| info.lines().any(|line| line.trim() == *flag));
+            if !busy {
+                return Ok(rate);
+            }
+            if Instant::now() > deadline {
+                bail!("redis was still rewriting its AOF 300 s after publishing");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Runs the chosen workloads against `redis`: those not already measured
+/// in turns with ensync-server. Keys: bench:pub, bench:e0, one stream per
+/// mixed name bench:m0..bench:m9, bench:s0.
+pub fn run(cfg: &Cfg, redis: Redis) -> Result<Results> {
+    let Redis {
+        server,
+        port,
+        measured,
+    } = &redis;
+    let port = *port;
+    let mut res = measured.clone();
     let mut rng = fastrand::Rng::new();
     let n = cfg.n;
 
-    if cfg.runs("publish") {
-        let keys = ["bench:pub".to_owned()];
-        res.publish_1 = Some(report::rounds(cfg, |_| {
-            publish(port, 1, &keys, n, cfg.payload)
-        })?);
-        res.publish_8 = Some(report::rounds(cfg, |_| {
-            publish(port, 8, &keys, n, cfg.payload)
-        })?);
+    if cfg.runs("publish") && res.publish_1.is_none() {
+        res.publish_1 = Some(report::rounds(cfg, |_| redis.publish(cfg, 1))?);
+        res.publish_8 = Some(report::rounds(cfg, |_| redis.publish(cfg, 8))?);
     }
     let mut pool = Sampler::new(n, POOL, &mut rng);
     if cfg.runs("replay") || cfg.runs("limit") || cfg.runs("memory") {

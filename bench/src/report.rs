@@ -124,13 +124,43 @@ pub struct Results {
     pub names: Option<Names>,
 }
 
+impl Rate {
+    /// The median of `rounds`.
+    pub fn of(rounds: Vec<f64>) -> Self {
+        Self {
+            median: median(&rounds).unwrap_or(f64::NAN),
+            rounds,
+        }
+    }
+}
+
 /// Runs `f` once per round; the median of what it returns.
-pub fn rounds(cfg: &Cfg, mut f: impl FnMut(usize) -> Result<f64>) -> Result<Rate> {
-    let rounds = (0..cfg.rounds).map(&mut f).collect::<Result<Vec<_>>>()?;
-    Ok(Rate {
-        median: median(&rounds).unwrap_or(f64::NAN),
-        rounds,
-    })
+pub fn rounds(cfg: &Cfg, f: impl FnMut(usize) -> Result<f64>) -> Result<Rate> {
+    Ok(Rate::of((0..cfg.rounds).map(f).collect::<Result<_>>()?))
+}
+
+impl Replay {
+    /// From full replays' rounds, each checked to have got `expect` events.
+    pub fn of(expect: u64, rounds: &[(Received, Duration)]) -> Result<Self> {
+        let mut eps = Vec::new();
+        let mut mbps = Vec::new();
+        let mut last = Received::default();
+        for &(got, took) in rounds {
+            if got.lines != expect {
+                bail!("replay got {} events, expected {expect}", got.lines);
+            }
+            eps.push(got.lines as f64 / took.as_secs_f64());
+            mbps.push(got.bytes as f64 / 1e6 / took.as_secs_f64());
+            last = got;
+        }
+        Ok(Self {
+            events: last.lines,
+            bytes: last.bytes,
+            events_per_s: median(&eps).unwrap_or(f64::NAN),
+            mb_per_s: median(&mbps).unwrap_or(f64::NAN),
+            rounds_events_per_s: eps,
+        })
+    }
 }
 
 /// Runs a full replay once per round, checking it got `expect` events.
@@ -139,25 +169,8 @@ pub fn replay_rounds(
     expect: u64,
     mut f: impl FnMut() -> Result<(Received, Duration)>,
 ) -> Result<Replay> {
-    let mut eps = Vec::new();
-    let mut mbps = Vec::new();
-    let mut last = Received::default();
-    for _ in 0..cfg.rounds {
-        let (got, took) = f()?;
-        if got.lines != expect {
-            bail!("replay got {} events, expected {expect}", got.lines);
-        }
-        eps.push(got.lines as f64 / took.as_secs_f64());
-        mbps.push(got.bytes as f64 / 1e6 / took.as_secs_f64());
-        last = got;
-    }
-    Ok(Replay {
-        events: last.lines,
-        bytes: last.bytes,
-        events_per_s: median(&eps).unwrap_or(f64::NAN),
-        mb_per_s: median(&mbps).unwrap_or(f64::NAN),
-        rounds_events_per_s: eps,
-    })
+    let rounds = (0..cfg.rounds).map(|_| f()).collect::<Result<Vec<_>>>()?;
+    Replay::of(expect, &rounds)
 }
 
 /// One target: PASS/MISS, or `None` when its inputs were not measured.
@@ -173,6 +186,8 @@ pub struct Target {
 pub struct Report {
     pub machine: String,
     pub pinning: String,
+    /// Which workloads were measured in turns, and with which systems.
+    pub turns: String,
     pub versions: BTreeMap<&'static str, String>,
     pub config: Cfg,
     pub systems: BTreeMap<&'static str, Results>,
@@ -376,9 +391,10 @@ impl Report {
             ),
         ];
         let mut out = format!(
-            "machine: {}\npinning: {}\nversions: {}\nn={} payload={}B seek-n={} (small {}) rounds={} (median)\n\n",
+            "machine: {}\npinning: {}\nin turns: {}\nversions: {}\nn={} payload={}B seek-n={} (small {}) rounds={} (median)\n\n",
             self.machine,
             self.pinning,
+            self.turns,
             self.versions
                 .iter()
                 .map(|(k, v)| format!("{k}: {v}"))
