@@ -17,7 +17,7 @@ use bytes::Bytes;
 use ensync_protocol::command::ConnAuth;
 use ensync_protocol::field::ClientId;
 use ensync_protocol::{parse_command, Command, ErrorCode, Frame, LineLimit, Pass, Reply};
-use futures_util::{Sink, SinkExt, Stream, StreamExt};
+use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -600,8 +600,17 @@ where
             let client = current.attachment.client().clone();
             match outcome {
                 Outcome::Reply(reply) => reply,
-                Outcome::Later(reply) => {
-                    let reply = reply.await;
+                Outcome::Later(mut reply) => {
+                    let reply = match (&mut reply).now_or_never() {
+                        Some(reply) => reply,
+                        None => {
+                            // The replies before it go out before this one
+                            // is waited for: a client that pipelines sends
+                            // more as its answers come.
+                            sink.flush().await?;
+                            reply.await
+                        }
+                    };
                     if verb == "PUB" && !reply.is_fail() {
                         metrics.published(read_at.elapsed());
                     }
