@@ -1,7 +1,7 @@
 //! What the store keeps in memory to find a place in the log without a
 //! range lookup in sled (each of which copies the whole leaf it lands in):
-//! where each name's newest chunks start and lie, and the first seq of each
-//! of the newest logged milliseconds.
+//! where each name's newest chunks start, end and lie, and the first seq
+//! of each of the newest logged milliseconds.
 //!
 //! Every list holds the newest entries of its table, all of them from its
 //! first entry on: a lookup at or past that entry is answered here, and
@@ -31,7 +31,7 @@ pub(super) struct Directory<V> {
 
 struct Lists<V> {
     /// Each name's chunks by first seq, oldest first.
-    chunks: HashMap<Arc<str>, VecDeque<(u64, V)>>,
+    chunks: HashMap<Arc<str>, VecDeque<Listed<V>>>,
     /// Every chunk listed, oldest first: the order they are dropped in.
     order: VecDeque<(u64, Arc<str>)>,
     /// Each logged millisecond with the first seq logged at it, oldest
@@ -39,6 +39,13 @@ struct Lists<V> {
     times: VecDeque<(u64, u64)>,
     /// What the lists take, about.
     bytes: usize,
+}
+
+/// A chunk in its name's list.
+struct Listed<V> {
+    first: u64,
+    last: u64,
+    value: V,
 }
 
 /// Bytes a name's list takes besides its entries.
@@ -49,7 +56,7 @@ const TIME_COST: usize = size_of::<(u64, u64)>();
 /// Bytes a chunk's entry takes: in its name's list, in the order, and its
 /// value.
 fn chunk_cost<V: AsRef<[u8]>>(value: &V) -> usize {
-    size_of::<(u64, V)>() + size_of::<(u64, Arc<str>)>() + value.as_ref().len()
+    size_of::<Listed<V>>() + size_of::<(u64, Arc<str>)>() + value.as_ref().len()
 }
 
 impl<V: Clone + AsRef<[u8]>> Directory<V> {
@@ -71,8 +78,19 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
     pub fn chunk_holding(&self, name: &str, seq: u64) -> Option<(u64, V)> {
         let lists = self.lists.read().expect("directory lock is never poisoned");
         let list = lists.chunks.get(name)?;
-        let at = at_or_below(list, seq, |(first, _)| *first);
-        at.checked_sub(1).map(|i| list[i].clone())
+        let at = at_or_below(list, seq, |c| c.first);
+        let chunk = list.get(at.checked_sub(1)?)?;
+        Some((chunk.first, chunk.value.clone()))
+    }
+
+    /// The last seq of the chunk of `name` that starts at `first`, when it
+    /// is listed.
+    pub fn chunk_last(&self, name: &str, first: u64) -> Option<u64> {
+        let lists = self.lists.read().expect("directory lock is never poisoned");
+        let list = lists.chunks.get(name)?;
+        let at = at_or_below(list, first, |c| c.first);
+        let chunk = list.get(at.checked_sub(1)?)?;
+        (chunk.first == first).then_some(chunk.last)
     }
 
     /// The chunk of `name` after the one starting at `first`, when both
@@ -80,9 +98,10 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
     pub fn chunk_after(&self, name: &str, first: u64) -> Option<(u64, V)> {
         let lists = self.lists.read().expect("directory lock is never poisoned");
         let list = lists.chunks.get(name)?;
-        let at = at_or_below(list, first, |(first, _)| *first);
-        let (before, _) = list.get(at.checked_sub(1)?)?;
-        (*before == first).then(|| list.get(at).cloned()).flatten()
+        let at = at_or_below(list, first, |c| c.first);
+        let before = list.get(at.checked_sub(1)?)?;
+        let after = list.get(at).filter(|_| before.first == first)?;
+        Some((after.first, after.value.clone()))
     }
 
     /// The first seq logged at or after millisecond `ms`, when the list
@@ -102,19 +121,19 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
         lists.times.get(at).map(|(_, seq)| *seq)
     }
 
-    /// Adds a commit's chunks (name, first seq, value) and milliseconds
-    /// (ms, first seq), each newer than all listed, then drops the oldest
-    /// entries past the budget.
+    /// Adds a commit's chunks (name, first seq, last seq, value) and
+    /// milliseconds (ms, first seq), each newer than all listed, then
+    /// drops the oldest entries past the budget.
     pub fn add<'a>(
         &self,
-        chunks: impl IntoIterator<Item = (&'a str, u64, V)>,
+        chunks: impl IntoIterator<Item = (&'a str, u64, u64, V)>,
         times: impl IntoIterator<Item = (u64, u64)>,
     ) {
         let mut lists = self
             .lists
             .write()
             .expect("directory lock is never poisoned");
-        for (name, first, value) in chunks {
+        for (name, first, last, value) in chunks {
             lists.bytes += chunk_cost(&value);
             let name = match lists.chunks.get_key_value(name) {
                 Some((name, _)) => name.clone(),
@@ -127,7 +146,7 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
             };
             lists.order.push_back((first, name.clone()));
             if let Some(list) = lists.chunks.get_mut(&name) {
-                list.push_back((first, value));
+                list.push_back(Listed { first, last, value });
             }
         }
         for time in times {
@@ -279,9 +298,9 @@ impl<V: AsRef<[u8]>> Lists<V> {
         };
         // NOTE: every chunk enters `order` and its name's list together,
         // both in seq order, so the oldest of `order` is its list's first.
-        if list.front().is_some_and(|(at, _)| *at == first) {
-            if let Some((_, value)) = list.pop_front() {
-                self.bytes -= chunk_cost(&value);
+        if list.front().is_some_and(|c| c.first == first) {
+            if let Some(chunk) = list.pop_front() {
+                self.bytes -= chunk_cost(&chunk.value);
             }
         }
         if list.is_empty() {
@@ -301,16 +320,19 @@ mod tests {
         first.to_be_bytes().to_vec()
     }
 
-    /// Chunks of `a` at 10, 20, 30, of `b` at 15, 25; milliseconds 100
-    /// (seq 10), 101 (seq 20), 105 (seq 25).
+    /// Chunks of `a` at 10..=12, 20..=24, 30..=30, of `b` at 15..=19,
+    /// 25..=27; milliseconds 100 (seq 10), 101 (seq 20), 105 (seq 25).
     fn listed(budget: usize) -> Dir {
         let dir = Dir::new(budget);
-        dir.add([("a", 10, value(10)), ("b", 15, value(15))], [(100, 10)]);
         dir.add(
-            [("a", 20, value(20)), ("b", 25, value(25))],
+            [("a", 10, 12, value(10)), ("b", 15, 19, value(15))],
+            [(100, 10)],
+        );
+        dir.add(
+            [("a", 20, 24, value(20)), ("b", 25, 27, value(25))],
             [(101, 20), (105, 25)],
         );
-        dir.add([("a", 30, value(30))], []);
+        dir.add([("a", 30, 30, value(30))], []);
         dir
     }
 
@@ -336,6 +358,13 @@ mod tests {
         assert_eq!(first(dir.chunk_after("a", 30)), None, "the last one");
         assert_eq!(first(dir.chunk_after("a", 11)), None, "not a chunk's start");
 
+        assert_eq!(dir.chunk_last("a", 10), Some(12));
+        assert_eq!(dir.chunk_last("a", 30), Some(30));
+        assert_eq!(dir.chunk_last("b", 25), Some(27));
+        assert_eq!(dir.chunk_last("a", 11), None, "not a chunk's start");
+        assert_eq!(dir.chunk_last("a", 9), None, "before the list");
+        assert_eq!(dir.chunk_last("c", 10), None, "an unlisted name");
+
         assert_eq!(dir.first_seq_from(99), None, "before the list");
         assert_eq!(dir.first_seq_from(100), Some(10));
         assert_eq!(dir.first_seq_from(102), Some(25));
@@ -351,6 +380,8 @@ mod tests {
         // only by order: a chunk goes first on a tie).
         let dir = listed(whole - 1);
         assert_eq!(first(dir.chunk_holding("a", 15)), None);
+        assert_eq!(dir.chunk_last("a", 10), None, "dropped");
+        assert_eq!(dir.chunk_last("a", 20), Some(24));
         assert_eq!(first(dir.chunk_holding("a", 20)), Some(20));
         assert_eq!(first(dir.chunk_holding("b", 15)), Some(15));
         assert!(dir.bytes() < whole);

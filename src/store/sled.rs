@@ -788,7 +788,7 @@ impl Chunks {
             let value = sled::IVec::from(value);
             batch.insert(chunk_key(&name, first), value.clone());
             batch.insert(summary_key(&name, first), summary.encode());
-            written.push((name, first, value));
+            written.push((name, first, summary.last, value));
         }
         batch.insert(&num_key(COMMIT, commit_first), index);
         marks.write(batch);
@@ -796,8 +796,9 @@ impl Chunks {
     }
 }
 
-/// A chunk a commit wrote: its name, first seq, and location and offsets.
-type Written = (String, u64, sled::IVec);
+/// A chunk a commit wrote: its name, first and last seq, and location and
+/// offsets.
+type Written = (String, u64, u64, sled::IVec);
 
 /// Segment bytes a scan read past the end of a chunk: the chunks after it
 /// are often among them. The cursors of a merge share one.
@@ -1704,7 +1705,8 @@ impl SledLog {
     /// only the names with events in each commit, and holds one commit's
     /// cursors at most; it costs a step per commit in `seqs`, which suits
     /// many names, or a range that holds fewer commits than the pattern
-    /// has names.
+    /// has names. In the commit holding the range's start, the chunks the
+    /// directory lists as ending before it get no cursor.
     ///
     /// A step costs far less than looking a name up, but a long log can
     /// hold many commits between a pattern's events. Once the walk has
@@ -1777,12 +1779,21 @@ impl SledLog {
             if lo > hi {
                 continue;
             }
+            // A chunk that starts before the range and ends before it too
+            // (as far as the directory tells) has nothing in it to read.
+            let ends_before = |first: u64, name: &str| {
+                first < lo
+                    && self
+                        .directory
+                        .chunk_last(name, first)
+                        .is_some_and(|last| last < lo)
+            };
             let mut chunks: Vec<(u64, &str)> = decode_commit(&index)?
                 .into_iter()
-                .filter(|(_, name)| pattern.matches(name))
+                .filter(|&(first, name)| pattern.matches(name) && !ends_before(first, name))
                 .collect();
             // A name's cursor reads on through its later chunks in the
-            // commit: one cursor per name, from its first chunk.
+            // commit: one cursor per name, from its first chunk left.
             chunks.sort_unstable_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(&b.0)));
             chunks.dedup_by(|later, earlier| later.1 == earlier.1);
             chunks.sort_unstable();
@@ -2044,9 +2055,9 @@ impl EventLog for SledLog {
         // directory holds every chunk a reader can be looking for.
         if !written.is_empty() || !new_times.is_empty() {
             self.directory.add(
-                written
-                    .iter()
-                    .map(|(name, first, value)| (name.as_str(), *first, value.clone())),
+                written.iter().map(|(name, first, last, value)| {
+                    (name.as_str(), *first, *last, value.clone())
+                }),
                 new_times,
             );
         }
