@@ -166,6 +166,9 @@ const MERGE_NAMES_AFTER_WALK: usize = 1024;
 /// Most chunk summaries one look for directly addressed events reads per
 /// name: bounds the time it takes.
 const SKIP_SUMMARIES: usize = 256;
+/// The most `r` entries a new subscription's skip reads under its
+/// pattern's prefix before it looks each name up instead.
+const DIRECTS_SCANNED: usize = 4096;
 
 impl From<sled::Error> for StoreError {
     fn from(e: sled::Error) -> Self {
@@ -673,6 +676,14 @@ fn direct_key(name: &str, recipient: &[u8]) -> Vec<u8> {
     key.push(0);
     key.extend_from_slice(recipient);
     key
+}
+
+/// The name and recipient of an `r` key.
+fn split_direct_key(key: &[u8]) -> Result<(&str, &[u8])> {
+    let rest = key.get(1..).unwrap_or_default();
+    let at = memchr::memchr(0, rest)
+        .ok_or_else(|| StoreError::Damaged("direct key without recipient".into()))?;
+    Ok((utf8(&rest[..at])?, &rest[at + 1..]))
 }
 
 /// Writes the `r` table of a store from before it was kept.
@@ -1610,22 +1621,72 @@ impl SledLog {
         Ok(())
     }
 
-    /// [`EventLog::undirected_until`] for one name, reading at most
+    /// Each name `pattern` matches that has events addressed directly to
+    /// one of `identities`, with the first such seq. Most events go to
+    /// `*`, so the `r` entries under the pattern's prefix are usually far
+    /// fewer than its names: they are read first, up to `most` of them.
+    /// Past that, each name is looked up instead.
+    fn first_directs(
+        &self,
+        pattern: &Pattern,
+        identities: &[&str],
+        most: usize,
+    ) -> Result<Vec<(String, u64)>> {
+        let mut prefix = vec![DIRECT];
+        prefix.extend_from_slice(pattern.prefix().as_bytes());
+        let mut found: Vec<(String, u64)> = Vec::new();
+        for (read, entry) in self.tree.scan_prefix(&prefix).enumerate() {
+            if read == most {
+                return self.first_directs_by_name(pattern, identities);
+            }
+            let (key, value) = entry?;
+            let (name, recipient) = split_direct_key(&key)?;
+            if !pattern.matches(name) || !identities.iter().any(|id| id.as_bytes() == recipient) {
+                continue;
+            }
+            let first = be_u64(&value)?;
+            // A name's entries lie together: its recipients follow `\0`.
+            match found.last_mut() {
+                Some((last, at)) if last == name => *at = (*at).min(first),
+                _ => found.push((name.to_owned(), first)),
+            }
+        }
+        Ok(found)
+    }
+
+    /// [`Self::first_directs`], looking each name up.
+    fn first_directs_by_name(
+        &self,
+        pattern: &Pattern,
+        identities: &[&str],
+    ) -> Result<Vec<(String, u64)>> {
+        let mut found = Vec::new();
+        for name in self.names(pattern)? {
+            let mut first_direct = None;
+            for id in identities {
+                if let Some(first) = self.tree.get(direct_key(&name, id.as_bytes()))? {
+                    let first = be_u64(&first)?;
+                    first_direct = Some(first_direct.map_or(first, |at: u64| at.min(first)));
+                }
+            }
+            if let Some(first) = first_direct {
+                found.push((name, first));
+            }
+        }
+        Ok(found)
+    }
+
+    /// [`EventLog::undirected_until`] for one name whose direct events for
+    /// the identities begin at `first_direct`, reading at most
     /// [`SKIP_SUMMARIES`] summaries.
     fn undirected_in(
         &self,
         name: &str,
+        first_direct: u64,
         seqs: &RangeInclusive<u64>,
         identities: &[&str],
     ) -> Result<u64> {
         let (start, end) = (*seqs.start(), *seqs.end());
-        // Where the name's direct events for these identities begin.
-        let mut first_direct = u64::MAX;
-        for id in identities {
-            if let Some(first) = self.tree.get(direct_key(name, id.as_bytes()))? {
-                first_direct = first_direct.min(be_u64(&first)?);
-            }
-        }
         if first_direct > end {
             return Ok(end);
         }
@@ -2205,9 +2266,13 @@ impl EventLog for SledLog {
         if seqs.is_empty() {
             return Ok(seqs.start().saturating_sub(1));
         }
+        let directs = match pattern {
+            Pattern::Exact(_) => self.first_directs_by_name(pattern, identities)?,
+            _ => self.first_directs(pattern, identities, DIRECTS_SCANNED)?,
+        };
         let mut reached = *seqs.end();
-        for name in self.names(pattern)? {
-            reached = reached.min(self.undirected_in(&name, &seqs, identities)?);
+        for (name, first_direct) in directs {
+            reached = reached.min(self.undirected_in(&name, first_direct, &seqs, identities)?);
         }
         Ok(reached)
     }
@@ -2479,7 +2544,12 @@ mod chunked_log {
         let last = log.last_seq();
         for pattern in ["g/one", "m/a", "m/b", "m/*", "*"] {
             let pattern: Pattern = pattern.parse().expect("pattern");
-            for ids in [&["alice"][..], &["bob"], &["carol"]] {
+            for ids in [&["alice"][..], &["bob"], &["carol"], &["alice", "bob"]] {
+                // Reading the `r` entries finds what looking each name up
+                // finds, and so does giving up on them part way.
+                let by_name = log.first_directs_by_name(&pattern, ids)?;
+                assert_eq!(log.first_directs(&pattern, ids, usize::MAX)?, by_name);
+                assert_eq!(log.first_directs(&pattern, ids, 1)?, by_name);
                 for (start, end) in [(1, last), (1, 150), (57, 333), (201, 500), (480, last)] {
                     for limit in [1, 7, 50, 120, 1000] {
                         let fast = log.count(&pattern, start..=end, ids, limit)?;
@@ -2513,7 +2583,12 @@ mod chunked_log {
         let last = log.last_seq();
         for pattern in ["g/one", "m/a", "m/b", "m/*", "*"] {
             let pattern: Pattern = pattern.parse().expect("pattern");
-            for ids in [&["alice"][..], &["bob"], &["carol"]] {
+            for ids in [&["alice"][..], &["bob"], &["carol"], &["alice", "bob"]] {
+                // Reading the `r` entries finds what looking each name up
+                // finds, and so does giving up on them part way.
+                let by_name = log.first_directs_by_name(&pattern, ids)?;
+                assert_eq!(log.first_directs(&pattern, ids, usize::MAX)?, by_name);
+                assert_eq!(log.first_directs(&pattern, ids, 1)?, by_name);
                 for (start, end) in [(1, last), (57, 333), (201, 500), (480, last)] {
                     let until = log.undirected_until(&pattern, start..=end, ids)?;
                     assert!((start - 1..=end).contains(&until), "{pattern} {ids:?}");
