@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use crate::report::Rate;
+
 /// Publishes in flight per connection.
 pub const WINDOW: usize = 1000;
 /// Events per LIMIT replay.
@@ -181,6 +183,26 @@ pub fn in_turns<A, B>(
         got_b.push(b()?);
     }
     Ok((got_a, got_b))
+}
+
+/// A rate from 1 connection and from 8 (`ours(conns)`, `cfg.rounds`
+/// rounds each), in turns with a peer's (`peer(conns)`) when one runs
+/// beside: ours at 1 and 8, and the peer's.
+pub fn rates_1_and_8(
+    rounds: usize,
+    mut ours: impl FnMut(usize) -> Result<f64>,
+    mut peer: Option<impl FnMut(usize) -> Result<f64>>,
+) -> Result<([Rate; 2], Option<[Rate; 2]>)> {
+    let mut rates = [1, 8].map(|_| (Vec::new(), Vec::new()));
+    for (conns, (mine, theirs)) in [1, 8].into_iter().zip(&mut rates) {
+        match peer.as_mut() {
+            Some(peer) => (*mine, *theirs) = in_turns(rounds, || ours(conns), || peer(conns))?,
+            None => *mine = (0..rounds).map(|_| ours(conns)).collect::<Result<_>>()?,
+        }
+    }
+    let [(mine_1, theirs_1), (mine_8, theirs_8)] = rates;
+    let theirs = peer.map(|_| [Rate::of(theirs_1), Rate::of(theirs_8)]);
+    Ok(([Rate::of(mine_1), Rate::of(mine_8)], theirs))
 }
 
 /// Something whose seeks are timed one at a time.

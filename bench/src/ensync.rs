@@ -12,7 +12,7 @@ use crate::common::{self, payload, Cfg, Pacer, Sampler, Seeker, LIMIT_COUNT, POO
 use crate::lineconn::LineConn;
 use crate::procs::{self, RssSampler, Server};
 use crate::redis::Redis;
-use crate::report::{self, Memory, Names, Rate, Replay, Results, Seek};
+use crate::report::{self, Memory, Names, Replay, Results, Seek};
 use crate::stats::percentile;
 
 /// A place in the log a seek can start from.
@@ -62,34 +62,25 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path, peers: Peers<'_>) -> Result<Result
 
     if cfg.runs("publish") {
         let pub_name = ["bench/pub".to_owned()];
-        let publish = |conns| publish(port, conns, &pub_name, n, cfg.payload);
-        match redis {
-            Some(redis) => {
-                // Each round starts once what the last one wrote is on disk.
-                let in_turns = |conns| {
-                    common::in_turns(
-                        cfg.rounds,
-                        || {
-                            procs::settle();
-                            publish(conns)
-                        },
-                        || {
-                            procs::settle();
-                            redis.publish(cfg, conns)
-                        },
-                    )
-                };
-                let (ours_1, its_1) = in_turns(1)?;
-                let (ours_8, its_8) = in_turns(8)?;
-                res.publish_1 = Some(Rate::of(ours_1));
-                res.publish_8 = Some(Rate::of(ours_8));
-                redis.measured.publish_1 = Some(Rate::of(its_1));
-                redis.measured.publish_8 = Some(Rate::of(its_8));
+        // In turns, each round starts once what the last one wrote is on
+        // disk.
+        let settle = redis.is_some();
+        let ours = |conns| {
+            if settle {
+                procs::settle();
             }
-            None => {
-                res.publish_1 = Some(report::rounds(cfg, |_| publish(1))?);
-                res.publish_8 = Some(report::rounds(cfg, |_| publish(8))?);
+            publish(port, conns, &pub_name, n, cfg.payload)
+        };
+        let theirs = redis.as_deref().map(|redis| {
+            move |conns| {
+                procs::settle();
+                redis.publish(cfg, conns)
             }
+        });
+        let ([ours_1, ours_8], theirs) = common::rates_1_and_8(cfg.rounds, ours, theirs)?;
+        (res.publish_1, res.publish_8) = (Some(ours_1), Some(ours_8));
+        if let (Some(redis), Some([theirs_1, theirs_8])) = (redis, theirs) {
+            (redis.measured.publish_1, redis.measured.publish_8) = (Some(theirs_1), Some(theirs_8));
         }
     }
 
@@ -156,22 +147,13 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path, peers: Peers<'_>) -> Result<Result
         let connect = |_| reader(port, "reader", "bench/e0");
         let d = cfg.limit_duration();
         let limit = |clients| common::rate(clients, d, connect, op);
-        match ceiling {
-            Some(ceiling) => {
-                let in_turns = |clients| {
-                    common::in_turns(cfg.rounds, || limit(clients), || ceiling.limit(clients, d))
-                };
-                let (ours_1, its_1) = in_turns(1)?;
-                let (ours_8, its_8) = in_turns(8)?;
-                res.limit_1 = Some(Rate::of(ours_1));
-                res.limit_8 = Some(Rate::of(ours_8));
-                ceiling.measured.limit_1 = Some(Rate::of(its_1));
-                ceiling.measured.limit_8 = Some(Rate::of(its_8));
-            }
-            None => {
-                res.limit_1 = Some(report::rounds(cfg, |_| limit(1))?);
-                res.limit_8 = Some(report::rounds(cfg, |_| limit(8))?);
-            }
+        let theirs = ceiling
+            .as_deref()
+            .map(|ceiling| move |clients| ceiling.limit(clients, d));
+        let ([ours_1, ours_8], theirs) = common::rates_1_and_8(cfg.rounds, limit, theirs)?;
+        (res.limit_1, res.limit_8) = (Some(ours_1), Some(ours_8));
+        if let (Some(ceiling), Some([theirs_1, theirs_8])) = (ceiling, theirs) {
+            (ceiling.measured.limit_1, ceiling.measured.limit_8) = (Some(theirs_1), Some(theirs_8));
         }
     }
 
