@@ -119,9 +119,10 @@ fn turns(runs: &dyn Fn(&str) -> bool) -> String {
     if runs("ensync") && runs("ceiling") {
         turns.push("replay, seek (turns of 100) and LIMIT: ensync with the ceiling");
     }
-    match turns.is_empty() {
-        true => "none".into(),
-        false => turns.join("; "),
+    if turns.is_empty() {
+        "none".into()
+    } else {
+        turns.join("; ")
     }
 }
 
@@ -166,14 +167,14 @@ fn main() -> Result<()> {
         targets: Vec::new(),
     };
     // Up before ensync's run, which takes turns with them.
-    let mut ceiling = match runs("ceiling") {
-        true => Some(ceiling::Ceiling::start(&cfg).context("starting the ceiling")?),
-        false => None,
-    };
-    let mut redis = match runs("redis") {
-        true => Some(redis::Redis::start(&bins["redis"], tmp.path()).context("starting redis")?),
-        false => None,
-    };
+    let mut ceiling = runs("ceiling")
+        .then(|| ceiling::Ceiling::start(&cfg))
+        .transpose()
+        .context("starting the ceiling")?;
+    let mut redis = runs("redis")
+        .then(|| redis::Redis::start(&bins["redis"], tmp.path()))
+        .transpose()
+        .context("starting redis")?;
     for system in SYSTEMS.into_iter().filter(|s| runs(s)) {
         eprintln!("running {system} ...");
         let results = match system {
