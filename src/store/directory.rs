@@ -77,9 +77,7 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
     /// before it, when the name's list reaches back that far.
     pub fn chunk_holding(&self, name: &str, seq: u64) -> Option<(u64, V)> {
         let lists = self.lists.read().expect("directory lock is never poisoned");
-        let list = lists.chunks.get(name)?;
-        let at = at_or_below(list, seq, |c| c.first);
-        let chunk = list.get(at.checked_sub(1)?)?;
+        let chunk = holding(lists.chunks.get(name)?, seq)?;
         Some((chunk.first, chunk.value.clone()))
     }
 
@@ -87,9 +85,7 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
     /// is listed.
     pub fn chunk_last(&self, name: &str, first: u64) -> Option<u64> {
         let lists = self.lists.read().expect("directory lock is never poisoned");
-        let list = lists.chunks.get(name)?;
-        let at = at_or_below(list, first, |c| c.first);
-        let chunk = list.get(at.checked_sub(1)?)?;
+        let chunk = holding(lists.chunks.get(name)?, first)?;
         (chunk.first == first).then_some(chunk.last)
     }
 
@@ -190,6 +186,13 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
             .expect("directory lock is never poisoned")
             .bytes
     }
+}
+
+/// The chunk of `list` that holds `seq`: the last one starting at or
+/// before it.
+fn holding<V>(list: &VecDeque<Listed<V>>, seq: u64) -> Option<&Listed<V>> {
+    let at = at_or_below(list, seq, |c| c.first);
+    list.get(at.checked_sub(1)?)
 }
 
 /// How many entries of `list`, in increasing order of `key`, have a key at
