@@ -7,11 +7,21 @@
 //! is durable, and one sync serves every publisher that was waiting, so
 //! durability costs latency, not throughput. A retention trim runs as a
 //! batch of its own, so it never removes what a running replay reads.
+//!
+//! How much a batch takes depends on who is sending. Jobs of several
+//! tasks (connections) are gathered while they keep coming: each sync
+//! then serves as many as it can. Jobs of one task are committed as they
+//! are, and that task hands the CPU over every [`YIELD_EVERY`] jobs: a
+//! client pipelining a long burst gets the answers to its first part
+//! while the server reads the rest, and can send more meanwhile, instead
+//! of waiting out the sync of its whole burst at once.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task;
 use tracing::{debug, error, info};
 
 use super::now_ms;
@@ -31,12 +41,24 @@ struct Job {
     /// This job's share of `COMMIT_BYTES_IN_FLIGHT`, given back once it is
     /// committed.
     budget: OwnedSemaphorePermit,
+    /// The task that submitted it (`None` outside a task).
+    submitter: Option<task::Id>,
 }
+
+/// A submitting thread yields the CPU after every this many jobs (all
+/// submitters together), so that the commit thread, when it shares a
+/// core with them, takes what has queued and syncs it while they go on.
+/// Without it, the commit thread, woken when its sync ended, often got
+/// the core back only once the connections had nothing left to read, and
+/// a single connection's burst went into one commit either way.
+const YIELD_EVERY: usize = 256;
 
 /// The handle connections commit through.
 pub struct Committer {
     /// `None` asks the thread to stop once what came before is committed.
     queue: mpsc::Sender<Option<Job>>,
+    /// Jobs submitted so far, for [`YIELD_EVERY`].
+    submitted: AtomicUsize,
     head: watch::Receiver<u64>,
     changes: watch::Receiver<u64>,
     budget: Arc<Semaphore>,
@@ -70,6 +92,7 @@ impl Committer {
             .spawn(move || run(store.as_ref(), jobs, &signals, &registry, &pins))?;
         Ok(Self {
             queue,
+            submitted: AtomicUsize::new(0),
             head,
             changes,
             budget: Arc::new(Semaphore::new(COMMIT_BYTES_IN_FLIGHT)),
@@ -88,9 +111,14 @@ impl Committer {
             .map_err(|_| Stopped)?;
         let (done, rx) = oneshot::channel();
         self.queue
-            .send(Some(Job { op, done, budget }))
+            .send(Some(Job::new(op, done, budget)))
             .await
             .map_err(|_| Stopped)?;
+        if self.submitted.fetch_add(1, Ordering::Relaxed) % YIELD_EVERY == YIELD_EVERY - 1 {
+            // The operating system's yield, not tokio's: it is the commit
+            // thread that should run, not another task of this one.
+            std::thread::yield_now();
+        }
         Ok(rx)
     }
 
@@ -101,7 +129,9 @@ impl Committer {
             return false;
         };
         let (done, _) = oneshot::channel();
-        self.queue.try_send(Some(Job { op, done, budget })).is_ok()
+        self.queue
+            .try_send(Some(Job::new(op, done, budget)))
+            .is_ok()
     }
 
     /// The last durable sequence number: what a replay's snapshot covers.
@@ -121,6 +151,17 @@ impl Committer {
         let thread = self.thread.lock().map(|mut t| t.take()).unwrap_or_default();
         if let Some(thread) = thread {
             let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+    }
+}
+
+impl Job {
+    fn new(op: WriteOp, done: oneshot::Sender<Committed>, budget: OwnedSemaphorePermit) -> Self {
+        Self {
+            op,
+            done,
+            budget,
+            submitter: task::try_id(),
         }
     }
 }
@@ -161,13 +202,18 @@ fn run(
         // permits are merged and given back at once, after its answers:
         // one lock of the semaphore, not one per job.
         let mut budget = first.budget;
+        let submitter = first.submitter;
+        // Whether the batch holds jobs of more than one task.
+        let mut shared = false;
         let alone = first.op.runs_alone();
         ops.push(first.op);
         waiters.push(first.done);
-        // Jobs taken since the last yield: while connections keep adding,
-        // give them the CPU once more before committing. Woken by the
-        // first job, this thread would otherwise preempt the connections
-        // mid-burst and commit (and sync) a few jobs at a time.
+        // Jobs taken since the last yield: while several connections keep
+        // adding, give them the CPU once more before committing. Woken by
+        // the first job, this thread would otherwise preempt them
+        // mid-burst and commit (and sync) a few jobs at a time. One
+        // connection's jobs are committed as they are (see the module's
+        // docs).
         let mut taken_since_yield = 0;
         while !alone
             && ops.len() < MAX_COMMIT_BATCH
@@ -179,6 +225,7 @@ fn run(
                     break;
                 }
                 Ok(Some(job)) => {
+                    shared |= job.submitter != submitter;
                     budget.merge(job.budget);
                     ops.push(job.op);
                     waiters.push(job.done);
@@ -188,7 +235,7 @@ fn run(
                     stopping = true;
                     break;
                 }
-                Err(_) if taken_since_yield > 0 => {
+                Err(_) if taken_since_yield > 0 && shared => {
                     taken_since_yield = 0;
                     std::thread::yield_now();
                 }
