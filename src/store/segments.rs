@@ -315,7 +315,9 @@ impl Segments {
         let end = loc.offset + u64::from(loc.len);
         let more = u32::try_from(written.saturating_sub(end)).unwrap_or(u32::MAX);
         let len = loc.len.saturating_add(ahead.min(more));
-        buf.clear();
+        // Not cleared first: the read overwrites every byte, so only what
+        // the buffer grows by is zeroed (zeroing it all was 2.6% of a
+        // replay's samples).
         buf.resize(len as usize, 0);
         segment.file.read_exact_at(buf, loc.offset).map_err(|e| {
             StoreError::Damaged(format!(

@@ -1042,15 +1042,17 @@ impl<'n> Cursor<'n> {
     /// Puts the bytes at `loc` into `chunk`: from what was read ahead if
     /// they are there, else read, with `ahead` bytes more.
     fn fill(&mut self, loc: Loc, ahead: u32) -> Result<()> {
-        self.chunk.clear();
         let mut read_ahead = self.ahead.borrow_mut();
         if let Some(bytes) = read_ahead.get(loc) {
+            self.chunk.clear();
             self.chunk.extend_from_slice(bytes);
             return Ok(());
         }
         if ahead == 0 {
+            // Over what `chunk` held: the read replaces all of it.
             return self.segments.read(loc, &mut self.chunk);
         }
+        self.chunk.clear();
         read_ahead.at = None;
         self.segments
             .read_ahead(loc, ahead, &mut read_ahead.bytes)?;
