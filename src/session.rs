@@ -6,8 +6,9 @@
 //! writer answers those outcomes strictly in order (waiting for a commit,
 //! streaming a replay), and between them writes live deliveries. Because
 //! the reader does not wait for commits, a pipelining publisher keeps many
-//! publishes in one group commit; because the writer keeps order, every
-//! command gets exactly one reply, in the order sent.
+//! publishes in flight, group-committed while the reader reads on; because
+//! the writer keeps order, every command gets exactly one reply, in the
+//! order sent.
 
 use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
