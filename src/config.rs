@@ -66,13 +66,22 @@ pub const COMMIT_BYTES_IN_FLIGHT: usize = 64 * 1024 * 1024;
 pub const MAX_COMMIT_BATCH: usize = 4096;
 /// Most event bytes in one group commit; one batch is one live-feed entry.
 pub const MAX_COMMIT_BATCH_BYTES: usize = 4 * 1024 * 1024;
-/// Bytes a replay encodes before handing a chunk to the connection.
-pub const REPLAY_CHUNK_BYTES: usize = 256 * 1024;
-/// Chunks a replay may have encoded ahead of the socket: with
-/// `REPLAY_CHUNK_BYTES`, and the chunk being encoded and the one being
-/// written, this bounds a replay's buffers at about 1 MiB, whatever its
-/// LIMIT and however slowly the client reads.
-pub const REPLAY_CHUNKS_AHEAD: usize = 2;
+/// Bytes of a replay's first chunk. Each chunk after it is twice the one
+/// before, up to `REPLAY_CHUNK_BYTES`: the first records go out soon, and
+/// a long replay hands the connection few, large chunks (a full replay in
+/// 1 MiB chunks ran 20% faster than in 256 KiB ones, and 64 KiB ones 25%
+/// slower: BENCHMARKS.md).
+pub const REPLAY_FIRST_CHUNK_BYTES: usize = 64 * 1024;
+/// Most bytes a replay encodes before handing a chunk to the connection.
+pub const REPLAY_CHUNK_BYTES: usize = 1024 * 1024;
+/// Chunks a replay may have encoded ahead of the socket: with the chunk
+/// being encoded and the one being written, this bounds a replay's
+/// buffers at about 3 MiB, whatever its LIMIT and however slowly the
+/// client reads.
+pub const REPLAY_CHUNKS_AHEAD: usize = 1;
+/// Most bytes of records a replay encodes on the connection's task
+/// (`INLINE_REPLAY_LIMIT`) before it hands the replay to a blocking thread.
+pub const INLINE_REPLAY_BYTES: usize = 256 * 1024;
 /// Replays with at most this LIMIT first try one pass on the connection's
 /// task (bounded in records, bytes and events looked at) before a blocking
 /// thread takes them.

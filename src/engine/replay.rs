@@ -2,7 +2,8 @@
 //!
 //! A range replay makes two passes over the same snapshot: the count pass
 //! counts matching events up to LIMIT (so the header's COUNT is exact),
-//! the stream pass encodes them into chunks of about `REPLAY_CHUNK_BYTES`.
+//! the stream pass encodes them into chunks that grow from
+//! `REPLAY_FIRST_CHUNK_BYTES` to `REPLAY_CHUNK_BYTES`.
 //! The stream pass runs in slices that each end after one chunk and
 //! resume after the last event they encoded.
 //!
@@ -29,7 +30,10 @@ use tokio::sync::{mpsc, oneshot};
 use super::retention::Pin;
 use super::{internal, now_ms, Engine};
 use crate::access::{Grants, NOT_AUTHORIZED_TO_REPLAY};
-use crate::config::{INLINE_REPLAY_LIMIT, REPLAY_CHUNKS_AHEAD, REPLAY_CHUNK_BYTES};
+use crate::config::{
+    INLINE_REPLAY_BYTES, INLINE_REPLAY_LIMIT, REPLAY_CHUNKS_AHEAD, REPLAY_CHUNK_BYTES,
+    REPLAY_FIRST_CHUNK_BYTES,
+};
 use crate::store::{Counted, EventLog, Resolved, Settlement, Side, StoreError};
 
 /// Encoded record lines, or why the stream broke off.
@@ -144,6 +148,9 @@ struct Stream {
     count: u64,
     /// Records encoded so far.
     sent: u64,
+    /// Bytes the next chunk holds, about: it doubles up to
+    /// `REPLAY_CHUNK_BYTES`.
+    chunk_bytes: usize,
     /// With ONLY_UNACKED, the events the count pass took (sorted).
     taken: Vec<u64>,
     acked_marks: RenderedMarks,
@@ -153,14 +160,16 @@ struct Stream {
 }
 
 impl Stream {
-    /// Encodes the next chunk of records (about `REPLAY_CHUNK_BYTES`), or
-    /// says why the stream broke off; `None` once all are sent.
+    /// Encodes the next chunk of records (about `chunk_bytes`), or says
+    /// why the stream broke off; `None` once all are sent.
     fn next_chunk(&mut self, store: &dyn EventLog) -> Option<Chunk> {
         if self.sent == self.count {
             return None;
         }
         let left = self.count - self.sent;
-        let mut buf = BytesMut::with_capacity(small_buffer(left));
+        let chunk_bytes = self.chunk_bytes;
+        self.chunk_bytes = (chunk_bytes * 2).min(REPLAY_CHUNK_BYTES);
+        let mut buf = BytesMut::with_capacity(small_buffer(left, chunk_bytes));
         let (mut in_chunk, mut resume) = (0u64, None);
         let mut failed = None;
         let ids = self.job.ids();
@@ -184,7 +193,7 @@ impl Stream {
             let marks = if acked { acked_marks } else { unacked_marks };
             event.record.write_rendered_line(&mut buf, marks);
             in_chunk += 1;
-            if in_chunk == left || buf.len() >= REPLAY_CHUNK_BYTES {
+            if in_chunk == left || buf.len() >= chunk_bytes {
                 resume = Some(event.seq + 1);
                 return ControlFlow::Break(());
             }
@@ -349,7 +358,7 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Rep
     };
     let (acked_marks, unacked_marks) = (job.marks(true), job.marks(false));
     let ids = job.ids();
-    let mut buf = BytesMut::with_capacity(small_buffer(job.limit));
+    let mut buf = BytesMut::with_capacity(small_buffer(job.limit, INLINE_REPLAY_BYTES));
     let (mut count, mut visited, mut fits, mut failed) = (0, 0, true, None);
     let scanned = store.scan_expecting(&job.pattern, start..=end, job.limit, &mut |event| {
         visited += 1;
@@ -373,7 +382,7 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Rep
         let marks = if acked { &acked_marks } else { &unacked_marks };
         event.record.write_rendered_line(&mut buf, marks);
         count += 1;
-        if buf.len() > REPLAY_CHUNK_BYTES {
+        if buf.len() > INLINE_REPLAY_BYTES {
             fits = false;
             return ControlFlow::Break(());
         }
@@ -394,11 +403,11 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Rep
 /// Events one pass on a connection's task looks at, at most.
 const ONE_PASS_VISITS: usize = 2048;
 
-/// A buffer for `records` records: ~1 KiB each, up to a chunk; it grows
-/// if that is not enough.
-fn small_buffer(records: u64) -> usize {
+/// A buffer for `records` records: ~1 KiB each, up to a chunk of
+/// `chunk_bytes`; it grows if that is not enough.
+fn small_buffer(records: u64, chunk_bytes: usize) -> usize {
     let guess = usize::try_from(records.saturating_mul(1024)).unwrap_or(usize::MAX);
-    guess.min(REPLAY_CHUNK_BYTES + 8 * 1024)
+    guess.min(chunk_bytes + 8 * 1024)
 }
 
 /// Resolves the range and counts what the replay sends: the stream to
@@ -429,6 +438,7 @@ fn count_pass(store: &dyn EventLog, job: RangeJob, mut pin: Pin) -> Result<Optio
         last,
         count,
         sent: 0,
+        chunk_bytes: REPLAY_FIRST_CHUNK_BYTES,
         taken,
         pin,
     }))
