@@ -79,8 +79,8 @@ pub const REPLAY_CHUNK_BYTES: usize = 1024 * 1024;
 /// buffers at about 3 MiB, whatever its LIMIT and however slowly the
 /// client reads.
 pub const REPLAY_CHUNKS_AHEAD: usize = 1;
-/// Most bytes of records a replay encodes on the connection's task
-/// (`INLINE_REPLAY_LIMIT`) before it hands the replay to a blocking thread.
+/// Most bytes of records a small replay (`INLINE_REPLAY_LIMIT`) encodes on
+/// the connection's task; past them a blocking thread takes the replay.
 pub const INLINE_REPLAY_BYTES: usize = 256 * 1024;
 /// Replays with at most this LIMIT first try one pass on the connection's
 /// task (bounded in records, bytes and events looked at) before a blocking

@@ -3,16 +3,16 @@
 //! A range replay makes two passes over the same snapshot: the count pass
 //! counts matching events up to LIMIT (so the header's COUNT is exact),
 //! the stream pass encodes them into chunks that grow from
-//! `REPLAY_FIRST_CHUNK_BYTES` to `REPLAY_CHUNK_BYTES`.
-//! The stream pass runs in slices that each end after one chunk and
-//! resume after the last event they encoded.
+//! `REPLAY_FIRST_CHUNK_BYTES` to `REPLAY_CHUNK_BYTES`. The stream pass
+//! runs in slices that each end after one chunk and resume after the last
+//! event they encoded.
 //!
 //! A small replay (LIMIT at most `INLINE_REPLAY_LIMIT`) first tries one
 //! pass on the connection's own task that counts as it encodes: no thread
 //! hand-offs, so a seek costs one store lookup and one write. It gives up
-//! when the records outgrow one chunk or the search grows long; then, as
-//! for a larger replay, a blocking thread makes the two passes and hands
-//! its chunks to the connection through a channel of
+//! when the records outgrow `INLINE_REPLAY_BYTES` or the search grows
+//! long; then, as for a larger replay, a blocking thread makes the two
+//! passes and hands its chunks to the connection through a channel of
 //! `REPLAY_CHUNKS_AHEAD`. Either way a replay holds a bounded number of
 //! chunks in memory, whatever its size and however slowly the client
 //! reads. A pin keeps retention from removing what the replay has
@@ -344,9 +344,9 @@ fn bounds(store: &dyn EventLog, job: &RangeJob) -> Result<Option<(u64, u64)>, Re
 }
 
 /// A small replay in one pass on the connection's task, counted as it is
-/// encoded: its records when they fit in one chunk and were found within
-/// `ONE_PASS_VISITS` events, or `None` (then the count pass and the stream
-/// pass take it on a blocking thread). The bound keeps a replay whose
+/// encoded: its records when they fit in `INLINE_REPLAY_BYTES` and were
+/// found within `ONE_PASS_VISITS` events, or `None` (then the count pass
+/// and the stream pass take it on a blocking thread). The bound keeps a replay whose
 /// matches are sparse (ONLY_UNACKED over acknowledged history, events
 /// mostly addressed to others) from holding the connection's thread.
 fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Reply> {
