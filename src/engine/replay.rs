@@ -346,9 +346,10 @@ fn bounds(store: &dyn EventLog, job: &RangeJob) -> Result<Option<(u64, u64)>, Re
 /// A small replay in one pass on the connection's task, counted as it is
 /// encoded: its records when they fit in `INLINE_REPLAY_BYTES` and were
 /// found within `ONE_PASS_VISITS` events, or `None` (then the count pass
-/// and the stream pass take it on a blocking thread). The bound keeps a replay whose
-/// matches are sparse (ONLY_UNACKED over acknowledged history, events
-/// mostly addressed to others) from holding the connection's thread.
+/// and the stream pass take it on a blocking thread). The bound keeps a
+/// replay whose matches are sparse (ONLY_UNACKED over acknowledged
+/// history, events mostly addressed to others) from holding the
+/// connection's thread.
 fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Reply> {
     let Some((start, end)) = bounds(store, job)? else {
         return Ok(Some(Records {

@@ -316,7 +316,7 @@ impl Segments {
         let more = u32::try_from(written.saturating_sub(end)).unwrap_or(u32::MAX);
         let len = loc.len.saturating_add(ahead.min(more));
         // Not cleared first: the read overwrites every byte, so only what
-        // the buffer grows by is zeroed (zeroing it all was 2.6% of a
+        // the buffer grows by is zeroed (zeroing it all was 2.5% of a
         // replay's samples).
         buf.resize(len as usize, 0);
         segment.file.read_exact_at(buf, loc.offset).map_err(|e| {
