@@ -79,7 +79,7 @@ use ensync_protocol::{encode_record_into, RecordFields};
 use sled::{Batch, Db, Tree};
 
 use super::directory::Directory;
-use super::segments::{Loc, Segments};
+use super::segments::{Loc, ReadBuf, Segments};
 use super::{
     addressing_of, count_by_scan, encode_recipients, recipients_of, Addressing, Appended, Applied,
     Counted, EventLog, EventView, OwnedEvent, PauseRefused, Queued, Resolved, Result, Settlement,
@@ -817,7 +817,7 @@ type Written = (String, u64, u64, sled::IVec);
 struct Ahead {
     /// The segment and offset where `bytes` start, once read.
     at: Option<(u32, u64)>,
-    bytes: Vec<u8>,
+    bytes: ReadBuf,
 }
 
 impl Ahead {
@@ -919,7 +919,7 @@ struct Cursor<'n> {
     /// The chunk the cursor is in.
     held: Option<Held>,
     /// What has been read of it.
-    chunk: Vec<u8>,
+    chunk: ReadBuf,
     ahead: &'n RefCell<Ahead>,
     /// How many more entries the caller expects to take.
     want: u64,
@@ -967,7 +967,7 @@ impl<'n> Cursor<'n> {
             chunks: None,
             looked_up: 0,
             held: None,
-            chunk: Vec::new(),
+            chunk: spare_buffer(),
             ahead,
             want,
             batch,
@@ -1044,21 +1044,19 @@ impl<'n> Cursor<'n> {
     fn fill(&mut self, loc: Loc, ahead: u32) -> Result<()> {
         let mut read_ahead = self.ahead.borrow_mut();
         if let Some(bytes) = read_ahead.get(loc) {
-            self.chunk.clear();
-            self.chunk.extend_from_slice(bytes);
+            self.chunk.copy_from(bytes);
             return Ok(());
         }
         if ahead == 0 {
             // Over what `chunk` held: the read replaces all of it.
-            return self.segments.read(loc, &mut self.chunk);
+            return self.segments.read_ahead(loc, 0, &mut self.chunk);
         }
         self.chunk.clear();
         read_ahead.at = None;
         self.segments
             .read_ahead(loc, ahead, &mut read_ahead.bytes)?;
         read_ahead.at = Some((loc.segment, loc.offset));
-        self.chunk
-            .extend_from_slice(&read_ahead.bytes[..loc.len as usize]);
+        self.chunk.copy_from(&read_ahead.bytes[..loc.len as usize]);
         Ok(())
     }
 
@@ -1161,6 +1159,44 @@ impl<'n> Cursor<'n> {
         }
         Ok(flow)
     }
+}
+
+impl Drop for Cursor<'_> {
+    fn drop(&mut self) {
+        keep_buffer(std::mem::take(&mut self.chunk));
+    }
+}
+
+/// The largest buffer a thread keeps for its next cursor: twice what a
+/// chunk's last part is read with ([`READ_AHEAD`]), far more than a LIMIT
+/// replay or a seek reads.
+const KEPT_BUFFER_BYTES: usize = 2 * READ_AHEAD as usize;
+
+thread_local! {
+    /// A cursor's read buffer, kept for the next cursor on this thread,
+    /// so that a LIMIT replay or a seek neither allocates one nor zeroes
+    /// it ([`ReadBuf`]).
+    static SPARE_BUFFER: RefCell<ReadBuf> = RefCell::default();
+}
+
+/// The buffer this thread kept (holding nothing), or a new one.
+fn spare_buffer() -> ReadBuf {
+    let mut buffer = SPARE_BUFFER.with_borrow_mut(std::mem::take);
+    buffer.clear();
+    buffer
+}
+
+/// Keeps `buffer` for this thread's next cursor, unless it is large or
+/// smaller than the one kept.
+fn keep_buffer(buffer: ReadBuf) {
+    if buffer.capacity() > KEPT_BUFFER_BYTES {
+        return;
+    }
+    SPARE_BUFFER.with_borrow_mut(|spare| {
+        if spare.capacity() < buffer.capacity() {
+            *spare = buffer;
+        }
+    });
 }
 
 /// How long opening waits for the data directory's lock.
@@ -2572,6 +2608,41 @@ mod chunked_log {
         assert_counts_match_a_scan(&log)
     }
 
+    /// The payload counter `n` of each event a scan of `pattern` in
+    /// `range`, expecting `want` events, visits: what the records read say.
+    fn counters(log: &SledLog, pattern: &str, range: RangeInclusive<u64>, want: u64) -> Vec<u64> {
+        let mut out = Vec::new();
+        let pattern = pattern.parse().expect("pattern");
+        log.scan_expecting(&pattern, range, want, &mut |e| {
+            let mut record = bytes::BytesMut::new();
+            e.record.write(&mut record, &ensync_protocol::Marks::LIVE);
+            let record: serde_json::Value = serde_json::from_slice(&record).expect("record json");
+            out.push(record["payload"]["n"].as_u64().expect("n"));
+            ControlFlow::Continue(())
+        })
+        .expect("scan");
+        out
+    }
+
+    #[test]
+    fn a_cursor_reads_nothing_the_last_one_on_its_thread_left() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = SledLog::open(dir.path())?;
+        let large: Vec<WriteOp> = (0..40).map(|i| event("t/large", i)).collect();
+        log.apply(&large, 1_000)?;
+        log.apply(&[small_event("t/small", 40), small_event("t/small", 41)], 1_000)?;
+        log.flush()?;
+        // Each scan reads into the buffer the one before it left, full of
+        // larger records.
+        assert_eq!(counters(&log, "t/large", 1..=40, 40), (0..40).collect::<Vec<_>>());
+        assert_eq!(counters(&log, "t/small", 1..=42, 2), [40, 41]);
+        assert_eq!(counters(&log, "t/large", 20..=40, 1), (19..40).collect::<Vec<_>>());
+        assert_eq!(counters(&log, "t/small", 42..=42, 1), [41]);
+        assert_eq!(counters(&log, "t/none", 1..=42, 1), Vec::<u64>::new());
+        assert_eq!(counters(&log, "t/small", 1..=40, 1), Vec::<u64>::new());
+        Ok(())
+    }
+
     #[test]
     fn history_skips_only_chunks_without_direct_events() -> Result<()> {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -3178,7 +3249,7 @@ mod chunked_log {
     fn what_was_read_ahead_serves_only_locations_inside_it() {
         let ahead = Ahead {
             at: Some((2, 1_000)),
-            bytes: (0..100).collect(),
+            bytes: ReadBuf::from((0..100).collect::<Vec<u8>>()),
         };
         let loc = |segment, offset, len| Loc {
             segment,
