@@ -136,6 +136,7 @@ impl<'a> StoredRecord<'a> {
     ///
     /// # Errors
     /// When the header does not describe the bytes that follow it.
+    #[inline]
     pub fn new(stored: &'a [u8]) -> Result<Self, RecordError> {
         if stored.len() < HEADER_LEN {
             return Err(RecordError("shorter than its header"));

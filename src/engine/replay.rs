@@ -237,6 +237,7 @@ pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStr
     if !engine.subs.covers(client, &req.event_name) {
         return ReplayStream::refused(not_subscribed(client, &req.event_name));
     }
+    let event_name = req.event_name.to_string();
     let job = RangeJob {
         snapshot: engine.commit.head(),
         limit: u64::from(limit),
@@ -245,17 +246,13 @@ pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStr
         check_acks: engine.store.has_settlements(client),
         include_payload: req.include_payloads.unwrap_or(true),
         replay_timestamp: now_ms(),
-        client: client.clone(),
-        pattern: req.event_name.clone(),
+        // The session checked that it is `client`.
+        client: req.client_id,
+        pattern: req.event_name,
         from: req.from_position,
         to: req.to_position,
     };
-    let started = |count| {
-        Reply::Pass(Pass::ReplayStarted {
-            event_name: req.event_name.to_string(),
-            count,
-        })
-    };
+    let started = |count| Reply::Pass(Pass::ReplayStarted { event_name, count });
     // Pinned before the start is resolved: a trim either finished before
     // (and the start is resolved in what it left) or waits.
     let pin = engine.pins.pin();
