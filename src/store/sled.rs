@@ -2630,13 +2630,22 @@ mod chunked_log {
         let log = SledLog::open(dir.path())?;
         let large: Vec<WriteOp> = (0..40).map(|i| event("t/large", i)).collect();
         log.apply(&large, 1_000)?;
-        log.apply(&[small_event("t/small", 40), small_event("t/small", 41)], 1_000)?;
+        log.apply(
+            &[small_event("t/small", 40), small_event("t/small", 41)],
+            1_000,
+        )?;
         log.flush()?;
         // Each scan reads into the buffer the one before it left, full of
         // larger records.
-        assert_eq!(counters(&log, "t/large", 1..=40, 40), (0..40).collect::<Vec<_>>());
+        assert_eq!(
+            counters(&log, "t/large", 1..=40, 40),
+            (0..40).collect::<Vec<_>>()
+        );
         assert_eq!(counters(&log, "t/small", 1..=42, 2), [40, 41]);
-        assert_eq!(counters(&log, "t/large", 20..=40, 1), (19..40).collect::<Vec<_>>());
+        assert_eq!(
+            counters(&log, "t/large", 20..=40, 1),
+            (19..40).collect::<Vec<_>>()
+        );
         assert_eq!(counters(&log, "t/small", 42..=42, 1), [41]);
         assert_eq!(counters(&log, "t/none", 1..=42, 1), Vec::<u64>::new());
         assert_eq!(counters(&log, "t/small", 1..=40, 1), Vec::<u64>::new());
