@@ -134,7 +134,13 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path, peers: Peers<'_>) -> Result<Result
     }
 
     if cfg.runs("seek") {
-        res.seek = Some(seek(cfg, bin, tmp, port, ceiling.as_deref_mut())?);
+        res.seek = Some(seek(
+            cfg,
+            bin,
+            tmp,
+            (&server, port),
+            ceiling.as_deref_mut(),
+        )?);
     }
 
     if cfg.runs("limit") {
@@ -300,10 +306,10 @@ fn seek(
     cfg: &Cfg,
     bin: &Path,
     tmp: &Path,
-    port: u16,
+    (server, port): (&Server, u16),
     ceiling: Option<&mut Ceiling>,
 ) -> Result<Seek> {
-    let (_small_server, small_port) = start(cfg, bin, &tmp.join("ensync-small"))?;
+    let (small_server, small_port) = start(cfg, bin, &tmp.join("ensync-small"))?;
     let small = Positions::load(cfg, small_port, cfg.seek_small)?;
     let large = Positions::load(cfg, port, cfg.seek_n)?;
     procs::settle();
@@ -312,6 +318,8 @@ fn seek(
     let (mut small, mut large) = (small.connect(small_port)?, large.connect(port)?);
     let mut rng = fastrand::Rng::new();
     let samples = cfg.seek_samples;
+    let read = |server: &Server| procs::storage_read_bytes(server.pid());
+    let read_before = [read(&small_server)?, read(server)?];
     let us = match ceiling {
         Some(ceiling) => {
             let mut its = ceiling.seeker()?;
@@ -323,7 +331,11 @@ fn seek(
         }
         None => common::seeks_in_turns(&mut [&mut small, &mut large], samples, &mut rng)?,
     };
-    Ok(Seek::new(cfg.seek_small, cfg.seek_n, &us[0], &us[1]))
+    let kib = |after: u64, before: u64| after.saturating_sub(before) as f64 / 1024.0;
+    let mut seek = Seek::new(cfg.seek_small, cfg.seek_n, &us[0], &us[1]);
+    seek.storage_read_small_kib = Some(kib(read(&small_server)?, read_before[0]));
+    seek.storage_read_large_kib = Some(kib(read(server)?, read_before[1]));
+    Ok(seek)
 }
 
 /// Places to seek to in a log of `bench/s0`, picked as it loaded.

@@ -117,6 +117,16 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS in /proc/PID/status")
 }
 
+/// Bytes process `pid` has had read from storage (`read_bytes` of
+/// /proc/PID/io): reads the page cache answered do not count.
+pub fn storage_read_bytes(pid: u32) -> Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("read_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no read_bytes in /proc/PID/io")
+}
+
 /// Samples a process's RSS every 10 ms on a thread, keeping the peak.
 pub struct RssSampler {
     stop: Arc<AtomicBool>,

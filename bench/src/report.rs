@@ -41,6 +41,11 @@ pub struct Seek {
     pub p99_small_us: f64,
     pub p50_large_us: f64,
     pub p99_large_us: f64,
+    /// KiB the server read from storage while it was timed, at each size
+    /// (measured for ensync-server): seeks whose bytes the kernel had
+    /// evicted from the page cache wait for the disk.
+    pub storage_read_small_kib: Option<f64>,
+    pub storage_read_large_kib: Option<f64>,
 }
 
 impl Seek {
@@ -54,6 +59,8 @@ impl Seek {
             p99_small_us: percentile(small, 99.0).unwrap_or(f64::NAN),
             p50_large_us: percentile(large, 50.0).unwrap_or(f64::NAN),
             p99_large_us: percentile(large, 99.0).unwrap_or(f64::NAN),
+            storage_read_small_kib: None,
+            storage_read_large_kib: None,
         }
     }
 }
@@ -278,7 +285,7 @@ impl Report {
     /// target verdict.
     pub fn table(&self) -> String {
         type Metric = fn(&Results) -> Option<f64>;
-        let rows: [(&str, Metric, Option<&[usize]>); 22] = [
+        let rows: [(&str, Metric, Option<&[usize]>); 24] = [
             (
                 "publish 1 conn (ev/s)",
                 |r| r.publish_1.as_ref().map(|x| x.median),
@@ -333,6 +340,16 @@ impl Report {
                 "seek p99 seek-n (us)",
                 |r| r.seek.as_ref().map(|x| x.p99_large_us),
                 Some(&[3, 4]),
+            ),
+            (
+                "seek disk reads small (KiB)",
+                |r| r.seek.as_ref().and_then(|x| x.storage_read_small_kib),
+                None,
+            ),
+            (
+                "seek disk reads seek-n (KiB)",
+                |r| r.seek.as_ref().and_then(|x| x.storage_read_large_kib),
+                None,
             ),
             (
                 "limit-50 1 client (/s)",
