@@ -106,9 +106,12 @@ fn smoke_run_measures_every_system() {
             assert!(num(r, &["names", "limit_1", "median"]) > 0.0, "names");
             assert_eq!(num(r, &["names", "live_samples"]), 50.0, "names");
             assert!(num(r, &["names", "live_p99_us"]) > 0.0, "names");
-            for size in ["small", "large"] {
-                let key = format!("storage_read_{size}_kib");
-                assert!(num(r, &["seek", &key]) >= 0.0, "seek {key}");
+            // Counted where the kernel keeps per-process I/O accounting.
+            if std::path::Path::new("/proc/self/io").exists() {
+                for size in ["small", "large"] {
+                    let key = format!("storage_read_{size}_kib");
+                    assert!(num(r, &["seek", &key]) >= 0.0, "seek {key}");
+                }
             }
         }
         if system != "ceiling" {
