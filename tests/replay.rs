@@ -1241,9 +1241,12 @@ async fn pipelined_commands_get_one_reply_each_in_order() {
         Exact(String),
         Prefix(&'static str),
     }
+    // More than the 1,024 commands a connection may have in flight: the
+    // server stops reading for a while as the writer waits for commits.
+    const LINES: usize = 3000;
     let mut buf = String::new();
     let mut wants = Vec::new();
-    for i in 0..1000 {
+    for i in 0..LINES {
         let (line, want) = match i % 8 {
             0 | 5 => (
                 format!(
@@ -1283,7 +1286,7 @@ async fn pipelined_commands_get_one_reply_each_in_order() {
         }
         wants.push((line, want));
     }
-    let got = c.pipeline_raw(buf.as_bytes(), 1000).await;
+    let got = c.pipeline_raw(buf.as_bytes(), LINES).await;
     let mut last_ts = 0;
     for (i, ((line, want), reply)) in wants.iter().zip(&got).enumerate() {
         match want {

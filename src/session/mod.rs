@@ -21,7 +21,6 @@ use ensync_protocol::command::ConnAuth;
 use ensync_protocol::field::ClientId;
 use ensync_protocol::{parse_command, Command, ErrorCode, Frame, LineLimit, Pass, Reply};
 use futures_util::{FutureExt, Sink, SinkExt, Stream, StreamExt};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -33,6 +32,10 @@ use crate::config::{Limits, MAX_IN_FLIGHT, MAX_LINE_BEFORE_CONN};
 use crate::engine::{Attachment, Engine, Outcome, RecordSource, Records};
 use crate::limits::{Bucket, ClientSlot, Pacer, Stalled};
 use crate::metrics::Closed;
+
+mod handoff;
+
+use handoff::{handoff, reader_then_writer, Receiver, Sender};
 
 /// What a session writes: a reply, pre-encoded record lines (each ending
 /// in LF; a WebSocket transport sends one frame per line), or a heartbeat.
@@ -164,7 +167,7 @@ where
     R: Stream<Item = io::Result<Frame>> + Unpin,
     W: Sink<Outbound, Error = io::Error> + Unpin,
 {
-    let (tx, rx) = mpsc::channel(MAX_IN_FLIGHT);
+    let (tx, rx) = handoff(MAX_IN_FLIGHT);
     let seen = LastSeen::new();
     // Replays asked for and not yet answered in full.
     let replays = AtomicUsize::new(0);
@@ -189,7 +192,7 @@ where
         stop.cancel();
         result
     };
-    let (read, write) = tokio::join!(reader, writer);
+    let (read, write) = reader_then_writer(reader, writer).await;
     drop(slot);
     if let Err(e) = &write {
         if Stalled::is(e) {
@@ -206,7 +209,7 @@ async fn read_loop<R>(
     mut frames: R,
     line_limit: &LineLimit,
     slot: &mut Option<ClientSlot>,
-    tx: mpsc::Sender<Owed>,
+    tx: Sender<Owed>,
     cancel: &CancellationToken,
     seen: &LastSeen,
     replays: &AtomicUsize,
@@ -227,7 +230,7 @@ where
             read_at,
             pending,
         };
-        tx.send(owed).await.is_ok()
+        tx.send(owed).await
     };
     let opened = Instant::now();
     let mut last_command = opened;
@@ -526,7 +529,7 @@ async fn delivered(delivery: &mut Option<Delivery>) -> Bytes {
 
 async fn write_loop<W>(
     engine: &Engine,
-    mut rx: mpsc::Receiver<Owed>,
+    mut rx: Receiver<Owed>,
     mut sink: W,
     seen: &LastSeen,
     replays: &AtomicUsize,
