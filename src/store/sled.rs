@@ -283,22 +283,27 @@ struct Mark {
     offset: u32,
 }
 
-/// The marks of a chunk (location and offsets in `value`, first seq
-/// `first`) after its first entry.
-fn marks(value: &[u8], first: u64) -> impl Iterator<Item = Mark> + '_ {
-    let every = OFFSET_EVERY as u64;
-    value
-        .get(16..)
-        .unwrap_or_default()
-        .chunks_exact(8)
-        .zip(1u64..)
-        .map(move |(mark, k)| Mark {
-            index: k * every,
-            seq: first.saturating_add(u64::from(u32::from_be_bytes([
-                mark[0], mark[1], mark[2], mark[3],
-            ]))),
-            offset: u32::from_be_bytes([mark[4], mark[5], mark[6], mark[7]]),
-        })
+/// How many marks a chunk (location and offsets in `value`) has after its
+/// first entry.
+fn mark_count(value: &[u8]) -> u64 {
+    (value.len().saturating_sub(16) / 8) as u64
+}
+
+/// Mark `k` (from 1) of a chunk (location and offsets in `value`, first
+/// seq `first`), if it has one.
+fn mark(value: &[u8], first: u64, k: u64) -> Option<Mark> {
+    let at = usize::try_from(k.checked_sub(1)?)
+        .ok()?
+        .checked_mul(8)?
+        .checked_add(16)?;
+    let mark = value.get(at..at.checked_add(8)?)?;
+    Some(Mark {
+        index: k.saturating_mul(OFFSET_EVERY as u64),
+        seq: first.saturating_add(u64::from(u32::from_be_bytes([
+            mark[0], mark[1], mark[2], mark[3],
+        ]))),
+        offset: u32::from_be_bytes([mark[4], mark[5], mark[6], mark[7]]),
+    })
 }
 
 /// Where a read of a chunk for its entries from seq `from` on starts: the
@@ -306,31 +311,40 @@ fn marks(value: &[u8], first: u64) -> impl Iterator<Item = Mark> + '_ {
 /// with seq `from` or later (or a bound on it: when the seqs between two
 /// marks have no gap, the position is known).
 fn start_mark(value: &[u8], first: u64, from: u64) -> (Mark, u64) {
-    let mut start = Mark {
+    // The marks' seqs rise, so the first past `from` is found by halving:
+    // a chunk of a large commit has hundreds.
+    let past = |k| mark(value, first, k).map_or(true, |mark| mark.seq > from);
+    let (mut low, mut high) = (1, mark_count(value) + 1);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        if past(middle) {
+            high = middle;
+        } else {
+            low = middle + 1;
+        }
+    }
+    let start = mark(value, first, low - 1).unwrap_or(Mark {
         index: 0,
         seq: first,
         offset: 0,
+    });
+    let Some(next) = mark(value, first, low) else {
+        // Past the last mark: the entries after it are read to the end.
+        return (start, start.index);
     };
-    for mark in marks(value, first) {
-        if mark.seq > from {
-            let gapless = mark.seq - start.seq == mark.index - start.index;
-            let index = if gapless {
-                start.index + from.saturating_sub(start.seq)
-            } else {
-                mark.index
-            };
-            return (start, index);
-        }
-        start = mark;
-    }
-    // Past the last mark: the entries after it are read to the end.
-    (start, start.index)
+    let gapless = next.seq - start.seq == next.index - start.index;
+    let index = if gapless {
+        start.index + from.saturating_sub(start.seq)
+    } else {
+        next.index
+    };
+    (start, index)
 }
 
 /// The first mark at or past position `index`: where a read that needs
 /// the entries before `index` may stop (`None`: at the chunk's end).
 fn mark_at_or_past(value: &[u8], first: u64, index: u64) -> Option<Mark> {
-    marks(value, first).find(|mark| mark.index >= index)
+    mark(value, first, index.div_ceil(OFFSET_EVERY as u64).max(1))
 }
 
 /// `true` once a read of the chunk under `key` went well, `false` when it
@@ -359,7 +373,7 @@ fn ahead_of(whole: Loc, value: &[u8], part: Loc, entries: u64) -> u32 {
         return 0;
     }
     // A chunk with k offsets holds at least 8k + 1 entries.
-    let held = marks(value, 0).count() as u64 * OFFSET_EVERY as u64 + 1;
+    let held = mark_count(value) * OFFSET_EVERY as u64 + 1;
     let per_entry = u64::from(whole.len) / held;
     let wanted = entries.saturating_mul(per_entry).min(u64::from(READ_AHEAD));
     u32::try_from(wanted.saturating_sub(u64::from(part.len))).unwrap_or(0)
@@ -369,6 +383,24 @@ fn ahead_of(whole: Loc, value: &[u8], part: Loc, entries: u64) -> u32 {
 /// end without one).
 fn between(loc: Loc, from: Mark, to: Option<Mark>) -> Loc {
     loc.part(from.offset, to.map_or(loc.len, |to| to.offset))
+}
+
+/// The number the hex digits spell (either case; 16 digits at most), or
+/// `None` for anything else: a loop the compiler keeps small, where
+/// `from_str_radix` (signs, any radix) cost a seek from an id twice over.
+fn from_hex(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 16 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, d| {
+        let nibble = match d {
+            b'0'..=b'9' => d - b'0',
+            b'a'..=b'f' => d - b'a' + 10,
+            b'A'..=b'F' => d - b'A' + 10,
+            _ => return None,
+        };
+        Some(n << 4 | u64::from(nibble))
+    })
 }
 
 /// Appends the low `digits` hex digits of `n`, lower case.
@@ -821,6 +853,15 @@ struct Ahead {
 }
 
 impl Ahead {
+    /// The buffer to read ahead into: one this thread kept, if it has
+    /// one, the first time (a seek never reads ahead, and takes none).
+    fn buffer(&mut self) -> &mut ReadBuf {
+        if self.bytes.capacity() == 0 {
+            self.bytes = spare_buffer();
+        }
+        &mut self.bytes
+    }
+
     /// The bytes at `loc`, if they were read ahead.
     fn get(&self, loc: Loc) -> Option<&[u8]> {
         let (segment, offset) = self.at?;
@@ -829,6 +870,12 @@ impl Ahead {
         }
         let start = usize::try_from(loc.offset - offset).ok()?;
         self.bytes.get(start..start.checked_add(loc.len as usize)?)
+    }
+}
+
+impl Drop for Ahead {
+    fn drop(&mut self) {
+        keep_buffer(std::mem::take(&mut self.bytes));
     }
 }
 
@@ -1053,8 +1100,7 @@ impl<'n> Cursor<'n> {
         }
         self.chunk.clear();
         read_ahead.at = None;
-        self.segments
-            .read_ahead(loc, ahead, &mut read_ahead.bytes)?;
+        self.segments.read_ahead(loc, ahead, read_ahead.buffer())?;
         read_ahead.at = Some((loc.segment, loc.offset));
         self.chunk.copy_from(&read_ahead.bytes[..loc.len as usize]);
         Ok(())
@@ -1167,34 +1213,43 @@ impl Drop for Cursor<'_> {
     }
 }
 
-/// The largest buffer a thread keeps for its next cursor: twice what a
+/// The largest buffer a thread keeps for its next scan: twice what a
 /// chunk's last part is read with ([`READ_AHEAD`]), far more than a LIMIT
 /// replay or a seek reads.
 const KEPT_BUFFER_BYTES: usize = 2 * READ_AHEAD as usize;
 
+/// Buffers a thread keeps: a cursor's and its scan's read-ahead.
+const KEPT_BUFFERS: usize = 2;
+
 thread_local! {
-    /// A cursor's read buffer, kept for the next cursor on this thread,
-    /// so that a LIMIT replay or a seek neither allocates one nor zeroes
-    /// it ([`ReadBuf`]).
-    static SPARE_BUFFER: RefCell<ReadBuf> = RefCell::default();
+    /// Read buffers of cursors and of read-ahead, kept for the next scan
+    /// on this thread, so that a LIMIT replay or a seek neither allocates
+    /// them nor zeroes them ([`ReadBuf`]): a read-ahead buffer made anew
+    /// for each scan cost a LIMIT-50 replay 8% of its instructions in
+    /// zeroing.
+    static SPARE_BUFFERS: RefCell<Vec<ReadBuf>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The buffer this thread kept (holding nothing), or a new one.
+/// A buffer this thread kept (holding nothing), or a new one.
 fn spare_buffer() -> ReadBuf {
-    let mut buffer = SPARE_BUFFER.with_borrow_mut(std::mem::take);
+    let mut buffer = SPARE_BUFFERS.with_borrow_mut(Vec::pop).unwrap_or_default();
     buffer.clear();
     buffer
 }
 
-/// Keeps `buffer` for this thread's next cursor, unless it is large or
-/// smaller than the one kept.
+/// Keeps `buffer` for this thread's next scan, unless it is large, or
+/// smaller than every buffer kept when [`KEPT_BUFFERS`] are.
 fn keep_buffer(buffer: ReadBuf) {
-    if buffer.capacity() > KEPT_BUFFER_BYTES {
+    if buffer.capacity() > KEPT_BUFFER_BYTES || buffer.capacity() == 0 {
         return;
     }
-    SPARE_BUFFER.with_borrow_mut(|spare| {
-        if spare.capacity() < buffer.capacity() {
-            *spare = buffer;
+    SPARE_BUFFERS.with_borrow_mut(|spares| {
+        if spares.len() < KEPT_BUFFERS {
+            spares.push(buffer);
+        } else if let Some(smallest) = spares.iter_mut().min_by_key(|spare| spare.capacity()) {
+            if smallest.capacity() < buffer.capacity() {
+                *smallest = buffer;
+            }
         }
     });
 }
@@ -1376,9 +1431,11 @@ impl SledLog {
         if hex.len() != 24 {
             return None;
         }
-        let epoch = u32::from_str_radix(hex.get(..8)?, 16).ok()?;
-        let seq = u64::from_str_radix(hex.get(8..)?, 16).ok()?;
-        (epoch == self.epoch).then_some(seq)
+        let (epoch, seq) = hex.as_bytes().split_at(8);
+        if from_hex(epoch)? != u64::from(self.epoch) {
+            return None;
+        }
+        from_hex(seq)
     }
 
     /// The subscription under `key`, as this batch has left it so far.
@@ -1931,6 +1988,25 @@ impl SledLog {
         .map(drop)
     }
 
+    /// A scan of one name: one cursor, without a merge's heap.
+    fn scan_name(
+        &self,
+        name: &str,
+        seqs: RangeInclusive<u64>,
+        want: u64,
+        visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
+    ) -> Result<()> {
+        let ahead = RefCell::new(Ahead::default());
+        let reads = (want, merge_batch(1));
+        let mut cursor = Cursor::new(self.store(), &ahead, name, &seqs, reads)?;
+        while cursor.seq().is_some() {
+            if cursor.visit(visit)?.is_break() {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// What a cursor reads.
     fn store(&self) -> Store<'_> {
         Store {
@@ -2248,6 +2324,9 @@ impl EventLog for SledLog {
     ) -> Result<()> {
         if seqs.is_empty() {
             return Ok(());
+        }
+        if let Pattern::Exact(name) = pattern {
+            return self.scan_name(name.as_str(), seqs, want, visit);
         }
         let len = (seqs.end() - seqs.start()).saturating_add(1);
         let names = match self.names_within(pattern, MERGE_NAMES)? {
@@ -3694,5 +3773,88 @@ mod chunked_log {
             Err(UnknownPosition)
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod chunk_marks {
+    use super::*;
+
+    /// A chunk's value (a zeroed location, then its marks) for a chunk
+    /// whose entry `i` has seq `first + seqs[i]`.
+    fn chunk(seqs: &[u32]) -> Vec<u8> {
+        let mut value = vec![0; 16];
+        for (i, seq) in seqs
+            .iter()
+            .enumerate()
+            .skip(OFFSET_EVERY)
+            .step_by(OFFSET_EVERY)
+        {
+            value.extend_from_slice(&seq.to_be_bytes());
+            value.extend_from_slice(&(i as u32 * 100).to_be_bytes());
+        }
+        value
+    }
+
+    /// `start_mark` as a walk through every mark in order.
+    fn walked_start(value: &[u8], first: u64, from: u64) -> (u64, u64) {
+        let mut start = (0, first);
+        for k in 1..=mark_count(value) {
+            let mark = mark(value, first, k).expect("mark");
+            if mark.seq > from {
+                let gapless = mark.seq - start.1 == mark.index - start.0;
+                let index = if gapless {
+                    start.0 + from.saturating_sub(start.1)
+                } else {
+                    mark.index
+                };
+                return (start.0, index);
+            }
+            start = (mark.index, mark.seq);
+        }
+        (start.0, start.0)
+    }
+
+    #[test]
+    fn halving_finds_the_mark_a_walk_finds() {
+        let gapless: Vec<u32> = (0..100).collect();
+        // Gaps where other names' events fell between this one's.
+        let gapped: Vec<u32> = (0..100).map(|i| i * 3 + i / 10).collect();
+        let short: Vec<u32> = (0..5).collect();
+        for seqs in [&gapless, &gapped, &short] {
+            let value = chunk(seqs);
+            let first = 1_000;
+            let last = first + u64::from(*seqs.last().expect("entries"));
+            for from in first.saturating_sub(3)..=last + 3 {
+                let (start, index) = start_mark(&value, first, from);
+                assert_eq!(
+                    (start.index, index),
+                    walked_start(&value, first, from),
+                    "from {from} in {} entries",
+                    seqs.len()
+                );
+                assert_eq!(u64::from(start.offset), start.index * 100);
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_stops_at_the_first_mark_at_or_past_its_last_entry() {
+        let value = chunk(&(0..40).collect::<Vec<u32>>());
+        let first = 7;
+        for index in 0..45 {
+            let walked = (1..=mark_count(&value))
+                .filter_map(|k| mark(&value, first, k))
+                .find(|mark| mark.index >= index)
+                .map(|mark| mark.index);
+            assert_eq!(
+                mark_at_or_past(&value, first, index).map(|mark| mark.index),
+                walked,
+                "index {index}"
+            );
+        }
+        assert_eq!(mark_count(&value), 4);
+        // A read that wants every entry left reads to the chunk's end.
+        assert!(mark_at_or_past(&value, first, u64::MAX).is_none());
     }
 }
