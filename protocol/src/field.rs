@@ -94,22 +94,38 @@ fn check_name(s: &str) -> Result<(), FieldError> {
             "must be 1 to {MAX_EVENT_NAME_LEN} characters long"
         )));
     }
-    for segment in s.split('/') {
-        if segment.is_empty() {
-            return Err(FieldError::new(
-                "has an empty segment (names look like domain/resource/action)",
-            ));
-        }
-        if let Some(c) = segment
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.')))
-        {
+    // One pass over the bytes; the message's character is looked for
+    // only when there is one to report.
+    let mut segment_empty = true;
+    for (i, b) in s.bytes().enumerate() {
+        if b == b'/' {
+            if segment_empty {
+                return Err(empty_segment());
+            }
+            segment_empty = true;
+        } else if is_name_byte(b) {
+            segment_empty = false;
+        } else {
+            // Every byte before it is ASCII, so a character starts here.
+            let c = s[i..].chars().next().unwrap_or_default();
             return Err(FieldError::new(format!(
                 "contains {c:?} (segments take letters, digits, '_', '-' and '.')"
             )));
         }
     }
+    if segment_empty {
+        return Err(empty_segment());
+    }
     Ok(())
+}
+
+/// Whether `b` may appear in a segment of a name.
+fn is_name_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')
+}
+
+fn empty_segment() -> FieldError {
+    FieldError::new("has an empty segment (names look like domain/resource/action)")
 }
 
 impl FromStr for EventName {

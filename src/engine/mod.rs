@@ -309,7 +309,7 @@ impl Engine {
 
     /// Every name an event may be addressed to this client by.
     fn identities(&self, client: &ClientId) -> Vec<String> {
-        let mut ids = vec![client.to_string()];
+        let mut ids = vec![client.as_str().to_owned()];
         ids.extend(self.access.public_keys(client.as_str()).iter().cloned());
         ids
     }

@@ -122,6 +122,12 @@ impl RangeJob {
         .render()
     }
 
+    /// The marks of an acknowledged record, if the client ever settled
+    /// anything (else none is acknowledged, and they are not rendered).
+    fn acked_marks(&self) -> Option<RenderedMarks> {
+        self.check_acks.then(|| self.marks(true))
+    }
+
     /// Whether the client acknowledged event `seq`.
     fn acked(&self, store: &dyn EventLog, seq: u64) -> Result<bool, StoreError> {
         Ok(self.check_acks && store.settlement(&self.client, seq)? == Some(Settlement::Acked))
@@ -153,7 +159,8 @@ struct Stream {
     chunk_bytes: usize,
     /// With ONLY_UNACKED, the events the count pass took (sorted).
     taken: Vec<u64>,
-    acked_marks: RenderedMarks,
+    /// Rendered only for a client that settled something.
+    acked_marks: Option<RenderedMarks>,
     unacked_marks: RenderedMarks,
     /// Keeps retention off what is left to send.
     pin: Pin,
@@ -190,7 +197,10 @@ impl Stream {
                     return ControlFlow::Break(());
                 }
             };
-            let marks = if acked { acked_marks } else { unacked_marks };
+            let marks = match acked_marks {
+                Some(marks) if acked => marks,
+                _ => unacked_marks,
+            };
             event.record.write_rendered_line(&mut buf, marks);
             in_chunk += 1;
             if in_chunk == left || buf.len() >= chunk_bytes {
@@ -354,7 +364,7 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Rep
             count: 0,
         }));
     };
-    let (acked_marks, unacked_marks) = (job.marks(true), job.marks(false));
+    let (acked_marks, unacked_marks) = (job.acked_marks(), job.marks(false));
     let ids = job.ids();
     let mut buf = BytesMut::with_capacity(small_buffer(job.limit, INLINE_REPLAY_BYTES));
     let (mut count, mut visited, mut fits, mut failed) = (0, 0, true, None);
@@ -377,7 +387,10 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Rep
         if acked && job.only_unacked {
             return ControlFlow::Continue(());
         }
-        let marks = if acked { &acked_marks } else { &unacked_marks };
+        let marks = match &acked_marks {
+            Some(marks) if acked => marks,
+            _ => &unacked_marks,
+        };
         event.record.write_rendered_line(&mut buf, marks);
         count += 1;
         if buf.len() > INLINE_REPLAY_BYTES {
@@ -429,7 +442,7 @@ fn count_pass(store: &dyn EventLog, job: RangeJob, mut pin: Pin) -> Result<Optio
         return Ok(None);
     }
     Ok(Some(Stream {
-        acked_marks: job.marks(true),
+        acked_marks: job.acked_marks(),
         unacked_marks: job.marks(false),
         job,
         from: start,
