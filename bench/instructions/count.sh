@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Instructions the server executes per seek and per LIMIT-50 replay,
+# counted by callgrind: the same for the same binary and inputs however
+# busy the machine is, where timings on a shared machine move by a third.
+#
+#   bench/instructions/count.sh target/release/ensync-server [TAG]
+#
+# Needs valgrind and python3. The server runs pinned to CPU 1 (one tokio
+# worker, as in the bench), loads a 30,000-event log uncounted, then
+# counts 3,000 seeks and 1,000 LIMIT-50 replays. Profiles are left in
+# $OUT (callgrind_annotate them); compare two builds by their counts.
+set -euo pipefail
+bin=$(realpath "$1")
+tag=${2:-run}
+here=$(cd "$(dirname "$0")" && pwd)
+out=${OUT:-$(mktemp -d)}
+port=${PORT:-17170}
+events=30000 seeks=3000 replays=1000
+
+rm -rf "$out/data-$tag"
+taskset -c 1 valgrind --tool=callgrind --instr-atstart=no \
+  --callgrind-out-file="$out/callgrind.$tag.%p" \
+  "$bin" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$((port + 1))" \
+  --data-dir "$out/data-$tag" > "$out/server-$tag.log" 2>&1 &
+valgrind_pid=$!
+trap 'kill $valgrind_pid 2>/dev/null || true' EXIT
+for _ in $(seq 100); do
+  (echo > "/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+  sleep 0.2
+done
+
+python3 "$here/drive.py" "$port" "$events" "$seeks" "$replays" "$valgrind_pid" "$tag"
+kill "$valgrind_pid"
+wait "$valgrind_pid" 2>/dev/null || true
+
+total() { awk '/^totals:/ {print $2}' "$out/callgrind.$tag.$valgrind_pid.$1"; }
+echo "$tag: $(( $(total 1) / seeks )) instructions per seek, $(( $(total 2) / replays )) per LIMIT-50 replay (profiles in $out)"

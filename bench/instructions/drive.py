@@ -1,0 +1,93 @@
+"""Drives an ensync-server running under callgrind: loads a log, then
+times nothing but asks callgrind to count the server's instructions over
+a run of seeks and a run of LIMIT-50 replays (see count.sh).
+
+usage: drive.py PORT EVENTS SEEKS REPLAYS VALGRIND_PID TAG
+"""
+
+import random
+import socket
+import subprocess
+import sys
+
+PAYLOAD = 256
+WINDOW = 1000  # publishes in flight, as the bench's loader keeps
+
+
+def connect(port, client, sub=None):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    f = s.makefile("rb")
+    s.sendall(f"CONN;CLIENT_ID={client}\n".encode())
+    assert f.readline().startswith(b"+PASS"), "CONN refused"
+    if sub:
+        s.sendall(f"SUB;CLIENT_ID={client};EVENT_NAME={sub}\n".encode())
+        assert f.readline().startswith(b"+PASS"), "SUB refused"
+    return s, f
+
+
+def payload(i):
+    head = '{"user":"u%d","seq":%d,"pad":"' % (i % 1000, i)
+    return head + "x" * (PAYLOAD - len(head) - 2) + '"}'
+
+
+def load(port, n):
+    """Publishes n events of bench/s0, pipelined; returns (id, timestamp)
+    of about one event in fifty."""
+    s, f = connect(port, "bench")
+    picked, sent, acked = [], 0, 0
+    pick = random.Random(1)
+    while acked < n:
+        if sent < n and (sent - acked <= WINDOW * 3 // 4 or sent == acked):
+            lines = []
+            while sent < n and sent - acked < WINDOW:
+                lines.append(
+                    f"PUB;CLIENT_ID=bench;EVENT_NAME=bench/s0;PAYLOAD={payload(sent)};DELIVERY_TO=*\n"
+                )
+                sent += 1
+            s.sendall("".join(lines).encode())
+        line = f.readline()
+        assert line.startswith(b"+PASS:PUBLISHED;IDEM="), line
+        if pick.random() < 0.02:
+            idem, ts = line[len(b"+PASS:PUBLISHED;IDEM="):].decode().strip().split(";TIMESTAMP=")
+            picked.append((idem, ts))
+        acked += 1
+    return picked
+
+
+def main():
+    port, n, seeks, replays = (int(a) for a in sys.argv[1:5])
+    pid, tag = sys.argv[5], sys.argv[6]
+    positions = load(port, n)
+    r, rf = connect(port, "seeker", "bench/s0")
+    rng = random.Random(7)
+
+    def replay(frm, limit):
+        r.sendall(
+            f"REPLAY;CLIENT_ID=seeker;EVENT_NAME=bench/s0;FROM_POSITION={frm};LIMIT={limit}\n".encode()
+        )
+        header = rf.readline()
+        assert header.startswith(b"+PASS:REPLAY_STARTED"), header
+        for _ in range(int(header.rsplit(b"COUNT=", 1)[1])):
+            rf.readline()
+
+    def callgrind(*args):
+        subprocess.run(["callgrind_control", *args, pid], check=True, stdout=subprocess.DEVNULL)
+
+    for q in range(200):  # warm up, uncounted
+        idem, ts = rng.choice(positions)
+        replay(idem if q % 2 else ts, 1)
+    callgrind("-i", "on")
+    callgrind("-z")
+    for q in range(seeks):  # from an id and from a timestamp in turn
+        idem, ts = rng.choice(positions)
+        replay(idem if q % 2 else ts, 1)
+    callgrind("-d", f"seek-{tag}")
+    for _ in range(replays):
+        idem, _ = rng.choice(positions)
+        replay(idem, 50)
+    callgrind("-d", f"limit50-{tag}")
+    callgrind("-i", "off")
+
+
+main()
