@@ -929,12 +929,7 @@ fn merge<'n>(
         let cursor: &mut Cursor<'n> = &mut cursors[i];
         if heap.is_empty() && pending.peek().is_none() {
             // The last name left: no heap to keep.
-            while cursor.seq().is_some() {
-                if cursor.visit(visit)?.is_break() {
-                    return Ok(ControlFlow::Break(()));
-                }
-            }
-            return Ok(ControlFlow::Continue(()));
+            return cursor.visit_rest(visit);
         }
         if cursor.visit(visit)?.is_break() {
             return Ok(ControlFlow::Break(()));
@@ -1204,6 +1199,20 @@ impl<'n> Cursor<'n> {
             self.settle(next)?;
         }
         Ok(flow)
+    }
+
+    /// Hands each entry left in range to `visit`, until it breaks; says
+    /// whether it did.
+    fn visit_rest(
+        &mut self,
+        visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
+    ) -> Result<ControlFlow<()>> {
+        while self.seq().is_some() {
+            if self.visit(visit)?.is_break() {
+                return Ok(ControlFlow::Break(()));
+            }
+        }
+        Ok(ControlFlow::Continue(()))
     }
 }
 
@@ -1999,12 +2008,8 @@ impl SledLog {
         let ahead = RefCell::new(Ahead::default());
         let reads = (want, merge_batch(1));
         let mut cursor = Cursor::new(self.store(), &ahead, name, &seqs, reads)?;
-        while cursor.seq().is_some() {
-            if cursor.visit(visit)?.is_break() {
-                break;
-            }
-        }
-        Ok(())
+        // Whether the visitor stopped it or not, the scan is done.
+        cursor.visit_rest(visit).map(drop)
     }
 
     /// What a cursor reads.
