@@ -11,7 +11,7 @@ set -euo pipefail
 total="${1:?usage: fuzz/run.sh SECONDS}"
 cd "$(dirname "$0")"
 
-targets=(codec parse)
+targets=(codec parse json)
 
 # libFuzzer itself is C++: libfuzzer-sys compiles it with the system C++
 # compiler.
@@ -44,7 +44,7 @@ bin="target/$host/release"
 # as one stream, with LF and with CRLF. The codec target's first two bytes
 # pick the line limit and the read lengths (see src/lib.rs).
 rm -rf seeds
-mkdir -p seeds/codec seeds/parse
+mkdir -p seeds/codec seeds/parse seeds/json
 n=0
 for file in ../protocol/vectors/*.txt; do
   name="$(basename "$file" .txt)"
@@ -62,6 +62,11 @@ done
 # lines, invalid UTF-8 and a last line without LF.
 printf '\x08\x02PING\r\n\r\n\n0123456789\nPONG' >seeds/codec/edge-long
 printf '\x08\x00\xff\xfe\nPING\r\r\nPIN\rG\r' >seeds/codec/edge-bytes
+# JSON texts: a payload the way clients send them, and the grammar's edges.
+printf '{"order":12345,"kind":"created","note":"%s"}' "$(printf 'x%.0s' {1..200})" >seeds/json/payload
+printf ' {"a" : [1, -2.5e+3, 0.1E-2, true, false, null], "b": {"c": "\\u00e9\\n\\/"}} ' >seeds/json/mixed
+printf '[[[[{"a":[[]]}]]]]' >seeds/json/nested
+printf '"\\ud800"' >seeds/json/surrogate
 
 per=$((total / ${#targets[@]}))
 if [ "$per" -lt 1 ]; then per=1; fi

@@ -1,11 +1,12 @@
 //! The properties the fuzz targets check on `ensync-protocol`: framing that
 //! does not depend on how the bytes arrive, buffering bounded by the line
 //! limit, a parser whose canonical encoding parses back to the same
-//! command, and error replies that stay one line.
+//! command, error replies that stay one line, and a JSON check that
+//! agrees with `serde_json`.
 //!
-//! The targets in `fuzz_targets/` only hand their input to [`check_codec`]
-//! or [`check_line`]; a failed property is a panic, which the fuzzer
-//! reports as a crash and saves the input for.
+//! The targets in `fuzz_targets/` only hand their input to
+//! [`check_codec`], [`check_line`] or [`check_json`]; a failed property is
+//! a panic, which the fuzzer reports as a crash and saves the input for.
 #![deny(clippy::unwrap_used)]
 
 use bytes::BytesMut;
@@ -228,6 +229,20 @@ fn check_error_reply(line: &str, err: &ParseError) {
     }
 }
 
+/// The payload's JSON check (`ensync_protocol::json::is_json`) takes
+/// exactly the texts `serde_json` reads as one value.
+///
+/// # Panics
+/// When the two disagree.
+pub fn check_json(text: &str) {
+    let serde = serde_json::from_str::<serde::de::IgnoredAny>(text).is_ok();
+    assert_eq!(
+        ensync_protocol::json::is_json(text),
+        serde,
+        "{text:?}: serde_json says {serde}"
+    );
+}
+
 #[cfg(test)]
 mod properties_hold {
     use super::*;
@@ -242,6 +257,13 @@ mod properties_hold {
             "HELLO\r there",
         ] {
             check_line(line);
+        }
+    }
+
+    #[test]
+    fn on_json() {
+        for text in [r#"{"a":[1,-2.5e3,"\u00e9"]}"#, "[1,]", "\"a\u{1}\"", " null "] {
+            check_json(text);
         }
     }
 

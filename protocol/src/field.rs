@@ -396,7 +396,7 @@ impl FromStr for Payload {
     type Err = FieldError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if serde_json::from_str::<serde::de::IgnoredAny>(s).is_ok() {
+        if crate::json::is_json(s) {
             Ok(Payload::Json(s.to_owned()))
         } else if is_base64(s) {
             Ok(Payload::Base64(s.to_owned()))
@@ -498,7 +498,8 @@ impl FromStr for DeliveryTo {
     type Err = FieldError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut recipients: Vec<Recipient> = Vec::new();
+        let entries = memchr::memchr_iter(b',', s.as_bytes()).count() + 1;
+        let mut recipients: Vec<Recipient> = Vec::with_capacity(entries.min(MAX_RECIPIENTS));
         // Repeats are found by comparison while the list is short (most
         // lists hold one entry), then by a set: a 1 MiB line holds
         // 100,000s of entries, and comparing each with all before it took

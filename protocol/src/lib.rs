@@ -12,6 +12,7 @@ pub mod codec;
 pub mod command;
 pub mod error;
 pub mod field;
+pub mod json;
 pub mod parse;
 pub mod record;
 pub mod reply;

@@ -26,7 +26,8 @@ use crate::command::{
     Rollback, Sub, Unsub,
 };
 use crate::error::{FieldError, ParseError};
-use crate::field::{self, Limit};
+use crate::field::{self, Limit, Payload};
+use crate::json;
 
 /// Longest verb echoed back in an UNKNOWN_COMMAND message.
 const MAX_ECHO: usize = 32;
@@ -121,8 +122,9 @@ fn text(input: &str) -> (&str, &str) {
     (&input[len..], &input[..len])
 }
 
-/// The length of the JSON value at the start of `input` (which starts with
-/// `{` or `[`), or `None` when its brackets never close.
+/// How far a bracketed value that is not valid JSON reaches: from the
+/// `{` or `[` that `input` starts with to where its brackets close,
+/// outside strings; `None` when they never close.
 fn json_len(input: &str) -> Option<usize> {
     let bytes = input.as_bytes();
     let mut depth = 0usize;
@@ -155,135 +157,166 @@ fn json_len(input: &str) -> Option<usize> {
     None
 }
 
+/// A value as a line gives it.
+#[derive(Clone, Copy)]
+struct Value<'a> {
+    text: &'a str,
+    /// Whether the text is known to be one JSON value.
+    json: bool,
+}
+
 /// One `KEY=VALUE`: the key as written, the value, and what follows it.
-fn pair(input: &str) -> Result<(&str, &str, &str), ParseError> {
+fn pair(input: &str) -> Result<(&str, Value<'_>, &str), ParseError> {
     let (rest, key) = key_eq(input).map_err(|_| {
         let shown: String = input.chars().take(MAX_ECHO).collect();
         ParseError::Malformed(format!("expected KEY=VALUE, found {shown:?}"))
     })?;
-    if rest.starts_with(['{', '[']) {
-        let len = json_len(rest).ok_or_else(|| {
-            let key = key.to_ascii_uppercase();
-            ParseError::Malformed(format!("the JSON value of {key} is not closed"))
-        })?;
-        let (value, after) = rest.split_at(len);
-        if !(after.is_empty() || after.starts_with(';')) {
-            let key = key.to_ascii_uppercase();
-            return Err(ParseError::Malformed(format!(
-                "unexpected text after the JSON value of {key} (keys are separated by semicolons)"
-            )));
-        }
-        Ok((key, value, after))
-    } else {
-        let (after, value) = text(rest);
-        Ok((key, value, after))
+    if !rest.starts_with(['{', '[']) {
+        let (after, text) = self::text(rest);
+        return Ok((key, Value { text, json: false }, after));
     }
+    // A valid JSON value is read once, here; its end is where it ends.
+    let (len, json) = match json::value_len(rest) {
+        Some(len) => (len, true),
+        // Not JSON: it ends where its brackets close, and the field it
+        // is given for says what is wrong with it.
+        None => match json_len(rest) {
+            Some(len) => (len, false),
+            None => {
+                let key = key.to_ascii_uppercase();
+                return Err(ParseError::Malformed(format!(
+                    "the JSON value of {key} is not closed"
+                )));
+            }
+        },
+    };
+    let (text, after) = rest.split_at(len);
+    if !(after.is_empty() || after.starts_with(';')) {
+        let key = key.to_ascii_uppercase();
+        return Err(ParseError::Malformed(format!(
+            "unexpected text after the JSON value of {key} (keys are separated by semicolons)"
+        )));
+    }
+    Ok((key, Value { text, json }, after))
 }
 
-/// The values of a verb's keys, by position in its key list.
-struct Fields<'a, const N: usize> {
+/// One of a verb's keys, with its value if the line gave one.
+#[derive(Clone, Copy)]
+struct Field<'a> {
+    verb: &'static str,
+    key: &'static str,
+    value: Option<Value<'a>>,
+}
+
+/// Splits `input` into pairs and files each under its key, in the order
+/// of `keys`, so that a verb takes its fields by destructuring:
+/// `let [client_id, event_name] = split("SUB", ["CLIENT_ID", "EVENT_NAME"], pairs)?;`
+fn split<'a, const N: usize>(
     verb: &'static str,
     keys: [&'static str; N],
-    values: [Option<&'a str>; N],
+    mut input: &'a str,
+) -> Result<[Field<'a>; N], ParseError> {
+    let mut fields = keys.map(|key| Field {
+        verb,
+        key,
+        value: None,
+    });
+    while !input.is_empty() {
+        let (key, value, after) = pair(input)?;
+        let Some(field) = fields.iter_mut().find(|f| same_key(f.key, key)) else {
+            return Err(ParseError::UnknownKey {
+                verb,
+                key: key.to_ascii_uppercase().chars().take(MAX_ECHO).collect(),
+                allowed: keys.join(", "),
+            });
+        };
+        if field.value.is_some() {
+            return Err(ParseError::DuplicateKey {
+                key: field.key.to_owned(),
+            });
+        }
+        field.value = Some(value);
+        input = after.strip_prefix(';').unwrap_or(after);
+    }
+    Ok(fields)
 }
 
-impl<'a, const N: usize> Fields<'a, N> {
-    /// Splits `input` into pairs and files each under its key.
-    fn split(
-        verb: &'static str,
-        keys: [&'static str; N],
-        mut input: &'a str,
-    ) -> Result<Self, ParseError> {
-        let mut values = [None; N];
-        while !input.is_empty() {
-            let (key, value, after) = pair(input)?;
-            // Keys are upper-case ASCII, so the comparison needs no copy.
-            let Some(slot) = keys.iter().position(|k| k.eq_ignore_ascii_case(key)) else {
-                return Err(ParseError::UnknownKey {
-                    verb,
-                    key: key.to_ascii_uppercase().chars().take(MAX_ECHO).collect(),
-                    allowed: keys.join(", "),
-                });
-            };
-            if values[slot].is_some() {
-                return Err(ParseError::DuplicateKey {
-                    key: key.to_ascii_uppercase(),
-                });
-            }
-            values[slot] = Some(value);
-            input = after.strip_prefix(';').unwrap_or(after);
-        }
-        Ok(Self { verb, keys, values })
+/// Whether `written`, a key as a line has it (ASCII letters, digits and
+/// `_`), is `key` (upper case) in any case.
+fn same_key(key: &str, written: &str) -> bool {
+    key.len() == written.len()
+        && key
+            .bytes()
+            .zip(written.bytes())
+            .all(|(k, w)| k == w.to_ascii_uppercase())
+}
+
+/// Fails with MISSING_PARAMETERS naming every field of `required` the
+/// line left out.
+fn require(verb: &'static str, required: &[Field<'_>]) -> Result<(), ParseError> {
+    let keys: Vec<&'static str> = required
+        .iter()
+        .filter(|f| !f.is_given())
+        .map(|f| f.key)
+        .collect();
+    if keys.is_empty() {
+        Ok(())
+    } else {
+        Err(ParseError::Missing { verb, keys })
+    }
+}
+
+impl<'a> Field<'a> {
+    fn is_given(&self) -> bool {
+        self.value.is_some()
     }
 
-    fn slot(&self, key: &str) -> usize {
-        self.keys
-            .iter()
-            .position(|k| *k == key)
-            .expect("key is in the verb's list")
-    }
-
-    fn has(&self, key: &str) -> bool {
-        self.values[self.slot(key)].is_some()
-    }
-
-    /// Fails with MISSING_PARAMETERS naming every absent key of `required`.
-    fn require(&self, required: &[&'static str]) -> Result<(), ParseError> {
-        let keys: Vec<&'static str> = required.iter().copied().filter(|k| !self.has(k)).collect();
-        if keys.is_empty() {
-            Ok(())
-        } else {
-            Err(ParseError::Missing {
-                verb: self.verb,
-                keys,
-            })
-        }
-    }
-
-    fn raw(&self, key: &'static str) -> Result<Option<&'a str>, ParseError> {
-        match self.values[self.slot(key)] {
-            Some("") => Err(ParseError::InvalidValue {
-                key,
+    /// The value as written; an empty one is refused.
+    fn raw(&self) -> Result<Option<&'a str>, ParseError> {
+        match self.value {
+            Some(Value { text: "", .. }) => Err(ParseError::InvalidValue {
+                key: self.key,
                 reason: FieldError::new("is empty"),
             }),
-            other => Ok(other),
+            other => Ok(other.map(|value| value.text)),
         }
     }
 
     /// The value of an optional key, validated.
-    fn opt<T: FromStr<Err = FieldError>>(
-        &self,
-        key: &'static str,
-    ) -> Result<Option<T>, ParseError> {
-        self.opt_with(key, T::from_str)
+    fn opt<T: FromStr<Err = FieldError>>(&self) -> Result<Option<T>, ParseError> {
+        self.opt_with(T::from_str)
     }
 
     fn opt_with<T>(
         &self,
-        key: &'static str,
         parse: impl FnOnce(&str) -> Result<T, FieldError>,
     ) -> Result<Option<T>, ParseError> {
-        self.raw(key)?
-            .map(|raw| parse(raw).map_err(|reason| ParseError::InvalidValue { key, reason }))
+        self.raw()?
+            .map(|raw| {
+                parse(raw).map_err(|reason| ParseError::InvalidValue {
+                    key: self.key,
+                    reason,
+                })
+            })
             .transpose()
     }
 
-    /// The value of a key `require` has checked, validated.
-    fn get<T: FromStr<Err = FieldError>>(&self, key: &'static str) -> Result<T, ParseError> {
-        self.opt(key)?.ok_or_else(|| ParseError::Missing {
+    /// The value of a key [`require`] has checked, validated.
+    fn get<T: FromStr<Err = FieldError>>(&self) -> Result<T, ParseError> {
+        self.opt()?.ok_or_else(|| ParseError::Missing {
             verb: self.verb,
-            keys: vec![key],
+            keys: vec![self.key],
         })
     }
 }
 
 fn bare(verb: &'static str, pairs: &str) -> Result<(), ParseError> {
-    Fields::split(verb, [], pairs).map(|_| ())
+    split(verb, [], pairs).map(|[]| ())
 }
 
 fn conn(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split("CONN", ["CLIENT_ID", "ACCESS_KEY"], pairs)?;
-    let auth = match (f.opt("CLIENT_ID")?, f.opt("ACCESS_KEY")?) {
+    let [client_id, access_key] = split("CONN", ["CLIENT_ID", "ACCESS_KEY"], pairs)?;
+    let auth = match (client_id.opt()?, access_key.opt()?) {
         (Some(id), None) => ConnAuth::ClientId(id),
         (None, Some(key)) => ConnAuth::AccessKey(key),
         (Some(_), Some(_)) => {
@@ -302,7 +335,7 @@ fn conn(pairs: &str) -> Result<Command, ParseError> {
 }
 
 fn publish(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split(
+    let [client_id, event_name, payload, delivery_to, metadata] = split(
         "PUB",
         [
             "CLIENT_ID",
@@ -313,78 +346,82 @@ fn publish(pairs: &str) -> Result<Command, ParseError> {
         ],
         pairs,
     )?;
-    f.require(&["CLIENT_ID", "EVENT_NAME", "PAYLOAD", "DELIVERY_TO"])?;
-    let client_id = f.get("CLIENT_ID")?;
-    let event_name = f.get("EVENT_NAME")?;
+    require("PUB", &[client_id, event_name, payload, delivery_to])?;
+    let client_id = client_id.get()?;
+    let event_name = event_name.get()?;
     // `require` has seen PAYLOAD; its own error code is INVALID_PAYLOAD.
-    let payload = f
-        .raw("PAYLOAD")?
-        .unwrap_or_default()
-        .parse()
-        .map_err(ParseError::InvalidPayload)?;
+    let payload = match payload.value {
+        Some(Value { text, json: true }) => Payload::Json(text.to_owned()),
+        _ => payload
+            .raw()?
+            .unwrap_or_default()
+            .parse()
+            .map_err(ParseError::InvalidPayload)?,
+    };
     Ok(Command::Pub(Pub {
         client_id,
         event_name,
         payload,
-        delivery_to: f.get("DELIVERY_TO")?,
-        metadata: f.opt("METADATA")?,
+        delivery_to: delivery_to.get()?,
+        metadata: metadata.opt()?,
     }))
 }
 
 fn sub(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split("SUB", ["CLIENT_ID", "EVENT_NAME"], pairs)?;
-    f.require(&["CLIENT_ID", "EVENT_NAME"])?;
+    let [client_id, event_name] = split("SUB", ["CLIENT_ID", "EVENT_NAME"], pairs)?;
+    require("SUB", &[client_id, event_name])?;
     Ok(Command::Sub(Sub {
-        client_id: f.get("CLIENT_ID")?,
-        event_name: f.get("EVENT_NAME")?,
+        client_id: client_id.get()?,
+        event_name: event_name.get()?,
     }))
 }
 
 fn unsub(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split("UNSUB", ["CLIENT_ID", "EVENT_NAME"], pairs)?;
-    f.require(&["CLIENT_ID", "EVENT_NAME"])?;
+    let [client_id, event_name] = split("UNSUB", ["CLIENT_ID", "EVENT_NAME"], pairs)?;
+    require("UNSUB", &[client_id, event_name])?;
     Ok(Command::Unsub(Unsub {
-        client_id: f.get("CLIENT_ID")?,
-        event_name: f.get("EVENT_NAME")?,
+        client_id: client_id.get()?,
+        event_name: event_name.get()?,
     }))
 }
 
 fn pause(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split("PAUSE", ["CLIENT_ID", "EVENT_NAME", "REASON"], pairs)?;
-    f.require(&["CLIENT_ID", "EVENT_NAME"])?;
+    let [client_id, event_name, reason] =
+        split("PAUSE", ["CLIENT_ID", "EVENT_NAME", "REASON"], pairs)?;
+    require("PAUSE", &[client_id, event_name])?;
     Ok(Command::Pause(Pause {
-        client_id: f.get("CLIENT_ID")?,
-        event_name: f.get("EVENT_NAME")?,
-        reason: f.opt("REASON")?,
+        client_id: client_id.get()?,
+        event_name: event_name.get()?,
+        reason: reason.opt()?,
     }))
 }
 
 fn resume(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split("CONTINUE", ["CLIENT_ID", "EVENT_NAME"], pairs)?;
-    f.require(&["CLIENT_ID", "EVENT_NAME"])?;
+    let [client_id, event_name] = split("CONTINUE", ["CLIENT_ID", "EVENT_NAME"], pairs)?;
+    require("CONTINUE", &[client_id, event_name])?;
     Ok(Command::Continue(Continue {
-        client_id: f.get("CLIENT_ID")?,
-        event_name: f.get("EVENT_NAME")?,
+        client_id: client_id.get()?,
+        event_name: event_name.get()?,
     }))
 }
 
 fn ack(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split(
+    let [client_id, event_idem, block, event_name] = split(
         "ACK",
         ["CLIENT_ID", "EVENT_IDEM", "BLOCK", "EVENT_NAME"],
         pairs,
     )?;
-    f.require(&["CLIENT_ID", "EVENT_IDEM"])?;
+    require("ACK", &[client_id, event_idem])?;
     Ok(Command::Ack(Ack {
-        client_id: f.get("CLIENT_ID")?,
-        event_idem: f.get("EVENT_IDEM")?,
-        block: f.opt_with("BLOCK", field::parse_block)?,
-        event_name: f.opt("EVENT_NAME")?,
+        client_id: client_id.get()?,
+        event_idem: event_idem.get()?,
+        block: block.opt_with(field::parse_block)?,
+        event_name: event_name.opt()?,
     }))
 }
 
 fn defer(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split(
+    let [client_id, event_idem, delay, delay_ms, event_name, reason] = split(
         "DEFER",
         [
             "CLIENT_ID",
@@ -396,62 +433,60 @@ fn defer(pairs: &str) -> Result<Command, ParseError> {
         ],
         pairs,
     )?;
-    if f.has("DELAY") && f.has("DELAY_MS") {
+    if delay.is_given() && delay_ms.is_given() {
         return Err(ParseError::Malformed(
             "DEFER takes DELAY or DELAY_MS, not both".to_owned(),
         ));
     }
-    let delay_key = if f.has("DELAY_MS") {
-        "DELAY_MS"
-    } else {
-        "DELAY"
-    };
-    f.require(&["CLIENT_ID", "EVENT_IDEM", delay_key])?;
+    let delay = if delay_ms.is_given() { delay_ms } else { delay };
+    require("DEFER", &[client_id, event_idem, delay])?;
     Ok(Command::Defer(Defer {
-        client_id: f.get("CLIENT_ID")?,
-        event_idem: f.get("EVENT_IDEM")?,
-        delay: f.get(delay_key)?,
-        event_name: f.opt("EVENT_NAME")?,
-        reason: f.opt("REASON")?,
+        client_id: client_id.get()?,
+        event_idem: event_idem.get()?,
+        delay: delay.get()?,
+        event_name: event_name.opt()?,
+        reason: reason.opt()?,
     }))
 }
 
 fn discard(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split(
+    let [client_id, event_idem, reason, event_name] = split(
         "DISCARD",
         ["CLIENT_ID", "EVENT_IDEM", "REASON", "EVENT_NAME"],
         pairs,
     )?;
-    f.require(&["CLIENT_ID", "EVENT_IDEM"])?;
-    if !f.has("REASON") {
+    require("DISCARD", &[client_id, event_idem])?;
+    if !reason.is_given() {
         return Err(ParseError::MissingReason);
     }
     Ok(Command::Discard(Discard {
-        client_id: f.get("CLIENT_ID")?,
-        event_idem: f.get("EVENT_IDEM")?,
-        reason: f.get("REASON")?,
-        event_name: f.opt("EVENT_NAME")?,
+        client_id: client_id.get()?,
+        event_idem: event_idem.get()?,
+        reason: reason.get()?,
+        event_name: event_name.opt()?,
     }))
 }
 
 fn rollback(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split("ROLLBACK", ["CLIENT_ID", "EVENT_IDEM", "BLOCK"], pairs)?;
-    f.require(&["CLIENT_ID", "EVENT_IDEM"])?;
+    let [client_id, event_idem, block] =
+        split("ROLLBACK", ["CLIENT_ID", "EVENT_IDEM", "BLOCK"], pairs)?;
+    require("ROLLBACK", &[client_id, event_idem])?;
     Ok(Command::Rollback(Rollback {
-        client_id: f.get("CLIENT_ID")?,
-        event_idem: f.get("EVENT_IDEM")?,
-        block: f.opt_with("BLOCK", field::parse_block)?,
+        client_id: client_id.get()?,
+        event_idem: event_idem.get()?,
+        block: block.opt_with(field::parse_block)?,
     }))
 }
 
-fn position(f: &Fields<'_, 8>, key: &'static str) -> Result<Option<field::Position>, ParseError> {
-    f.raw(key)?
+fn position(field: Field<'_>) -> Result<Option<field::Position>, ParseError> {
+    field
+        .raw()?
         .map(|raw| raw.parse().map_err(|_| ParseError::InvalidPosition))
         .transpose()
 }
 
 fn replay(pairs: &str) -> Result<Command, ParseError> {
-    let f = Fields::split(
+    let [client_id, event_name, from, to, limit, payloads, unacked, event_idem] = split(
         "REPLAY",
         [
             "CLIENT_ID",
@@ -465,48 +500,43 @@ fn replay(pairs: &str) -> Result<Command, ParseError> {
         ],
         pairs,
     )?;
-    if f.has("EVENT_IDEM") {
-        if let Some(key) = [
-            "FROM_POSITION",
-            "TO_POSITION",
-            "LIMIT",
-            "INCLUDE_PAYLOADS",
-            "ONLY_UNACKED",
-        ]
-        .into_iter()
-        .find(|k| f.has(k))
+    if event_idem.is_given() {
+        if let Some(ranged) = [from, to, limit, payloads, unacked]
+            .into_iter()
+            .find(Field::is_given)
         {
             return Err(ParseError::Malformed(format!(
-                "REPLAY with EVENT_IDEM replays one event and does not take {key}"
+                "REPLAY with EVENT_IDEM replays one event and does not take {}",
+                ranged.key
             )));
         }
-        if !f.has("CLIENT_ID") {
+        if !client_id.is_given() {
             return Err(ParseError::MissingReplayData);
         }
         return Ok(Command::ReplayEvent(ReplayEvent {
-            client_id: f.get("CLIENT_ID")?,
-            event_idem: f.get("EVENT_IDEM")?,
-            event_name: f.opt("EVENT_NAME")?,
+            client_id: client_id.get()?,
+            event_idem: event_idem.get()?,
+            event_name: event_name.opt()?,
         }));
     }
-    if !(f.has("CLIENT_ID") && f.has("EVENT_NAME") && f.has("FROM_POSITION")) {
+    if !(client_id.is_given() && event_name.is_given() && from.is_given()) {
         return Err(ParseError::MissingReplayData);
     }
-    let to_position = position(&f, "TO_POSITION")?;
+    let to_position = position(to)?;
     if to_position == Some(field::Position::Earliest) {
         return Err(ParseError::InvalidPosition);
     }
     Ok(Command::Replay(Replay {
-        client_id: f.get("CLIENT_ID")?,
-        event_name: f.get("EVENT_NAME")?,
-        from_position: position(&f, "FROM_POSITION")?.ok_or(ParseError::MissingReplayData)?,
+        client_id: client_id.get()?,
+        event_name: event_name.get()?,
+        from_position: position(from)?.ok_or(ParseError::MissingReplayData)?,
         to_position,
-        limit: f
-            .raw("LIMIT")?
+        limit: limit
+            .raw()?
             .map(|raw| raw.parse::<Limit>().map_err(|_| ParseError::InvalidLimit))
             .transpose()?,
-        include_payloads: f.opt_with("INCLUDE_PAYLOADS", field::parse_bool)?,
-        only_unacked: f.opt_with("ONLY_UNACKED", field::parse_bool)?,
+        include_payloads: payloads.opt_with(field::parse_bool)?,
+        only_unacked: unacked.opt_with(field::parse_bool)?,
     }))
 }
 
