@@ -762,14 +762,21 @@ struct Chunks {
     built: Vec<Building>,
     /// The open chunk of each name.
     open: HashMap<String, usize>,
+    /// The chunk the last event went to: a commit's events mostly come in
+    /// runs of one name, and comparing the name costs less than hashing it.
+    last: Option<usize>,
 }
 
 impl Chunks {
     /// Adds an event; `value` is its encoded recipients, then its record.
     fn push(&mut self, name: &str, seq: u64, value: &[u8]) {
         let recipients = recipients_of(value);
-        let slot = match self.open.get(name) {
-            Some(&i) if self.built[i].entries.len() + value.len() <= MAX_CHUNK_BYTES => i,
+        let open = match self.last {
+            Some(i) if self.built[i].name == name => Some(i),
+            _ => self.open.get(name).copied(),
+        };
+        let slot = match open {
+            Some(i) if self.built[i].entries.len() + value.len() <= MAX_CHUNK_BYTES => i,
             _ => {
                 self.built.push(Building {
                     name: name.to_owned(),
@@ -783,6 +790,7 @@ impl Chunks {
                 i
             }
         };
+        self.last = Some(slot);
         let chunk = &mut self.built[slot];
         let count = chunk.summary.count as usize;
         if count > 0 && count % OFFSET_EVERY == 0 {
@@ -2038,6 +2046,7 @@ impl EventLog for SledLog {
         }
         let (mut seq, mut ts) = (tail.last_seq, tail.last_ts);
         let mut new_names: Vec<&str> = Vec::new();
+        let mut checked_name: Option<&str> = None;
         // The milliseconds this batch logs first, with their first seqs.
         let mut new_times: Vec<(u64, u64)> = Vec::new();
         let mut new_directs: Vec<Vec<u8>> = Vec::new();
@@ -2060,9 +2069,13 @@ impl EventLog for SledLog {
                         new_times.push((ts, seq));
                     }
                     let name = event.name.as_str();
-                    if !tail.names.contains(name) && !new_names.contains(&name) {
-                        new_names.push(name);
-                        batch.insert(name_key(name), &[]);
+                    // A run of one name is looked up once.
+                    if checked_name != Some(name) {
+                        if !tail.names.contains(name) && !new_names.contains(&name) {
+                            new_names.push(name);
+                            batch.insert(name_key(name), &[]);
+                        }
+                        checked_name = Some(name);
                     }
                     for recipient in &event.recipients {
                         if let Recipient::Client(id) = recipient {
