@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
-# Instructions the server executes per seek and per LIMIT-50 replay,
-# counted by callgrind: the same for the same binary and inputs however
-# busy the machine is, where timings on a shared machine move by a third.
+# Instructions the server executes per seek, per LIMIT-50 replay and per
+# pipelined publish, counted by callgrind: the same for the same binary
+# and inputs however busy the machine is, where timings on a shared
+# machine move by a third.
 #
 #   bench/instructions/count.sh target/release/ensync-server [TAG]
 #
 # Needs valgrind and python3. The server runs pinned to CPU 1 (one tokio
 # worker, as in the bench), loads a 30,000-event log uncounted, then
-# counts 3,000 seeks and 1,000 LIMIT-50 replays. Profiles are left in
-# $OUT (callgrind_annotate them); compare two builds by their counts.
+# counts 3,000 seeks, 1,000 LIMIT-50 replays and 10,000 publishes (from
+# one connection, 1,000 in flight, each committed before its +PASS).
+# Profiles are left in $OUT (callgrind_annotate them); compare two
+# builds by their counts.
 set -euo pipefail
 bin=$(realpath "$1")
 tag=${2:-run}
 here=$(cd "$(dirname "$0")" && pwd)
 out=${OUT:-$(mktemp -d)}
 port=${PORT:-17170}
-events=30000 seeks=3000 replays=1000
+events=30000 seeks=3000 replays=1000 publishes=10000
 
 rm -rf "$out/data-$tag"
 taskset -c 1 valgrind --tool=callgrind --instr-atstart=no \
@@ -29,9 +32,9 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 
-python3 "$here/drive.py" "$port" "$events" "$seeks" "$replays" "$valgrind_pid" "$tag"
+python3 "$here/drive.py" "$port" "$events" "$seeks" "$replays" "$publishes" "$valgrind_pid" "$tag"
 kill "$valgrind_pid"
 wait "$valgrind_pid" 2>/dev/null || true
 
 total() { awk '/^totals:/ {print $2}' "$out/callgrind.$tag.$valgrind_pid.$1"; }
-echo "$tag: $(( $(total 1) / seeks )) instructions per seek, $(( $(total 2) / replays )) per LIMIT-50 replay (profiles in $out)"
+echo "$tag: $(( $(total 1) / seeks )) instructions per seek, $(( $(total 2) / replays )) per LIMIT-50 replay, $(( $(total 3) / publishes )) per publish (profiles in $out)"

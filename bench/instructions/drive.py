@@ -1,8 +1,9 @@
 """Drives an ensync-server running under callgrind: loads a log, then
 times nothing but asks callgrind to count the server's instructions over
-a run of seeks and a run of LIMIT-50 replays (see count.sh).
+a run of seeks, a run of LIMIT-50 replays and a run of pipelined
+publishes (see count.sh).
 
-usage: drive.py PORT EVENTS SEEKS REPLAYS VALGRIND_PID TAG
+usage: drive.py PORT EVENTS SEEKS REPLAYS PUBLISHES VALGRIND_PID TAG
 """
 
 import random
@@ -31,10 +32,10 @@ def payload(i):
     return head + "x" * (PAYLOAD - len(head) - 2) + '"}'
 
 
-def load(port, n):
+def load(port, n, first=0):
     """Publishes n events of bench/s0, pipelined; returns (id, timestamp)
     of about one event in fifty."""
-    s, f = connect(port, "bench")
+    s, f = connect(port, f"bench{first}")
     picked, sent, acked = [], 0, 0
     pick = random.Random(1)
     while acked < n:
@@ -42,7 +43,7 @@ def load(port, n):
             lines = []
             while sent < n and sent - acked < WINDOW:
                 lines.append(
-                    f"PUB;CLIENT_ID=bench;EVENT_NAME=bench/s0;PAYLOAD={payload(sent)};DELIVERY_TO=*\n"
+                    f"PUB;CLIENT_ID=bench{first};EVENT_NAME=bench/s0;PAYLOAD={payload(first + sent)};DELIVERY_TO=*\n"
                 )
                 sent += 1
             s.sendall("".join(lines).encode())
@@ -56,8 +57,8 @@ def load(port, n):
 
 
 def main():
-    port, n, seeks, replays = (int(a) for a in sys.argv[1:5])
-    pid, tag = sys.argv[5], sys.argv[6]
+    port, n, seeks, replays, publishes = (int(a) for a in sys.argv[1:6])
+    pid, tag = sys.argv[6], sys.argv[7]
     positions = load(port, n)
     r, rf = connect(port, "seeker", "bench/s0")
     rng = random.Random(7)
@@ -87,6 +88,8 @@ def main():
         idem, _ = rng.choice(positions)
         replay(idem, 50)
     callgrind("-d", f"limit50-{tag}")
+    load(port, publishes, first=n)
+    callgrind("-d", f"publish-{tag}")
     callgrind("-i", "off")
 
 
