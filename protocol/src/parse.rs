@@ -640,6 +640,46 @@ mod parse_pub {
     }
 
     #[test]
+    fn a_bracketed_payload_that_is_not_json_is_refused_as_a_payload() {
+        // Its brackets close, so it is read to there, as a valid one is;
+        // then PAYLOAD says what is wrong with it.
+        for payload in [
+            r#"{"a":1,}"#,
+            r#"{"a":tru}"#,
+            r#"[1 2]"#,
+            "{\"a\":\"\u{1}\"}",
+        ] {
+            let err = parse_command(&format!(
+                "PUB;CLIENT_ID=a;EVENT_NAME=x/y;PAYLOAD={payload};DELIVERY_TO=*"
+            ))
+            .expect_err("fails");
+            assert_eq!(err.code(), ErrorCode::InvalidPayload, "{payload}");
+        }
+        let err = parse_command(r#"PUB;CLIENT_ID=a;EVENT_NAME=x/y;PAYLOAD={"a":1} ;DELIVERY_TO=*"#)
+            .expect_err("fails");
+        assert!(
+            err.to_string().contains("after the JSON value of PAYLOAD"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_json_payload_is_kept_as_sent() {
+        for payload in [
+            r#"{ "a" : [1, 2.5e3, "x;y", null] }"#,
+            "[]",
+            r#"{"é":"\u00e9"}"#,
+        ] {
+            let Ok(Command::Pub(p)) = parse_command(&format!(
+                "PUB;CLIENT_ID=a;EVENT_NAME=x/y;PAYLOAD={payload};DELIVERY_TO=*"
+            )) else {
+                panic!("{payload} is refused")
+            };
+            assert_eq!(p.payload, Payload::Json(payload.to_owned()));
+        }
+    }
+
+    #[test]
     fn json_ends_where_its_brackets_close_outside_strings() {
         assert_eq!(json_len(r#"{"a":"x\"};y"};NEXT=1"#), Some(14));
         assert_eq!(json_len(r#"{"a":"\\"}x"#), Some(10));
