@@ -1,11 +1,11 @@
 //! Whether a text is JSON, read in one pass without building anything.
 //!
 //! A published payload is stored as it was sent, so the server only needs
-//! to know that it is JSON (RFC 8259: one value, whitespace around it). It
-//! used to ask `serde_json` (deserializing into `IgnoredAny`), which
-//! reads a string byte by byte; this reader finds a string's end with
-//! `memchr` and checks the characters before it a vector at a time, and a
-//! payload's bytes are mostly in strings. It accepts exactly what `serde_json` accepts there, including a
+//! to know that it is JSON (RFC 8259: one value, whitespace around it). A
+//! string's end is found with `memchr` and the characters before it are
+//! checked a vector at a time: a payload's bytes are mostly in strings,
+//! which `serde_json` reads a byte at a time. It accepts exactly what
+//! `serde_json` accepts (deserializing into `IgnoredAny`), including a
 //! `\u` escape of a lone surrogate and any depth of nesting; the fuzz
 //! target `json` compares the two.
 
