@@ -142,7 +142,7 @@ fn main() -> Result<()> {
     if runs("ensync") {
         if !args.server_bin.is_file() {
             bail!(
-                "{} not found: build it (cargo build --release --workspace) or pass --server-bin",
+                "{} not found: build it on its own (cargo build --release) or pass --server-bin",
                 args.server_bin.display()
             );
         }
