@@ -253,16 +253,14 @@ fn same_key(key: &str, written: &str) -> bool {
 
 /// Fails with MISSING_PARAMETERS naming every field of `required` the
 /// line left out.
-fn require(verb: &'static str, required: &[Field<'_>]) -> Result<(), ParseError> {
-    let keys: Vec<&'static str> = required
-        .iter()
-        .filter(|f| !f.is_given())
-        .map(|f| f.key)
-        .collect();
-    if keys.is_empty() {
-        Ok(())
-    } else {
-        Err(ParseError::Missing { verb, keys })
+fn require(required: &[Field<'_>]) -> Result<(), ParseError> {
+    let missing: Vec<&Field<'_>> = required.iter().filter(|f| !f.is_given()).collect();
+    match missing.first() {
+        None => Ok(()),
+        Some(first) => Err(ParseError::Missing {
+            verb: first.verb,
+            keys: missing.iter().map(|f| f.key).collect(),
+        }),
     }
 }
 
@@ -346,7 +344,7 @@ fn publish(pairs: &str) -> Result<Command, ParseError> {
         ],
         pairs,
     )?;
-    require("PUB", &[client_id, event_name, payload, delivery_to])?;
+    require(&[client_id, event_name, payload, delivery_to])?;
     let client_id = client_id.get()?;
     let event_name = event_name.get()?;
     // `require` has seen PAYLOAD; its own error code is INVALID_PAYLOAD.
@@ -369,7 +367,7 @@ fn publish(pairs: &str) -> Result<Command, ParseError> {
 
 fn sub(pairs: &str) -> Result<Command, ParseError> {
     let [client_id, event_name] = split("SUB", ["CLIENT_ID", "EVENT_NAME"], pairs)?;
-    require("SUB", &[client_id, event_name])?;
+    require(&[client_id, event_name])?;
     Ok(Command::Sub(Sub {
         client_id: client_id.get()?,
         event_name: event_name.get()?,
@@ -378,7 +376,7 @@ fn sub(pairs: &str) -> Result<Command, ParseError> {
 
 fn unsub(pairs: &str) -> Result<Command, ParseError> {
     let [client_id, event_name] = split("UNSUB", ["CLIENT_ID", "EVENT_NAME"], pairs)?;
-    require("UNSUB", &[client_id, event_name])?;
+    require(&[client_id, event_name])?;
     Ok(Command::Unsub(Unsub {
         client_id: client_id.get()?,
         event_name: event_name.get()?,
@@ -388,7 +386,7 @@ fn unsub(pairs: &str) -> Result<Command, ParseError> {
 fn pause(pairs: &str) -> Result<Command, ParseError> {
     let [client_id, event_name, reason] =
         split("PAUSE", ["CLIENT_ID", "EVENT_NAME", "REASON"], pairs)?;
-    require("PAUSE", &[client_id, event_name])?;
+    require(&[client_id, event_name])?;
     Ok(Command::Pause(Pause {
         client_id: client_id.get()?,
         event_name: event_name.get()?,
@@ -398,7 +396,7 @@ fn pause(pairs: &str) -> Result<Command, ParseError> {
 
 fn resume(pairs: &str) -> Result<Command, ParseError> {
     let [client_id, event_name] = split("CONTINUE", ["CLIENT_ID", "EVENT_NAME"], pairs)?;
-    require("CONTINUE", &[client_id, event_name])?;
+    require(&[client_id, event_name])?;
     Ok(Command::Continue(Continue {
         client_id: client_id.get()?,
         event_name: event_name.get()?,
@@ -411,7 +409,7 @@ fn ack(pairs: &str) -> Result<Command, ParseError> {
         ["CLIENT_ID", "EVENT_IDEM", "BLOCK", "EVENT_NAME"],
         pairs,
     )?;
-    require("ACK", &[client_id, event_idem])?;
+    require(&[client_id, event_idem])?;
     Ok(Command::Ack(Ack {
         client_id: client_id.get()?,
         event_idem: event_idem.get()?,
@@ -439,7 +437,7 @@ fn defer(pairs: &str) -> Result<Command, ParseError> {
         ));
     }
     let delay = if delay_ms.is_given() { delay_ms } else { delay };
-    require("DEFER", &[client_id, event_idem, delay])?;
+    require(&[client_id, event_idem, delay])?;
     Ok(Command::Defer(Defer {
         client_id: client_id.get()?,
         event_idem: event_idem.get()?,
@@ -455,7 +453,7 @@ fn discard(pairs: &str) -> Result<Command, ParseError> {
         ["CLIENT_ID", "EVENT_IDEM", "REASON", "EVENT_NAME"],
         pairs,
     )?;
-    require("DISCARD", &[client_id, event_idem])?;
+    require(&[client_id, event_idem])?;
     if !reason.is_given() {
         return Err(ParseError::MissingReason);
     }
@@ -470,7 +468,7 @@ fn discard(pairs: &str) -> Result<Command, ParseError> {
 fn rollback(pairs: &str) -> Result<Command, ParseError> {
     let [client_id, event_idem, block] =
         split("ROLLBACK", ["CLIENT_ID", "EVENT_IDEM", "BLOCK"], pairs)?;
-    require("ROLLBACK", &[client_id, event_idem])?;
+    require(&[client_id, event_idem])?;
     Ok(Command::Rollback(Rollback {
         client_id: client_id.get()?,
         event_idem: event_idem.get()?,
