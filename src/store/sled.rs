@@ -1153,7 +1153,24 @@ impl<'n> Cursor<'n> {
 
     /// Moves to the first entry at or after byte `pos` with seq >= start,
     /// loading chunks as needed.
-    fn settle(&mut self, mut pos: usize) -> Result<()> {
+    #[inline(always)]
+    fn settle(&mut self, pos: usize) -> Result<()> {
+        // Most often the next entry is in what was read, and in range.
+        if pos < self.chunk.len() {
+            let (seq, value, next) = entry_at(&self.chunk, pos)?;
+            if seq >= self.start {
+                self.next_seq = self.next_seq.max(seq.saturating_add(1));
+                self.current = Some((seq, next - value.len()..next, next));
+                return Ok(());
+            }
+        }
+        self.settle_on(pos)
+    }
+
+    /// [`Cursor::settle`] past entries before the start and the end of what
+    /// was read.
+    #[inline(never)]
+    fn settle_on(&mut self, mut pos: usize) -> Result<()> {
         loop {
             while pos < self.chunk.len() {
                 let (seq, value, next) = entry_at(&self.chunk, pos)?;
