@@ -156,8 +156,13 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path, peers: Peers<'_>) -> Result<Result
         let theirs = ceiling
             .as_deref()
             .map(|ceiling| move |clients| ceiling.limit(clients, d));
+        let read_before = procs::storage_read_bytes(server.pid()).ok();
         let ([ours_1, ours_8], theirs) = common::rates_1_and_8(cfg.rounds, limit, theirs)?;
         (res.limit_1, res.limit_8) = (Some(ours_1), Some(ours_8));
+        res.limit_storage_read_kib = procs::storage_read_bytes(server.pid())
+            .ok()
+            .zip(read_before)
+            .map(|(after, before)| after.saturating_sub(before) as f64 / 1024.0);
         if let (Some(ceiling), Some([theirs_1, theirs_8])) = (ceiling, theirs) {
             (ceiling.measured.limit_1, ceiling.measured.limit_8) = (Some(theirs_1), Some(theirs_8));
         }

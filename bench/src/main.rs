@@ -164,6 +164,7 @@ fn main() -> Result<()> {
         versions,
         config: cfg.clone(),
         systems: BTreeMap::new(),
+        steal: BTreeMap::new(),
         targets: Vec::new(),
     };
     // Up before ensync's run, which takes turns with them.
@@ -177,6 +178,7 @@ fn main() -> Result<()> {
         .context("starting redis")?;
     for system in SYSTEMS.into_iter().filter(|s| runs(s)) {
         eprintln!("running {system} ...");
+        let ticks = procs::cpu_ticks();
         let results = match system {
             "ensync" => {
                 let peers = ensync::Peers {
@@ -191,6 +193,8 @@ fn main() -> Result<()> {
         }
         .with_context(|| format!("{system} benchmark"))?;
         report.systems.insert(system, results);
+        let steal = procs::steal_percent(&ticks, &procs::cpu_ticks());
+        report.steal.insert(system, steal);
     }
     report.evaluate();
     print!("{}", report.table());

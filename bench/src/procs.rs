@@ -117,6 +117,41 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .context("no VmRSS in /proc/PID/status")
 }
 
+/// Each CPU's time counters from /proc/stat, in ticks: (stolen, all).
+/// Stolen time is what the hypervisor gave to others while this machine
+/// had work: on a shared host it slows whatever ran then. Empty where
+/// /proc/stat is unreadable.
+pub fn cpu_ticks() -> Vec<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    stat.lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .map(|l| {
+            let ticks: Vec<u64> = l
+                .split_whitespace()
+                .skip(1)
+                .map(|t| t.parse().unwrap_or(0))
+                .collect();
+            // user nice system idle iowait irq softirq steal (guest time
+            // is counted in user and nice already).
+            let all = ticks.iter().take(8).sum();
+            (ticks.get(7).copied().unwrap_or(0), all)
+        })
+        .collect()
+}
+
+/// The share of each CPU's time stolen between two [`cpu_ticks`]
+/// readings, in percent.
+pub fn steal_percent(before: &[(u64, u64)], after: &[(u64, u64)]) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|((stolen_0, all_0), (stolen_1, all_1))| {
+            let all = all_1.saturating_sub(*all_0).max(1);
+            100.0 * stolen_1.saturating_sub(*stolen_0) as f64 / all as f64
+        })
+        .collect()
+}
+
 /// Bytes process `pid` has had read from storage (`read_bytes` of
 /// /proc/PID/io): reads the page cache answered do not count.
 pub fn storage_read_bytes(pid: u32) -> Result<u64> {

@@ -127,6 +127,9 @@ pub struct Results {
     pub seek: Option<Seek>,
     pub limit_1: Option<Rate>,
     pub limit_8: Option<Rate>,
+    /// KiB the server read from storage over its LIMIT-50 replays: more
+    /// than none when the log's pages had left the page cache.
+    pub limit_storage_read_kib: Option<f64>,
     pub memory: Option<Memory>,
     pub names: Option<Names>,
 }
@@ -198,10 +201,36 @@ pub struct Report {
     pub versions: BTreeMap<&'static str, String>,
     pub config: Cfg,
     pub systems: BTreeMap<&'static str, Results>,
+    /// Percent of each CPU's time the hypervisor took while each system's
+    /// run went on (its turns with the others included): a run with much
+    /// of it was slowed unevenly, and its ratios say less.
+    pub steal: BTreeMap<&'static str, Vec<f64>>,
     pub targets: Vec<Target>,
 }
 
 impl Report {
+    /// The hypervisor's share of each CPU during each system's run, as
+    /// one line ending in a newline; empty without /proc/stat.
+    fn steal_line(&self) -> String {
+        let runs: Vec<String> = self
+            .steal
+            .iter()
+            .filter(|(_, cpus)| !cpus.is_empty())
+            .map(|(system, cpus)| {
+                let cpus: Vec<String> = cpus
+                    .iter()
+                    .enumerate()
+                    .map(|(cpu, percent)| format!("CPU {cpu} {percent:.1}%"))
+                    .collect();
+                format!("{system}'s run {}", cpus.join(", "))
+            })
+            .collect();
+        if runs.is_empty() {
+            return String::new();
+        }
+        format!("stolen by the hypervisor: {}\n", runs.join("; "))
+    }
+
     /// Evaluates the targets from the systems' results.
     pub fn evaluate(&mut self) {
         let get = |s: &str| self.systems.get(s).cloned().unwrap_or_default();
@@ -285,7 +314,7 @@ impl Report {
     /// target verdict.
     pub fn table(&self) -> String {
         type Metric = fn(&Results) -> Option<f64>;
-        let rows: [(&str, Metric, Option<&[usize]>); 24] = [
+        let rows: [(&str, Metric, Option<&[usize]>); 25] = [
             (
                 "publish 1 conn (ev/s)",
                 |r| r.publish_1.as_ref().map(|x| x.median),
@@ -361,6 +390,7 @@ impl Report {
                 |r| r.limit_8.as_ref().map(|x| x.median),
                 Some(&[5]),
             ),
+            ("limit disk reads (KiB)", |r| r.limit_storage_read_kib, None),
             (
                 "rss before (MiB)",
                 |r| r.memory.as_ref().map(|x| x.fast_before_mib),
@@ -408,7 +438,7 @@ impl Report {
             ),
         ];
         let mut out = format!(
-            "machine: {}\npinning: {}\nin turns: {}\nversions: {}\nn={} payload={}B seek-n={} (small {}) rounds={} (median)\n\n",
+            "machine: {}\npinning: {}\nin turns: {}\nversions: {}\nn={} payload={}B seek-n={} (small {}) rounds={} (median)\n",
             self.machine,
             self.pinning,
             self.turns,
@@ -423,6 +453,7 @@ impl Report {
             self.config.seek_small,
             self.config.rounds,
         );
+        out += &format!("{}\n", self.steal_line());
         out += &format!("{:<26}", "metric");
         for s in SYSTEMS {
             out += &format!("{s:>14}");
