@@ -11,7 +11,8 @@
 # counts 3,000 seeks, 1,000 LIMIT-50 replays and 10,000 publishes (from
 # one connection, 1,000 in flight, each committed before its +PASS).
 # Profiles are left in $OUT (callgrind_annotate them); compare two
-# builds by their counts.
+# builds by their counts. CONFIG=FILE starts the server with that config
+# file; AFTER=N loads N events of another name after the log (drive.py).
 set -euo pipefail
 bin=$(realpath "$1")
 tag=${2:-run}
@@ -24,7 +25,7 @@ rm -rf "$out/data-$tag"
 taskset -c 1 valgrind --tool=callgrind --instr-atstart=no \
   --callgrind-out-file="$out/callgrind.$tag.%p" \
   "$bin" --listen "127.0.0.1:$port" --http-listen "127.0.0.1:$((port + 1))" \
-  --data-dir "$out/data-$tag" > "$out/server-$tag.log" 2>&1 &
+  --data-dir "$out/data-$tag" ${CONFIG:+--config "$CONFIG"} > "$out/server-$tag.log" 2>&1 &
 valgrind_pid=$!
 trap 'kill $valgrind_pid 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
