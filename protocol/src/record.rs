@@ -181,6 +181,7 @@ impl<'a> StoredRecord<'a> {
     /// Appends a whole `+RECORD:` line with marks rendered beforehand: the
     /// same bytes as [`StoredRecord::write_line`], for many records at the
     /// cost of a few copies each.
+    #[inline]
     pub fn write_rendered_line(&self, dst: &mut BytesMut, marks: &RenderedMarks) {
         dst.put_slice(RECORD_PREFIX);
         self.write_body(dst, marks.include_payload);

@@ -296,12 +296,14 @@ impl<'a> EventView<'a> {
 
     /// Whether the event is addressed to `client` (by `*`, or by one of the
     /// client's identities: its id and public keys).
+    #[inline]
     pub fn is_addressed_to(&self, identities: &[&str]) -> bool {
         self.addressing(identities).is_some()
     }
 
     /// How the event is addressed to a client with these identities, if
     /// at all.
+    #[inline]
     pub fn addressing(&self, identities: &[&str]) -> Option<Addressing> {
         addressing_of(self.recipients, identities)
     }
@@ -309,12 +311,18 @@ impl<'a> EventView<'a> {
 
 /// How an event with these encoded recipients reaches a client with these
 /// identities, if at all.
+#[inline]
 pub(crate) fn addressing_of(recipients: &[u8], identities: &[&str]) -> Option<Addressing> {
     // NOTE: `*` is never an identity, so an event for everyone only is
     // settled without looking at the identities.
     if recipients == b"*" {
         return Some(Addressing::Everyone);
     }
+    addressing_among(recipients, identities)
+}
+
+/// [`addressing_of`] for recipients other than `*` alone: a look at each.
+fn addressing_among(recipients: &[u8], identities: &[&str]) -> Option<Addressing> {
     let mut everyone = false;
     for r in recipients.split(|b| *b == 0) {
         if identities.iter().any(|id| id.as_bytes() == r) {
