@@ -1155,16 +1155,28 @@ impl<'n> Cursor<'n> {
     /// loading chunks as needed.
     #[inline(always)]
     fn settle(&mut self, pos: usize) -> Result<()> {
-        // Most often the next entry is in what was read, and in range.
+        // Most often the next entry is in what was read, and in range:
+        // that is decided here, inline, and the loop is left out.
         if pos < self.chunk.len() {
-            let (seq, value, next) = entry_at(&self.chunk, pos)?;
-            if seq >= self.start {
-                self.next_seq = self.next_seq.max(seq.saturating_add(1));
-                self.current = Some((seq, next - value.len()..next, next));
-                return Ok(());
-            }
+            return match self.step(pos)? {
+                None => Ok(()),
+                Some(next) => self.settle_on(next),
+            };
         }
         self.settle_on(pos)
+    }
+
+    /// Makes the entry at byte `pos` of what was read the current one if
+    /// it is in range (`None`), or says where the entry after it starts.
+    #[inline(always)]
+    fn step(&mut self, pos: usize) -> Result<Option<usize>> {
+        let (seq, value, next) = entry_at(&self.chunk, pos)?;
+        self.next_seq = self.next_seq.max(seq.saturating_add(1));
+        if seq < self.start {
+            return Ok(Some(next));
+        }
+        self.current = Some((seq, next - value.len()..next, next));
+        Ok(None)
     }
 
     /// [`Cursor::settle`] past entries before the start and the end of what
@@ -1173,14 +1185,10 @@ impl<'n> Cursor<'n> {
     fn settle_on(&mut self, mut pos: usize) -> Result<()> {
         loop {
             while pos < self.chunk.len() {
-                let (seq, value, next) = entry_at(&self.chunk, pos)?;
-                self.next_seq = self.next_seq.max(seq.saturating_add(1));
-                if seq >= self.start {
-                    let value_start = next - value.len();
-                    self.current = Some((seq, value_start..next, next));
-                    return Ok(());
+                match self.step(pos)? {
+                    None => return Ok(()),
+                    Some(next) => pos = next,
                 }
-                pos = next;
             }
             if self.read_on()? {
                 pos = 0;
