@@ -156,13 +156,10 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path, peers: Peers<'_>) -> Result<Result
         let theirs = ceiling
             .as_deref()
             .map(|ceiling| move |clients| ceiling.limit(clients, d));
-        let read_before = procs::storage_read_bytes(server.pid()).ok();
+        let read_before = storage_read(&server);
         let ([ours_1, ours_8], theirs) = common::rates_1_and_8(cfg.rounds, limit, theirs)?;
         (res.limit_1, res.limit_8) = (Some(ours_1), Some(ours_8));
-        res.limit_storage_read_kib = procs::storage_read_bytes(server.pid())
-            .ok()
-            .zip(read_before)
-            .map(|(after, before)| after.saturating_sub(before) as f64 / 1024.0);
+        res.limit_storage_read_kib = kib_read(storage_read(&server), read_before);
         if let (Some(ceiling), Some([theirs_1, theirs_8])) = (ceiling, theirs) {
             (ceiling.measured.limit_1, ceiling.measured.limit_8) = (Some(theirs_1), Some(theirs_8));
         }
@@ -325,8 +322,7 @@ fn seek(
     let samples = cfg.seek_samples;
     // Not every kernel keeps /proc/PID/io (task I/O accounting); without
     // it the rows stay empty and the seeks are timed all the same.
-    let read = |server: &Server| procs::storage_read_bytes(server.pid()).ok();
-    let read_before = [read(&small_server), read(server)];
+    let read_before = [storage_read(&small_server), storage_read(server)];
     let us = match ceiling {
         Some(ceiling) => {
             let mut its = ceiling.seeker()?;
@@ -338,13 +334,20 @@ fn seek(
         }
         None => common::seeks_in_turns(&mut [&mut small, &mut large], samples, &mut rng)?,
     };
-    let kib = |after: Option<u64>, before: Option<u64>| {
-        Some(after?.saturating_sub(before?) as f64 / 1024.0)
-    };
     let mut seek = Seek::new(cfg.seek_small, cfg.seek_n, &us[0], &us[1]);
-    seek.storage_read_small_kib = kib(read(&small_server), read_before[0]);
-    seek.storage_read_large_kib = kib(read(server), read_before[1]);
+    seek.storage_read_small_kib = kib_read(storage_read(&small_server), read_before[0]);
+    seek.storage_read_large_kib = kib_read(storage_read(server), read_before[1]);
     Ok(seek)
+}
+
+/// Bytes `server` has read from storage, where the kernel keeps count.
+fn storage_read(server: &Server) -> Option<u64> {
+    procs::storage_read_bytes(server.pid()).ok()
+}
+
+/// KiB read between two [`storage_read`]s, if both were taken.
+fn kib_read(after: Option<u64>, before: Option<u64>) -> Option<f64> {
+    Some(after?.saturating_sub(before?) as f64 / 1024.0)
 }
 
 /// Places to seek to in a log of `bench/s0`, picked as it loaded.
