@@ -242,12 +242,12 @@ fn run(
                 Err(_) => break,
             }
         }
+        // A commit is durable once applied; a trim once flushed, which
+        // also removes the segments it emptied.
         let result = if alone {
-            trim(store, &mut ops, pins)
+            trim(store, &mut ops, pins).and_then(|applied| store.flush().map(|()| applied))
         } else {
-            store
-                .apply(&ops, now_ms())
-                .and_then(|applied| store.flush().map(|()| applied))
+            store.apply(&ops, now_ms())
         };
         match result {
             Ok(applied) => {

@@ -465,7 +465,8 @@ pub trait EventLog: Send + Sync + 'static {
     fn last_seq(&self) -> u64;
 
     /// Applies `ops` in order, assigning sequence numbers and timestamps
-    /// (`loggedAt` never decreases). Not durable until [`EventLog::flush`].
+    /// (`loggedAt` never decreases). Durable when it returns, except a
+    /// trim: that is durable after [`EventLog::flush`].
     ///
     /// # Errors
     /// When the database fails; nothing of `ops` is applied then.

@@ -1,4 +1,5 @@
-//! Append-only segment files that hold the bytes of event chunks.
+//! Append-only segment files that hold the bytes of event chunks, and
+//! the redo of each commit.
 //!
 //! sled keeps, for each chunk, where its bytes lie ([`Loc`]); the bytes
 //! themselves are appended to the newest segment file and read back with
@@ -7,12 +8,16 @@
 //! into them stays cheap, and reads come from the operating system's page
 //! cache rather than from a cache in the server's own memory.
 //!
-//! Durability follows the commit: [`Segments::sync`] makes the appended
-//! bytes durable before sled makes the locations durable, so a location
-//! that survives a crash always points at bytes that did. Bytes appended
-//! after the last sync of sled are unreferenced after a crash: harmless,
-//! removed with their segment. Retention removes a segment once sled no
-//! longer references it ([`Segments::retire`]), after the next sync.
+//! A commit is appended as one [`Frame`]: a head, its chunks, then the
+//! writes it makes to sled's index. One sync of the segments makes the
+//! commit durable ([`Segments::sync`]); sled writes its index to disk on
+//! its own time, and at the next open the frames past the last one sled
+//! kept are applied again ([`Segments::redo_from`]). So a location sled
+//! keeps always points at bytes that were kept, and a commit answered
+//! before a crash is whole after it. Bytes appended by a commit that never
+//! landed are unreferenced after a crash: harmless, removed with their
+//! segment. Retention removes a segment once sled no longer references it
+//! ([`Segments::retire`]), after the next sync of sled.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
@@ -21,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use tracing::error;
+use tracing::{error, info};
 
 use super::{Result, StoreError};
 
@@ -29,6 +34,12 @@ use super::{Result, StoreError};
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// The directory, inside the store's, that holds the segments.
 const DIR: &str = "segments";
+/// What a frame starts with.
+const FRAME_MAGIC: [u8; 4] = *b"EnCf";
+/// A frame's head: the magic, the length of its body, how much of the
+/// body is chunks (the writes follow), and the CRC-32 of the two lengths
+/// and the body.
+const FRAME_HEAD: u64 = 16;
 
 /// Where a chunk's bytes lie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +196,76 @@ fn io_error(what: &str, path: &Path, e: &std::io::Error) -> StoreError {
     StoreError::Backend(format!("{what} {}: {e}", path.display()))
 }
 
+/// A commit's frame being appended ([`Segments::begin`]).
+#[derive(Debug)]
+pub(crate) struct Frame {
+    segment: u32,
+    file: Arc<Segment>,
+    path: PathBuf,
+    /// Where the head goes.
+    start: u64,
+    /// Where the next bytes go.
+    at: u64,
+    /// Of the body so far.
+    crc: crc32fast::Hasher,
+}
+
+impl Frame {
+    /// Where the frame starts.
+    pub fn start(&self) -> (u32, u64) {
+        (self.segment, self.start)
+    }
+
+    /// Adds a chunk's bytes, and says where they lie.
+    pub fn put(&mut self, chunk: &[u8]) -> Result<Loc> {
+        let len = u32::try_from(chunk.len())
+            .map_err(|_| StoreError::Backend("a chunk over 4 GiB".into()))?;
+        let loc = Loc {
+            segment: self.segment,
+            offset: self.at,
+            len,
+        };
+        self.write(chunk)?;
+        Ok(loc)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.file
+            .file
+            .write_all_at(bytes, self.at)
+            .map_err(|e| io_error("cannot write to", &self.path, &e))?;
+        self.crc.update(bytes);
+        self.at += bytes.len() as u64;
+        Ok(())
+    }
+}
+
+/// Reads the body of the frame at `at` of a file of `len` bytes into
+/// `body`, and says where the frame ends and how many bytes of the body
+/// are chunks. `None` when no whole frame is there: a wrong head, a body
+/// past the end, a CRC that does not match.
+fn read_frame(file: &File, at: u64, len: u64, body: &mut Vec<u8>) -> Option<(u64, usize)> {
+    let mut head = [0; FRAME_HEAD as usize];
+    file.read_exact_at(&mut head, at).ok()?;
+    if head[..4] != FRAME_MAGIC {
+        return None;
+    }
+    let body_len = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+    let chunks = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    let crc = u32::from_le_bytes(head[12..].try_into().expect("4 bytes"));
+    let end = at + FRAME_HEAD + u64::from(body_len);
+    if chunks > body_len || end > len {
+        return None;
+    }
+    body.clear();
+    body.resize(body_len as usize, 0);
+    file.read_exact_at(body, at + FRAME_HEAD).ok()?;
+    let mut hasher = crc32fast::Hasher::new();
+    hasher.update(body);
+    hasher.update(&head[4..12]);
+    (hasher.finalize() == crc).then_some((end, chunks as usize))
+}
+
 impl Segments {
     /// Opens the segments under `store_dir`, creating the first if none.
     pub fn open(store_dir: &Path) -> Result<Self> {
@@ -274,25 +355,13 @@ impl Segments {
         self.writing.lock().expect("segment lock is never poisoned")
     }
 
-    /// Appends `bytes`; durable after the next [`Segments::sync`].
+    /// Appends `bytes` outside any frame (the conversion of an older
+    /// store); durable after the next [`Segments::sync`].
     pub fn append(&self, bytes: &[u8]) -> Result<Loc> {
         let len = u32::try_from(bytes.len())
             .map_err(|_| StoreError::Backend("a chunk over 4 GiB".into()))?;
         let mut w = self.writing();
-        if w.len > 0 && w.len + u64::from(len) > SEGMENT_BYTES {
-            let segment = w.segment + 1;
-            let file = Segment::new(create(&self.dir, segment)?, 0);
-            self.files
-                .write()
-                .expect("segment lock is never poisoned")
-                .insert(segment, Arc::clone(&file));
-            let old = std::mem::replace(&mut w.file, file);
-            if w.dirty {
-                w.closed.push(old);
-            }
-            w.segment = segment;
-            w.len = 0;
-        }
+        self.make_room(&mut w, u64::from(len))?;
         let loc = Loc {
             segment: w.segment,
             offset: w.len,
@@ -306,6 +375,136 @@ impl Segments {
         w.file.written.store(w.len, Ordering::Release);
         w.dirty = true;
         Ok(loc)
+    }
+
+    /// Starts a new segment if `len` more bytes would take the current one
+    /// past [`SEGMENT_BYTES`] (and it holds any).
+    fn make_room(&self, w: &mut Writing, len: u64) -> Result<()> {
+        if w.len == 0 || w.len + len <= SEGMENT_BYTES {
+            return Ok(());
+        }
+        let segment = w.segment + 1;
+        let file = Segment::new(create(&self.dir, segment)?, 0);
+        self.files
+            .write()
+            .expect("segment lock is never poisoned")
+            .insert(segment, Arc::clone(&file));
+        let old = std::mem::replace(&mut w.file, file);
+        if w.dirty {
+            w.closed.push(old);
+        }
+        w.segment = segment;
+        w.len = 0;
+        Ok(())
+    }
+
+    /// Starts the frame of a commit whose chunks hold `chunk_bytes`; the
+    /// chunks go in with [`Frame::put`], and [`Segments::finish`] ends it.
+    pub fn begin(&self, chunk_bytes: u64) -> Result<Frame> {
+        let mut w = self.writing();
+        self.make_room(&mut w, FRAME_HEAD + chunk_bytes)?;
+        Ok(Frame {
+            segment: w.segment,
+            file: Arc::clone(&w.file),
+            path: self.path(w.segment),
+            start: w.len,
+            at: w.len + FRAME_HEAD,
+            crc: crc32fast::Hasher::new(),
+        })
+    }
+
+    /// Ends `frame` with `writes`, the commit's writes to sled's index,
+    /// and says where the frame ends; durable after the next
+    /// [`Segments::sync`]. A frame that holds nothing is not written.
+    pub fn finish(&self, mut frame: Frame, writes: &[u8]) -> Result<(u32, u64)> {
+        let mut w = self.writing();
+        if (w.segment, w.len) != (frame.segment, frame.start) {
+            return Err(StoreError::Backend(format!(
+                "a commit frame at {}:{} was begun while another was open",
+                frame.segment, frame.start
+            )));
+        }
+        let chunks = frame.at - frame.start - FRAME_HEAD;
+        if chunks == 0 && writes.is_empty() {
+            return Ok((w.segment, w.len));
+        }
+        frame.write(writes)?;
+        let too_big = || StoreError::Backend("a commit over 4 GiB".into());
+        let body = u32::try_from(frame.at - frame.start - FRAME_HEAD).map_err(|_| too_big())?;
+        let chunks = u32::try_from(chunks).map_err(|_| too_big())?;
+        let mut head = [0; FRAME_HEAD as usize];
+        head[..4].copy_from_slice(&FRAME_MAGIC);
+        head[4..8].copy_from_slice(&body.to_le_bytes());
+        head[8..12].copy_from_slice(&chunks.to_le_bytes());
+        frame.crc.update(&head[4..12]);
+        head[12..].copy_from_slice(&frame.crc.clone().finalize().to_le_bytes());
+        frame
+            .file
+            .file
+            .write_all_at(&head, frame.start)
+            .map_err(|e| io_error("cannot write to", &frame.path, &e))?;
+        w.len = frame.at;
+        w.file.written.store(w.len, Ordering::Release);
+        w.dirty = true;
+        Ok((w.segment, w.len))
+    }
+
+    /// Takes back the frames from `start` on, whose commit failed after
+    /// they were written: the next frame goes over them.
+    pub fn rewind(&self, (segment, start): (u32, u64)) {
+        let mut w = self.writing();
+        if w.segment == segment && w.len > start {
+            w.len = start;
+            w.file.written.store(start, Ordering::Release);
+        }
+    }
+
+    /// Where the next frame starts, or the segment before it when the
+    /// current one is full: where a redo after the next open would begin.
+    pub fn end(&self) -> (u32, u64) {
+        let w = self.writing();
+        (w.segment, w.len)
+    }
+
+    /// Calls `redo` with the writes of each whole frame from `segment` at
+    /// `offset` on, in order, and where the frame ends; says how many
+    /// frames there were. The frames end at the end of the last segment,
+    /// or at a frame a crash cut short (it never landed: its commit was
+    /// not answered).
+    pub fn redo_from(
+        &self,
+        segment: u32,
+        offset: u64,
+        mut redo: impl FnMut(&[u8], (u32, u64)) -> Result<()>,
+    ) -> Result<u64> {
+        let files: Vec<(u32, Arc<Segment>)> = self
+            .files
+            .read()
+            .expect("segment lock is never poisoned")
+            .range(segment..)
+            .map(|(s, f)| (*s, Arc::clone(f)))
+            .collect();
+        let mut frames = 0;
+        let mut body = Vec::new();
+        for (s, file) in files {
+            let len = file.written.load(Ordering::Acquire);
+            let mut at = if s == segment { offset } else { 0 };
+            while at < len {
+                let Some((end, chunks)) = read_frame(&file.file, at, len, &mut body) else {
+                    // Not a warning: nothing answered is lost.
+                    info!(
+                        segment = s,
+                        offset = at,
+                        "the segments end in a commit a crash cut short; it was never answered, and is left out"
+                    );
+                    return Ok(frames);
+                };
+                redo(&body[chunks..], (s, end))?;
+                frames += 1;
+                at = end;
+            }
+        }
+        Ok(frames)
     }
 
     /// Makes every appended byte durable.
@@ -516,6 +715,98 @@ mod tests {
         assert!(segments.read(first, &mut buf).is_err());
         segments.read(second, &mut buf)?;
         assert_eq!(buf.len(), 40 * 1024 * 1024);
+        Ok(())
+    }
+
+    /// Appends a frame of `chunk` and `writes`, synced; gives the chunk's
+    /// location and where the frame ends.
+    fn frame(segments: &Segments, chunk: &[u8], writes: &[u8]) -> Result<(Loc, (u32, u64))> {
+        let mut frame = segments.begin(chunk.len() as u64)?;
+        let loc = frame.put(chunk)?;
+        let end = segments.finish(frame, writes)?;
+        segments.sync()?;
+        Ok((loc, end))
+    }
+
+    /// A frame's writes and where it ends.
+    type Redone = (Vec<u8>, (u32, u64));
+
+    fn redone(segments: &Segments, from: (u32, u64)) -> Result<Vec<Redone>> {
+        let mut out = Vec::new();
+        segments.redo_from(from.0, from.1, |writes, end| {
+            out.push((writes.to_vec(), end));
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    #[test]
+    fn frames_are_redone_in_order_across_segments_up_to_a_damaged_one() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let segments = Segments::open(dir.path())?;
+        let (_, first) = frame(&segments, &[1; 100], b"one")?;
+        let (big, second) = frame(&segments, &vec![2; 70 * 1024 * 1024], b"two")?;
+        let (third_loc, third) = frame(&segments, &[3; 10], b"three")?;
+        assert_eq!(big.segment, 2, "a frame that does not fit starts a segment");
+        assert_eq!(third_loc.segment, 3);
+        // A frame holds only its writes and no chunk, and an empty one is
+        // not written.
+        let fourth = segments.finish(segments.begin(0)?, b"four")?;
+        assert_eq!(segments.finish(segments.begin(0)?, b"")?, fourth);
+        segments.sync()?;
+        let mut buf = Vec::new();
+        segments.read(third_loc, &mut buf)?;
+        assert_eq!(buf, [3; 10]);
+
+        let all = redone(&segments, (1, 0))?;
+        let writes: Vec<&[u8]> = all.iter().map(|(w, _)| w.as_slice()).collect();
+        assert_eq!(writes, [&b"one"[..], b"two", b"three", b"four"]);
+        assert_eq!(
+            all.iter().map(|(_, end)| *end).collect::<Vec<_>>(),
+            [first, second, third, fourth]
+        );
+        // From where a frame ends, the ones after it; from past the end of
+        // a segment, the next segment's.
+        assert_eq!(redone(&segments, first)?.len(), 3);
+        assert_eq!(redone(&segments, second)?.len(), 2);
+        assert_eq!(redone(&segments, fourth)?.len(), 0);
+
+        // A byte changed in the third frame's chunk: the redo stops
+        // before it.
+        OpenOptions::new()
+            .write(true)
+            .open(segments.path(3))
+            .and_then(|f| f.write_all_at(&[9], third_loc.offset + 4))
+            .expect("damage the frame");
+        let writes: Vec<Vec<u8>> = redone(&segments, (1, 0))?
+            .into_iter()
+            .map(|(w, _)| w)
+            .collect();
+        assert_eq!(writes, [b"one".to_vec(), b"two".to_vec()]);
+        Ok(())
+    }
+
+    #[test]
+    fn a_rewound_frame_is_written_over() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let segments = Segments::open(dir.path())?;
+        let (_, first) = frame(&segments, &[1; 100], b"one")?;
+        let mut failed = segments.begin(50)?;
+        let start = failed.start();
+        failed.put(&[2; 50])?;
+        segments.finish(failed, b"failed")?;
+        segments.rewind(start);
+        assert_eq!(segments.end(), first);
+        let (_, second) = frame(&segments, &[3; 10], b"two")?;
+        let writes: Vec<Vec<u8>> = redone(&segments, (1, 0))?
+            .into_iter()
+            .map(|(w, _)| w)
+            .collect();
+        assert_eq!(writes, [b"one".to_vec(), b"two".to_vec()]);
+        assert_eq!(
+            redone(&segments, (1, 0))?.last().map(|(_, end)| *end),
+            Some(second)
+        );
         Ok(())
     }
 }
