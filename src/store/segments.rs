@@ -211,11 +211,6 @@ pub(crate) struct Frame {
 }
 
 impl Frame {
-    /// Where the frame starts.
-    pub fn start(&self) -> (u32, u64) {
-        (self.segment, self.start)
-    }
-
     /// Adds a chunk's bytes, and says where they lie.
     pub fn put(&mut self, chunk: &[u8]) -> Result<Loc> {
         let len = u32::try_from(chunk.len())
@@ -447,16 +442,6 @@ impl Segments {
         w.file.written.store(w.len, Ordering::Release);
         w.dirty = true;
         Ok((w.segment, w.len))
-    }
-
-    /// Takes back the frames from `start` on, whose commit failed after
-    /// they were written: the next frame goes over them.
-    pub fn rewind(&self, (segment, start): (u32, u64)) {
-        let mut w = self.writing();
-        if w.segment == segment && w.len > start {
-            w.len = start;
-            w.file.written.store(start, Ordering::Release);
-        }
     }
 
     /// Where the next frame starts, or the segment before it when the
@@ -783,30 +768,6 @@ mod tests {
             .map(|(w, _)| w)
             .collect();
         assert_eq!(writes, [b"one".to_vec(), b"two".to_vec()]);
-        Ok(())
-    }
-
-    #[test]
-    fn a_rewound_frame_is_written_over() -> Result<()> {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let segments = Segments::open(dir.path())?;
-        let (_, first) = frame(&segments, &[1; 100], b"one")?;
-        let mut failed = segments.begin(50)?;
-        let start = failed.start();
-        failed.put(&[2; 50])?;
-        segments.finish(failed, b"failed")?;
-        segments.rewind(start);
-        assert_eq!(segments.end(), first);
-        let (_, second) = frame(&segments, &[3; 10], b"two")?;
-        let writes: Vec<Vec<u8>> = redone(&segments, (1, 0))?
-            .into_iter()
-            .map(|(w, _)| w)
-            .collect();
-        assert_eq!(writes, [b"one".to_vec(), b"two".to_vec()]);
-        assert_eq!(
-            redone(&segments, (1, 0))?.last().map(|(_, end)| *end),
-            Some(second)
-        );
         Ok(())
     }
 }

@@ -209,6 +209,8 @@ struct Tail {
     spare_chunks: Vec<Vec<u8>>,
     /// When the tree was last synced by a commit.
     synced: Instant,
+    /// Why a commit failed after its frame was written, if one did.
+    failed: Option<String>,
 }
 
 /// An event log in a sled database directory.
@@ -537,15 +539,15 @@ impl Summary {
     }
 }
 
-/// A sled batch that counts its writes, so that applying it can free
-/// what they replaced ([`reclaim`]), and that can keep them as its
-/// commit's frame will hold them ([`Writes::framed`]).
+/// Writes to sled's tree, counted so that applying them can free what
+/// they replaced ([`reclaim`]): a sled batch, or a commit's writes as its
+/// frame holds them ([`Writes::framed`]).
 #[derive(Default)]
 struct Writes {
     batch: Batch,
     count: usize,
-    /// The writes, encoded: `+` key value, or `-` key; each of key and
-    /// value its length (LEB128) and its bytes.
+    /// A commit's writes, encoded instead of batched: `+` key value, or
+    /// `-` key; each of key and value its length (LEB128) and its bytes.
     redo: Option<Vec<u8>>,
 }
 
@@ -555,7 +557,8 @@ const REDO_INSERT: u8 = b'+';
 const REDO_REMOVE: u8 = b'-';
 
 impl Writes {
-    /// Writes that keep their encoding for a commit's frame.
+    /// A commit's writes: encoded for its frame, then applied one by one
+    /// ([`apply_framed`]).
     fn framed() -> Self {
         Self {
             redo: Some(Vec::new()),
@@ -564,73 +567,89 @@ impl Writes {
     }
 
     fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
-        let (key, value) = (key.into(), value.into());
-        if let Some(redo) = &mut self.redo {
-            redo.push(REDO_INSERT);
-            put_bytes(redo, &key);
-            put_bytes(redo, &value);
-        }
         self.count += 1;
-        self.batch.insert(key, value);
+        match &mut self.redo {
+            Some(redo) => {
+                redo.push(REDO_INSERT);
+                put_bytes(redo, key.into().as_ref());
+                put_bytes(redo, value.into().as_ref());
+            }
+            None => self.batch.insert(key, value),
+        }
     }
 
     fn remove(&mut self, key: impl Into<sled::IVec>) {
-        let key = key.into();
-        if let Some(redo) = &mut self.redo {
-            redo.push(REDO_REMOVE);
-            put_bytes(redo, &key);
-        }
         self.count += 1;
-        self.batch.remove(key);
-    }
-
-    /// The batch that `redo` encodes ([`Writes::redo`]).
-    fn decode(mut redo: &[u8]) -> Result<Self> {
-        let damaged = || StoreError::Damaged("a commit frame's writes are cut short".into());
-        let take = |redo: &mut &[u8]| -> Result<sled::IVec> {
-            let mut len = 0usize;
-            for shift in (0..32).step_by(7) {
-                let (&byte, rest) = redo.split_first().ok_or_else(damaged)?;
-                *redo = rest;
-                len |= usize::from(byte & 0x7f) << shift;
-                if byte & 0x80 == 0 {
-                    let bytes = redo.get(..len).ok_or_else(damaged)?;
-                    *redo = &redo[len..];
-                    return Ok(bytes.into());
-                }
+        match &mut self.redo {
+            Some(redo) => {
+                redo.push(REDO_REMOVE);
+                put_bytes(redo, key.into().as_ref());
             }
-            Err(damaged())
-        };
-        let mut writes = Self::default();
-        while let Some((&op, rest)) = redo.split_first() {
-            redo = rest;
-            match op {
-                REDO_INSERT => {
-                    let key = take(&mut redo)?;
-                    let value = take(&mut redo)?;
-                    writes.insert(key, value);
-                }
-                REDO_REMOVE => {
-                    let key = take(&mut redo)?;
-                    writes.remove(key);
-                }
-                other => {
-                    return Err(StoreError::Damaged(format!(
-                        "a commit frame holds an unknown write {other:#04x}"
-                    )))
-                }
-            }
+            None => self.batch.remove(key),
         }
-        Ok(writes)
     }
 
-    /// Applies the writes to `tree` atomically, then frees as many of the
+    /// Applies a batch to `tree` atomically, then frees as many of the
     /// nodes sled's writes replaced as they add ([`reclaim`]).
     fn apply(self, tree: &Tree) -> Result<()> {
         tree.apply_batch(self.batch)?;
         reclaim(self.count);
         Ok(())
     }
+}
+
+/// Applies a commit's writes, as its frame holds them, to `tree` one by
+/// one, then marks the frame's `end` as the last the tree holds; frees
+/// what they replaced ([`reclaim`]).
+///
+/// Not a sled batch: sled writes out its log buffer (and waits on
+/// `sync_file_range`) before and after every batch, and those writes and
+/// the wake-ups of sled's I/O threads cost a publishing core more than
+/// the commit's own sync. sled recovers a prefix of its writes, and the
+/// mark comes last, so after a crash the tree holds every commit up to
+/// the mark whole and perhaps part of the next; the redo writes that
+/// one whole again (each write sets or removes a key outright). Readers
+/// never look past the tail's last seq, which moves only once the
+/// commit's writes are in.
+fn apply_framed(tree: &Tree, mut redo: &[u8], end: (u32, u64)) -> Result<usize> {
+    let damaged = || StoreError::Damaged("a commit frame's writes are cut short".into());
+    let take = |redo: &mut &[u8]| -> Result<sled::IVec> {
+        let mut len = 0usize;
+        for shift in (0..32).step_by(7) {
+            let (&byte, rest) = redo.split_first().ok_or_else(damaged)?;
+            *redo = rest;
+            len |= usize::from(byte & 0x7f) << shift;
+            if byte & 0x80 == 0 {
+                let bytes = redo.get(..len).ok_or_else(damaged)?;
+                *redo = &redo[len..];
+                return Ok(bytes.into());
+            }
+        }
+        Err(damaged())
+    };
+    let mut count = 0;
+    while let Some((&op, rest)) = redo.split_first() {
+        redo = rest;
+        match op {
+            REDO_INSERT => {
+                let key = take(&mut redo)?;
+                let value = take(&mut redo)?;
+                tree.insert(key, value)?;
+            }
+            REDO_REMOVE => {
+                tree.remove(take(&mut redo)?)?;
+            }
+            other => {
+                return Err(StoreError::Damaged(format!(
+                    "a commit frame holds an unknown write {other:#04x}"
+                )))
+            }
+        }
+        count += 1;
+    }
+    tree.insert(REDO_KEY, &encode_redo(end))?;
+    reclaim(count + 1);
+    Ok(count)
 }
 
 /// Appends `bytes`, after their length (LEB128: one byte for the
@@ -675,9 +694,7 @@ fn redo(tree: &Tree, segments: &Segments) -> Result<()> {
     let mut bytes = 0;
     let frames = segments.redo_from(segment, offset, |writes, end| {
         bytes += writes.len();
-        let mut writes = Writes::decode(writes)?;
-        writes.batch.insert(REDO_KEY, &encode_redo(end));
-        writes.apply(tree)
+        apply_framed(tree, writes, end).map(drop)
     })?;
     if frames > 0 {
         info!(
@@ -1639,6 +1656,7 @@ impl SledLog {
                 names,
                 spare_chunks: Vec::new(),
                 synced: Instant::now(),
+                failed: None,
             }),
             bytes: AtomicU64::new(bytes),
             oldest: AtomicU64::new(oldest),
@@ -2272,6 +2290,11 @@ impl EventLog for SledLog {
 
     fn apply(&self, ops: &[WriteOp], now_ms: u64) -> Result<Vec<Applied>> {
         let mut tail = self.tail.lock().expect("tail lock is never poisoned");
+        if let Some(failed) = &tail.failed {
+            return Err(StoreError::Backend(format!(
+                "the store stopped committing after a write failed ({failed}); restart the server to recover what was written"
+            )));
+        }
         if let [WriteOp::Trim(trim)] = ops {
             let trimmed = self.trim(&mut tail, trim)?;
             return Ok(vec![Applied::Trimmed(trimmed)]);
@@ -2476,16 +2499,19 @@ impl EventLog for SledLog {
             }
         }
         let redo = batch.redo.take().unwrap_or_default();
-        let start = frame.start();
         let end = self.segments.finish(frame, &redo)?;
         // The frame is on disk before sled holds the commit: sled may
         // write its log at any time, and after a power loss a location it
         // kept must point at bytes that were kept too.
-        batch.batch.insert(REDO_KEY, &encode_redo(end));
-        let landed = self.segments.sync().and_then(|()| batch.apply(&self.tree));
+        let landed = self
+            .segments
+            .sync()
+            .and_then(|()| apply_framed(&self.tree, &redo, end));
         if let Err(e) = landed {
-            // Its seqs go to the next commit, and so does its place.
-            self.segments.rewind(start);
+            // The frame may be on disk and the tree may hold part of it:
+            // a commit after it would take its seqs. A restart applies it
+            // again from the frame, or leaves it out if it was not kept.
+            tail.failed = Some(e.to_string());
             return Err(e);
         }
         // Listed before the seqs become visible (`last_seq`), so that the
