@@ -432,7 +432,7 @@ impl Segments {
         head[4..8].copy_from_slice(&body.to_le_bytes());
         head[8..12].copy_from_slice(&chunks.to_le_bytes());
         frame.crc.update(&head[4..12]);
-        head[12..].copy_from_slice(&frame.crc.clone().finalize().to_le_bytes());
+        head[12..].copy_from_slice(&frame.crc.finalize().to_le_bytes());
         frame
             .file
             .file
@@ -471,17 +471,30 @@ impl Segments {
             .collect();
         let mut frames = 0;
         let mut body = Vec::new();
-        for (s, file) in files {
-            let len = file.written.load(Ordering::Acquire);
+        for (i, (s, file)) in files.iter().enumerate() {
+            let (s, len) = (*s, file.written.load(Ordering::Acquire));
             let mut at = if s == segment { offset } else { 0 };
             while at < len {
                 let Some((end, chunks)) = read_frame(&file.file, at, len, &mut body) else {
-                    // Not a warning: nothing answered is lost.
-                    info!(
-                        segment = s,
-                        offset = at,
-                        "the segments end in a commit a crash cut short; it was never answered, and is left out"
-                    );
+                    let after = &files[i + 1..];
+                    if after
+                        .iter()
+                        .any(|(_, f)| f.written.load(Ordering::Acquire) > 0)
+                    {
+                        // Only the last commit can be cut short.
+                        error!(
+                            segment = s,
+                            offset = at,
+                            "a commit frame in the segments is damaged; the commits after it are not applied again, and those the index had not written to disk are lost"
+                        );
+                    } else {
+                        // Not a warning: nothing answered is lost.
+                        info!(
+                            segment = s,
+                            offset = at,
+                            "the segments end in a commit a crash cut short; it was never answered, and is left out"
+                        );
+                    }
                     return Ok(frames);
                 };
                 redo(&body[chunks..], (s, end))?;

@@ -539,12 +539,13 @@ impl Summary {
     }
 }
 
-/// Writes to sled's tree, counted so that applying them can free what
-/// they replaced ([`reclaim`]): a sled batch, or a commit's writes as its
-/// frame holds them ([`Writes::framed`]).
+/// Writes to sled's tree: a sled batch, counted so that applying it can
+/// free what its writes replaced ([`reclaim`]), or a commit's writes as
+/// its frame holds them ([`Writes::framed`]).
 #[derive(Default)]
 struct Writes {
     batch: Batch,
+    /// The batch's writes.
     count: usize,
     /// A commit's writes, encoded instead of batched: `+` key value, or
     /// `-` key; each of key and value its length (LEB128) and its bytes.
@@ -566,26 +567,32 @@ impl Writes {
         }
     }
 
-    fn insert(&mut self, key: impl Into<sled::IVec>, value: impl Into<sled::IVec>) {
-        self.count += 1;
+    fn insert(&mut self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        let (key, value) = (key.as_ref(), value.as_ref());
         match &mut self.redo {
             Some(redo) => {
                 redo.push(REDO_INSERT);
-                put_bytes(redo, key.into().as_ref());
-                put_bytes(redo, value.into().as_ref());
+                put_bytes(redo, key);
+                put_bytes(redo, value);
             }
-            None => self.batch.insert(key, value),
+            None => {
+                self.count += 1;
+                self.batch.insert(key, value);
+            }
         }
     }
 
-    fn remove(&mut self, key: impl Into<sled::IVec>) {
-        self.count += 1;
+    fn remove(&mut self, key: impl AsRef<[u8]>) {
+        let key = key.as_ref();
         match &mut self.redo {
             Some(redo) => {
                 redo.push(REDO_REMOVE);
-                put_bytes(redo, key.into().as_ref());
+                put_bytes(redo, key);
             }
-            None => self.batch.remove(key),
+            None => {
+                self.count += 1;
+                self.batch.remove(key);
+            }
         }
     }
 
@@ -755,7 +762,7 @@ fn summarize_chunks(tree: &Tree, segments: &Segments) -> Result<()> {
             batch.insert(summary_key(name, first), summary.encode());
         }
     }
-    batch.insert(SUMMARIES_KEY, &[]);
+    batch.insert(SUMMARIES_KEY, []);
     batch.apply(tree)?;
     Ok(())
 }
@@ -780,11 +787,11 @@ fn move_chunks_to_segments(tree: &Tree, segments: &Segments) -> Result<()> {
             }
             let loc = segments.append(&chunk)?;
             marks.add(loc, last);
-            batch.insert(key, &loc.encode());
+            batch.insert(key, loc.encode());
         }
     }
     marks.write(&mut batch);
-    batch.insert(SEGMENTS_KEY, &[]);
+    batch.insert(SEGMENTS_KEY, []);
     segments.sync()?;
     batch.apply(tree)?;
     Ok(())
@@ -813,7 +820,7 @@ impl Marks {
             let mut value = [0; 16];
             value[..8].copy_from_slice(&last.to_be_bytes());
             value[8..].copy_from_slice(&end.to_be_bytes());
-            batch.insert(&segment_key(segment), &value);
+            batch.insert(segment_key(segment), value);
         }
     }
 }
@@ -907,9 +914,9 @@ fn index_direct_events(tree: &Tree, segments: &Segments) -> Result<()> {
     }
     let mut batch = Writes::default();
     for (key, first) in firsts {
-        batch.insert(key, &first.to_be_bytes());
+        batch.insert(key, first.to_be_bytes());
     }
-    batch.insert(DIRECTS_KEY, &[]);
+    batch.insert(DIRECTS_KEY, []);
     batch.apply(tree)?;
     Ok(())
 }
@@ -1028,11 +1035,11 @@ impl Chunks {
             value.extend_from_slice(&loc.encode());
             value.extend_from_slice(&offsets);
             let value = sled::IVec::from(value);
-            batch.insert(chunk_key(&name, first), value.clone());
+            batch.insert(chunk_key(&name, first), &value);
             batch.insert(summary_key(&name, first), summary.encode());
             written.push((name, first, summary.last, value));
         }
-        batch.insert(&num_key(COMMIT, commit_first), index);
+        batch.insert(num_key(COMMIT, commit_first), index);
         marks.write(batch);
         Ok((bytes, written))
     }
@@ -1856,7 +1863,7 @@ impl SledLog {
             }
         }
         tail.bytes -= done.bytes.min(tail.bytes);
-        batch.insert(SIZE_KEY, &tail.bytes.to_be_bytes());
+        batch.insert(SIZE_KEY, tail.bytes.to_be_bytes());
         batch.apply(&self.tree)?;
         self.directory.forget_through(through, tail.last_seq);
         for name in &forgotten {
@@ -2323,7 +2330,7 @@ impl EventLog for SledLog {
                     // timestamp, so `loggedAt` never decreases along the log.
                     if now_ms > ts {
                         ts = now_ms;
-                        batch.insert(&num_key(TIME, ts), &seq.to_be_bytes());
+                        batch.insert(num_key(TIME, ts), seq.to_be_bytes());
                         new_times.push((ts, seq));
                     }
                     let name = event.name.as_str();
@@ -2331,7 +2338,7 @@ impl EventLog for SledLog {
                     if checked_name != Some(name) {
                         if !tail.names.contains(name) && !new_names.contains(&name) {
                             new_names.push(name);
-                            batch.insert(name_key(name), &[]);
+                            batch.insert(name_key(name), []);
                         }
                         checked_name = Some(name);
                     }
@@ -2341,7 +2348,7 @@ impl EventLog for SledLog {
                             // NOTE: looked up rather than kept in memory: one
                             // key per name and recipient ever seen.
                             if !new_directs.contains(&key) && !self.tree.contains_key(&key)? {
-                                batch.insert(key.as_slice(), &seq.to_be_bytes());
+                                batch.insert(key.as_slice(), seq.to_be_bytes());
                                 new_directs.push(key);
                             }
                         }
@@ -2416,7 +2423,7 @@ impl EventLog for SledLog {
                 } => {
                     let key = client_seq_key(SETTLED, *event, client);
                     match settlement {
-                        Settlement::Acked => batch.insert(key, &[ACKED]),
+                        Settlement::Acked => batch.insert(key, [ACKED]),
                         Settlement::Discarded(reason) => {
                             let mut value = vec![DISCARDED];
                             value.extend_from_slice(reason.as_bytes());
@@ -2434,7 +2441,7 @@ impl EventLog for SledLog {
                         new_settlers.push(client.as_str());
                         let mut key = vec![SETTLER];
                         key.extend_from_slice(client.as_str().as_bytes());
-                        batch.insert(key, &[]);
+                        batch.insert(key, []);
                     }
                     self.raise_floors(&mut subs, client, floors)?;
                     Applied::Stored
@@ -2446,7 +2453,7 @@ impl EventLog for SledLog {
                 } => {
                     let key = client_seq_key(DEFERRED, *event, client);
                     match due_ms {
-                        Some(due) => batch.insert(key, &due.to_be_bytes()),
+                        Some(due) => batch.insert(key, due.to_be_bytes()),
                         None => batch.remove(key),
                     }
                     Applied::Stored
@@ -2457,8 +2464,8 @@ impl EventLog for SledLog {
                 }
                 WriteOp::Operation { id, record, queue } => {
                     match record {
-                        Some(record) => batch.insert(&num_key(OPERATION, *id), record.as_slice()),
-                        None => batch.remove(&num_key(OPERATION, *id)),
+                        Some(record) => batch.insert(num_key(OPERATION, *id), record.as_slice()),
+                        None => batch.remove(num_key(OPERATION, *id)),
                     }
                     for Queued {
                         client,
@@ -2466,7 +2473,7 @@ impl EventLog for SledLog {
                         replayed_at,
                     } in queue
                     {
-                        batch.insert(queue_key(client, *seq), &replayed_at.to_be_bytes());
+                        batch.insert(queue_key(client, *seq), replayed_at.to_be_bytes());
                     }
                     Applied::Stored
                 }
@@ -2487,10 +2494,10 @@ impl EventLog for SledLog {
         let mut frame = self.segments.begin(chunks.bytes())?;
         let (added, written) = chunks.write(&mut batch, &mut frame, &mut tail.spare_chunks)?;
         if seq != tail.last_seq {
-            batch.insert(LAST_KEY, &seq.to_be_bytes());
+            batch.insert(LAST_KEY, seq.to_be_bytes());
         }
         if added > 0 {
-            batch.insert(SIZE_KEY, &(tail.bytes + added).to_be_bytes());
+            batch.insert(SIZE_KEY, (tail.bytes + added).to_be_bytes());
         }
         for (key, sub) in &subs {
             match sub {
