@@ -33,9 +33,9 @@
 //! A commit is durable once its frame in the segments is: its chunks and
 //! the writes it makes to the tree, synced together. The tree is synced
 //! by the first commit [`INDEX_SYNC`] after the last; opening the store
-//! applies the frames
-//! after `m` `redo` again, so one sync per commit is all a reply waits
-//! for. Retention's trims are not framed: each is synced on its own.
+//! applies the frames after `m` `redo` again, so one sync per commit is
+//! all a reply waits for. Retention's trims are not framed: each is
+//! synced on its own.
 //!
 //! A group commit stores its events of one name as one chunk (split at
 //! `MAX_CHUNK_BYTES`), appended to the newest segment: one write per chunk,
@@ -618,7 +618,7 @@ impl Writes {
 /// one whole again (each write sets or removes a key outright). Readers
 /// never look past the tail's last seq, which moves only once the
 /// commit's writes are in.
-fn apply_framed(tree: &Tree, mut redo: &[u8], end: (u32, u64)) -> Result<usize> {
+fn apply_framed(tree: &Tree, mut redo: &[u8], end: (u32, u64)) -> Result<()> {
     let damaged = || StoreError::Damaged("a commit frame's writes are cut short".into());
     let take = |redo: &mut &[u8]| -> Result<sled::IVec> {
         let mut len = 0usize;
@@ -656,7 +656,7 @@ fn apply_framed(tree: &Tree, mut redo: &[u8], end: (u32, u64)) -> Result<usize> 
     }
     tree.insert(REDO_KEY, &encode_redo(end))?;
     reclaim(count + 1);
-    Ok(count)
+    Ok(())
 }
 
 /// Appends `bytes`, after their length (LEB128: one byte for the
@@ -680,12 +680,13 @@ fn encode_redo((segment, offset): (u32, u64)) -> [u8; 12] {
 }
 
 fn decode_redo(value: &[u8]) -> Result<(u32, u64)> {
-    let damaged = || StoreError::Damaged("the redo mark is not 12 bytes".into());
-    let value: &[u8; 12] = value.try_into().map_err(|_| damaged())?;
+    let value: &[u8; 12] = value
+        .try_into()
+        .map_err(|_| StoreError::Damaged("the redo mark is not 12 bytes".into()))?;
     let (segment, offset) = value.split_at(4);
     Ok((
-        u32::from_be_bytes(segment.try_into().map_err(|_| damaged())?),
-        u64::from_be_bytes(offset.try_into().map_err(|_| damaged())?),
+        u32::from_be_bytes(segment.try_into().expect("4 bytes")),
+        u64::from_be_bytes(offset.try_into().expect("8 bytes")),
     ))
 }
 
@@ -701,7 +702,7 @@ fn redo(tree: &Tree, segments: &Segments) -> Result<()> {
     let mut bytes = 0;
     let frames = segments.redo_from(segment, offset, |writes, end| {
         bytes += writes.len();
-        apply_framed(tree, writes, end).map(drop)
+        apply_framed(tree, writes, end)
     })?;
     if frames > 0 {
         info!(
