@@ -261,7 +261,8 @@ pub struct Store {
     /// time and sequence indexes, subscriptions and settlements (no event
     /// bytes). A log whose index outgrows it still works, but seeks read
     /// index pages from disk more often. An eighth of it lists where the
-    /// newest events lie, for seeks and replays into recent history.
+    /// newest events lie, for seeks and replays into recent history;
+    /// after a start it is filled in the background from the index.
     /// sled counts its cache by the size of its pages on disk, and in
     /// memory they take several times that, so the server's memory for a
     /// large index is a multiple of this setting.

@@ -9,13 +9,19 @@ With AFTER=N in the environment, N events of another name are loaded
 after the log, uncounted: with a small `store.index_cache` (see
 count.sh's CONFIG) the log's chunks are then older than the store's
 in-memory directory reaches, as in a long-running server.
+
+With POSITIONS=FILE, a run that finds no FILE loads the log, writes the
+places it picked to FILE and ends; a run that finds it counts at once,
+on the log a server restarted since holds (count.sh's RESTART).
 """
 
+import json
 import os
 import random
 import socket
 import subprocess
 import sys
+import time
 
 PAYLOAD = 256
 WINDOW = 1000  # publishes in flight, as the bench's loader keeps
@@ -65,10 +71,21 @@ def load(port, n, first=0, name="bench/s0"):
 def main():
     port, n, seeks, replays, publishes = (int(a) for a in sys.argv[1:6])
     pid, tag = sys.argv[6], sys.argv[7]
-    positions = load(port, n)
     after = int(os.environ.get("AFTER", "0"))
-    if after:
-        load(port, after, first=n, name="bench/after")
+    saved = os.environ.get("POSITIONS")
+    if saved and os.path.exists(saved):
+        # A restarted server: the log was loaded before it started.
+        with open(saved) as f:
+            positions = [tuple(p) for p in json.load(f)]
+        time.sleep(2)  # for the directory's fill, in the background
+    else:
+        positions = load(port, n)
+        if after:
+            load(port, after, first=n, name="bench/after")
+        if saved:
+            with open(saved, "w") as f:
+                json.dump(positions, f)
+            return
     r, rf = connect(port, "seeker", "bench/s0")
     rng = random.Random(7)
 

@@ -11,12 +11,14 @@
 //! sled too. The chunk holding a visible seq is always listed by then
 //! (and a cursor handed an older one reads on to it).
 //!
-//! The lists start empty when the store opens: reading the whole index
-//! to fill them would take the store's index into memory, and time, at
-//! every start. The commit adds its chunks and milliseconds before its
-//! seqs become visible; retention removes what it trimmed. Past the
-//! budget, the oldest entries go first, whatever their name or table: the
-//! same order retention follows.
+//! The lists start empty when the store opens. The commit adds its chunks
+//! and milliseconds before its seqs become visible; retention removes what
+//! it trimmed. Past the budget, the oldest entries go first, whatever
+//! their name or table: the same order retention follows. What was logged
+//! before the store opened is added in the background, a commit at a time
+//! from the newest back, in front of what commits added since
+//! ([`Directory::add_older`]), until the budget is reached: reading the
+//! index at open to fill the lists would delay every start.
 
 use std::collections::{HashMap, VecDeque};
 use std::mem::size_of;
@@ -39,6 +41,11 @@ struct Lists<V> {
     times: VecDeque<(u64, u64)>,
     /// What the lists take, about.
     bytes: usize,
+    /// Whether older entries may still go in front: not once something
+    /// was dropped for the budget, or a fill was refused.
+    filling: bool,
+    /// The last seq retention removed through.
+    forgotten: u64,
 }
 
 /// A chunk in its name's list.
@@ -68,6 +75,8 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
                 order: VecDeque::new(),
                 times: VecDeque::new(),
                 bytes: 0,
+                filling: true,
+                forgotten: 0,
             }),
             budget,
         }
@@ -149,7 +158,83 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
             lists.bytes += TIME_COST;
             lists.times.push_back(time);
         }
-        while lists.bytes > self.budget && lists.drop_oldest() {}
+        while lists.bytes > self.budget && lists.drop_oldest() {
+            lists.filling = false;
+        }
+    }
+
+    /// Adds one commit logged before the store opened, older than every
+    /// entry listed: its chunks (name, first seq, last seq, value), and
+    /// the milliseconds (ms, first seq) logged from its first seq on that
+    /// are older than every millisecond listed. Each list then still holds
+    /// the newest entries of its table, from its first on.
+    ///
+    /// Adds nothing and says `false` when that would not hold or does not
+    /// fit: the entries are not older than those listed, retention removed
+    /// some of them, the budget has no room for them, or an entry was
+    /// dropped for the budget before (the lists no longer reach back to
+    /// where the fill stands). No later call adds anything either.
+    pub fn add_older(&self, chunks: &[(&str, u64, u64, V)], times: &[(u64, u64)]) -> bool {
+        let mut lists = self
+            .lists
+            .write()
+            .expect("directory lock is never poisoned");
+        if !lists.filling {
+            return false;
+        }
+        let older = chunks
+            .iter()
+            .all(|(_, first, ..)| lists.order.front().map_or(true, |(f, _)| first < f))
+            && times
+                .iter()
+                .all(|(ms, _)| lists.times.front().map_or(true, |(m, _)| ms < m));
+        let kept = chunks
+            .iter()
+            .map(|(_, first, ..)| *first)
+            .chain(times.iter().map(|(_, seq)| *seq))
+            .all(|seq| seq > lists.forgotten);
+        // Counts a name for each of its chunks: at most a little over.
+        let cost: usize = chunks
+            .iter()
+            .map(|(name, _, _, value)| {
+                let new_name = !lists.chunks.contains_key(*name);
+                chunk_cost(value) + if new_name { NAME_COST + name.len() } else { 0 }
+            })
+            .sum::<usize>()
+            + TIME_COST * times.len();
+        if !older || !kept || lists.bytes + cost > self.budget {
+            lists.filling = false;
+            return false;
+        }
+        let mut chunks: Vec<_> = chunks.iter().collect();
+        chunks.sort_unstable_by_key(|(_, first, ..)| std::cmp::Reverse(*first));
+        for (name, first, last, value) in chunks {
+            lists.bytes += chunk_cost(value);
+            let name = match lists.chunks.get_key_value(*name) {
+                Some((name, _)) => name.clone(),
+                None => {
+                    lists.bytes += NAME_COST + name.len();
+                    let name: Arc<str> = (*name).into();
+                    lists.chunks.insert(name.clone(), VecDeque::new());
+                    name
+                }
+            };
+            lists.order.push_front((*first, name.clone()));
+            if let Some(list) = lists.chunks.get_mut(&name) {
+                list.push_front(Listed {
+                    first: *first,
+                    last: *last,
+                    value: value.clone(),
+                });
+            }
+        }
+        let mut times = times.to_vec();
+        times.sort_unstable_by_key(|(ms, _)| std::cmp::Reverse(*ms));
+        for time in times {
+            lists.bytes += TIME_COST;
+            lists.times.push_front(time);
+        }
+        true
     }
 
     /// Forgets what retention removed: the chunks of commits up to seq
@@ -160,6 +245,7 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
             .lists
             .write()
             .expect("directory lock is never poisoned");
+        lists.forgotten = lists.forgotten.max(through);
         while lists
             .order
             .front()
@@ -435,6 +521,54 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn what_was_logged_before_goes_in_front_of_what_is_listed() {
+        // Listed since the store opened: chunks from seq 10 on, times from
+        // millisecond 100. One older commit (seqs 5 to 9) goes in front.
+        let dir = listed(1 << 20);
+        assert!(dir.add_older(
+            &[("c", 7, 8, value(7)), ("a", 5, 9, value(5))],
+            &[(90, 5), (95, 7)]
+        ));
+        assert_eq!(first(dir.chunk_holding("a", 9)), Some(5));
+        assert_eq!(first(dir.chunk_holding("a", 12)), Some(10));
+        assert_eq!(first(dir.chunk_after("a", 5)), Some(10));
+        assert_eq!(dir.chunk_last("c", 7), Some(8));
+        assert_eq!(first(dir.chunk_holding("c", 100)), Some(7));
+        assert_eq!(dir.first_seq_from(89), None, "before the list");
+        assert_eq!(dir.first_seq_from(91), Some(7));
+        assert_eq!(dir.first_seq_from(96), Some(10));
+
+        // What is not older than the front is refused, and then so is
+        // every later fill: the lists would no longer be the newest
+        // entries of their tables.
+        assert!(!dir.add_older(&[("a", 6, 6, value(6))], &[]));
+        assert!(!dir.add_older(&[("a", 1, 2, value(1))], &[(80, 1)]));
+        assert_eq!(first(dir.chunk_holding("a", 2)), None);
+        assert_eq!(dir.first_seq_from(80), None);
+    }
+
+    #[test]
+    fn a_fill_stops_where_retention_or_the_budget_did() {
+        let older = [("a", 5, 9, value(5))];
+        let dir = listed(1 << 20);
+        dir.forget_through(12, 40);
+        assert!(!dir.add_older(&older, &[]), "retention removed it");
+        assert_eq!(first(dir.chunk_holding("a", 5)), None);
+
+        let whole = listed(1 << 20).bytes();
+        let dir = listed(whole);
+        assert!(!dir.add_older(&older, &[]), "no room");
+        assert_eq!(dir.bytes(), whole);
+
+        // Something was dropped for the budget: the lists no longer reach
+        // back to the fill, even once retention has made room.
+        let dir = listed(whole - 1);
+        dir.forget_through(29, 40);
+        assert!(!dir.add_older(&older, &[]));
+        assert_eq!(first(dir.chunk_holding("a", 5)), None);
     }
 
     #[test]

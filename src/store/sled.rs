@@ -80,14 +80,15 @@ use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::ops::{ControlFlow, RangeInclusive};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ensync_protocol::field::{ClientId, EventId, Pattern, Position, Recipient};
 use ensync_protocol::{encode_record_into, RecordFields};
 use sled::{Batch, Db, Tree};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::directory::Directory;
 use super::segments::{Frame, Loc, ReadBuf, Segments};
@@ -216,6 +217,9 @@ struct Tail {
 /// An event log in a sled database directory.
 #[derive(Debug)]
 pub struct SledLog {
+    /// Declared first, so that it ends before the tree closes.
+    #[allow(dead_code, reason = "held for its drop, which stops the thread")]
+    filling: Filling,
     db: Db,
     tree: Tree,
     segments: Segments,
@@ -229,7 +233,7 @@ pub struct SledLog {
     /// Clients with at least one settlement.
     settlers: RwLock<HashSet<String>>,
     /// The newest chunks and milliseconds, found without sled.
-    directory: Directory<sled::IVec>,
+    directory: Arc<Directory<sled::IVec>>,
     /// How often commits sync the tree ([`INDEX_SYNC`]).
     sync_every: Option<Duration>,
 }
@@ -463,6 +467,120 @@ fn decode_commit(value: &[u8]) -> Result<Vec<(u64, &str)>> {
         pos += 10 + len;
     }
     Ok(chunks)
+}
+
+/// The thread that lists in the directory what was logged before the
+/// store opened; stopped and waited for when dropped.
+#[derive(Debug)]
+struct Filling {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Filling {
+    /// Starts listing the commits up to seq `last_seq` and the
+    /// milliseconds up to `last_ts`, the newest first.
+    fn start(
+        tree: &Tree,
+        directory: &Arc<Directory<sled::IVec>>,
+        last_seq: u64,
+        last_ts: u64,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = (last_seq > 0)
+            .then(|| {
+                let (tree, directory, stop) =
+                    (tree.clone(), Arc::clone(directory), Arc::clone(&stop));
+                std::thread::Builder::new()
+                    .name("ensync-directory".into())
+                    .spawn(move || {
+                        let started = Instant::now();
+                        match fill(&tree, &directory, last_seq, last_ts, &stop) {
+                            Ok(commits) => info!(
+                                commits,
+                                ms = started.elapsed().as_millis(),
+                                "listed the newest commits logged before the start"
+                            ),
+                            Err(e) => warn!(
+                                "listing the commits logged before the start stopped: {e}; seeks into the rest look them up in the index"
+                            ),
+                        }
+                    })
+            })
+            .transpose()
+            .map_err(|e| StoreError::Backend(format!("cannot start a thread: {e}")))?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Waits for the thread to end.
+    #[cfg(test)]
+    fn join(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Filling {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Lists the commits up to seq `last_seq` in `directory`, a commit at a
+/// time from the newest back, with the milliseconds up to `last_ts` their
+/// events were logged at, until the directory takes no more (its budget
+/// is reached, retention removed the rest) or `stop` is set; says how
+/// many it listed.
+fn fill(
+    tree: &Tree,
+    directory: &Directory<sled::IVec>,
+    last_seq: u64,
+    last_ts: u64,
+    stop: &AtomicBool,
+) -> Result<u64> {
+    let mut listed = 0;
+    let mut times = tree
+        .range(num_key(TIME, 0)..=num_key(TIME, last_ts))
+        .rev()
+        .peekable();
+    let commits = tree.range(num_key(COMMIT, 0)..=num_key(COMMIT, last_seq));
+    for entry in commits.rev() {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let (key, index) = entry?;
+        let commit_first = be_u64(&key[1..])?;
+        let mut chunks = Vec::new();
+        for (first, name) in decode_commit(&index)? {
+            let (Some(value), Some(summary)) = (
+                tree.get(chunk_key(name, first))?,
+                tree.get(summary_key(name, first))?,
+            ) else {
+                // Retention removed it since.
+                return Ok(listed);
+            };
+            chunks.push((name, first, Summary::decode(&summary)?.last, value));
+        }
+        let mut ms = Vec::new();
+        while let Some(entry) = times.peek() {
+            let (key, seq) = entry.as_ref().map_err(|e| StoreError::from(e.clone()))?;
+            let seq = be_u64(seq)?;
+            if seq < commit_first {
+                break;
+            }
+            ms.push((be_u64(&key[1..])?, seq));
+            times.next();
+        }
+        if !directory.add_older(&chunks, &ms) {
+            break;
+        }
+        listed += 1;
+    }
+    Ok(listed)
 }
 
 /// A fresh store's epoch: makes ids of a wiped and recreated store differ
@@ -1651,8 +1769,12 @@ impl SledLog {
         for entry in tree.scan_prefix([SETTLER]) {
             settlers.insert(utf8(&entry?.0[1..])?.to_owned());
         }
-        let directory = Directory::new(usize::try_from(listed).unwrap_or(usize::MAX));
+        let directory = Arc::new(Directory::new(
+            usize::try_from(listed).unwrap_or(usize::MAX),
+        ));
+        let filling = Filling::start(&tree, &directory, last_seq, last_ts)?;
         Ok(Self {
+            filling,
             db,
             tree,
             segments,
@@ -3118,8 +3240,8 @@ mod chunked_log {
         assert!(stripped > 10, "the filled log has chunks with offsets");
         batch.apply(&log.tree)?;
         log.flush()?;
-        // Reopened: the directory lists only chunks committed since, so
-        // every chunk is read as stored.
+        // Reopened: the directory lists the chunks as the index holds them
+        // now, so every chunk is read as stored.
         drop(log);
         let log = SledLog::open(dir.path())?;
         assert_eq!(read_all(&log)?, with_offsets);
@@ -3569,7 +3691,8 @@ mod chunked_log {
     /// A log whose directory lists all, some or none of its chunks and
     /// milliseconds answers every seek and scan alike: as commits list
     /// them and drop the oldest past the budget, after retention trims,
-    /// and once reopened (the lists start empty) and committed to again.
+    /// once reopened (while the lists are filled with what was logged
+    /// before, and after) and committed to again.
     #[test]
     fn the_directory_answers_as_sled_does() -> Result<()> {
         let dirs: Vec<_> = LISTINGS
@@ -3627,11 +3750,32 @@ mod chunked_log {
         every(&logs)?;
 
         drop(logs);
-        let logs = LISTINGS
+        let mut logs = LISTINGS
             .iter()
             .zip(&dirs)
             .map(|(listed, dir)| open_listing(dir.path(), *listed))
             .collect::<Result<Vec<_>>>()?;
+        // Read as the directories are filled, and once they are.
+        every(&logs)?;
+        for log in &mut logs {
+            log.filling.join();
+        }
+        let whole = &logs[2];
+        let (key, index) = whole.tree.scan_prefix([COMMIT]).next().expect("a commit")?;
+        let (first, name) = decode_commit(&index)?[0];
+        assert!(
+            whole.directory.chunk_last(name, first).is_some(),
+            "the fill lists the oldest commit left ({}): {:?}",
+            be_u64(&key[1..])?,
+            whole.directory
+        );
+        let (key, seq) = whole.tree.scan_prefix([TIME]).next().expect("a time")?;
+        assert_eq!(
+            whole.directory.first_seq_from(be_u64(&key[1..])?),
+            Some(be_u64(&seq)?),
+            "and the oldest millisecond left"
+        );
+        assert!(logs[1].directory.bytes() <= 2 * 1024);
         every(&logs)?;
         for i in 0..40 {
             let ops: Vec<WriteOp> = (0..1 + i % 3)
