@@ -1095,22 +1095,31 @@ async fn replay_after_restart_is_identical_and_subscriptions_survive() {
     let srv = start_server(dir.path()).await;
     let mut p = publisher(&srv).await;
     let mut ids = Vec::new();
+    let mut timestamps = Vec::new();
     for i in 0..20 {
         let line = if i % 3 == 0 {
             format!("PUB;CLIENT_ID=pub;EVENT_NAME=user/a/x;PAYLOAD={{\"i\":{i}}};DELIVERY_TO=*;METADATA={{\"m\":{i}}}")
         } else {
             format!("PUB;CLIENT_ID=pub;EVENT_NAME=user/b/y;PAYLOAD=aGVsbG{i:02};DELIVERY_TO=*")
         };
-        ids.push(parse_published(&p.cmd(&line).await).idem);
+        let published = parse_published(&p.cmd(&line).await);
+        ids.push(published.idem);
+        timestamps.push(published.timestamp);
     }
     let mut r = srv.client().await;
     r.conn("reader").await;
     r.sub("reader", "user/*").await;
-    let queries = [
+    let mut queries = vec![
         "FROM_POSITION=earliest;LIMIT=100".to_string(),
         format!("FROM_POSITION={};TO_POSITION={}", ids[5], ids[15]),
         "FROM_POSITION=earliest;LIMIT=7;INCLUDE_PAYLOADS=false".to_string(),
     ];
+    // A seek from every event's id and timestamp: after the restart they
+    // are answered from what the store lists as it starts.
+    for (id, ts) in ids.iter().zip(&timestamps) {
+        queries.push(format!("FROM_POSITION={id};LIMIT=1"));
+        queries.push(format!("FROM_POSITION={ts};LIMIT=2"));
+    }
     let mut before = Vec::new();
     for q in &queries {
         let rep = r.replay("reader", "user/*", q).await;
