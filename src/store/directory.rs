@@ -140,19 +140,9 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
             .expect("directory lock is never poisoned");
         for (name, first, last, value) in chunks {
             lists.bytes += chunk_cost(&value);
-            let name = match lists.chunks.get_key_value(name) {
-                Some((name, _)) => name.clone(),
-                None => {
-                    lists.bytes += NAME_COST + name.len();
-                    let name: Arc<str> = name.into();
-                    lists.chunks.insert(name.clone(), VecDeque::new());
-                    name
-                }
-            };
-            lists.order.push_back((first, name.clone()));
-            if let Some(list) = lists.chunks.get_mut(&name) {
-                list.push_back(Listed { first, last, value });
-            }
+            let (name, list) = lists.list_of(name);
+            list.push_back(Listed { first, last, value });
+            lists.order.push_back((first, name));
         }
         for time in times {
             lists.bytes += TIME_COST;
@@ -210,23 +200,13 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
         chunks.sort_unstable_by_key(|(_, first, ..)| std::cmp::Reverse(*first));
         for (name, first, last, value) in chunks {
             lists.bytes += chunk_cost(value);
-            let name = match lists.chunks.get_key_value(*name) {
-                Some((name, _)) => name.clone(),
-                None => {
-                    lists.bytes += NAME_COST + name.len();
-                    let name: Arc<str> = (*name).into();
-                    lists.chunks.insert(name.clone(), VecDeque::new());
-                    name
-                }
-            };
-            lists.order.push_front((*first, name.clone()));
-            if let Some(list) = lists.chunks.get_mut(&name) {
-                list.push_front(Listed {
-                    first: *first,
-                    last: *last,
-                    value: value.clone(),
-                });
-            }
+            let (name, list) = lists.list_of(name);
+            list.push_front(Listed {
+                first: *first,
+                last: *last,
+                value: value.clone(),
+            });
+            lists.order.push_front((*first, name));
         }
         let mut times = times.to_vec();
         times.sort_unstable_by_key(|(ms, _)| std::cmp::Reverse(*ms));
@@ -358,6 +338,20 @@ impl<V> std::fmt::Debug for Directory<V> {
 }
 
 impl<V: AsRef<[u8]>> Lists<V> {
+    /// The shared name and chunk list of `name`, made (and counted) when
+    /// it has none.
+    fn list_of(&mut self, name: &str) -> (Arc<str>, &mut VecDeque<Listed<V>>) {
+        let name = match self.chunks.get_key_value(name) {
+            Some((name, _)) => name.clone(),
+            None => {
+                self.bytes += NAME_COST + name.len();
+                name.into()
+            }
+        };
+        let list = self.chunks.entry(name.clone()).or_default();
+        (name, list)
+    }
+
     /// Drops the oldest entry, chunk or millisecond; `false` when none is
     /// left.
     fn drop_oldest(&mut self) -> bool {

@@ -513,7 +513,6 @@ impl Filling {
     }
 
     /// Waits for the thread to end.
-    #[cfg(test)]
     fn join(&mut self) {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
@@ -524,9 +523,7 @@ impl Filling {
 impl Drop for Filling {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.join();
     }
 }
 
