@@ -34,9 +34,14 @@ async fn publisher(srv: &TestServer) -> Client {
 
 /// A connection of `id`, subscribed to `PATTERN`.
 async fn subscriber(srv: &TestServer, id: &str) -> Client {
+    subscriber_to(srv, id, PATTERN).await
+}
+
+/// A connection of `id`, subscribed to `pattern`.
+async fn subscriber_to(srv: &TestServer, id: &str, pattern: &str) -> Client {
     let mut c = srv.client().await;
     c.conn(id).await;
-    c.sub(id, PATTERN).await;
+    c.sub(id, pattern).await;
     c
 }
 
@@ -777,6 +782,53 @@ async fn events_reach_only_the_clients_they_are_addressed_to() {
     let rep = late.replay("late", PATTERN, "FROM_POSITION=earliest").await;
     assert_eq!(rep.idems(), vec![to_all.clone()]);
     late.expect_silence(SILENCE).await;
+    srv.stop().await;
+}
+
+/// With many clients connected, each subscribed to names of its own, a
+/// live event reaches exactly the clients whose patterns match its name:
+/// an exact name, a prefix above it at any depth, or `*`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_many_clients_connected_an_event_reaches_exactly_its_subscribers() {
+    const ROOMS: usize = 40;
+    let (_dir, config) = setup();
+    let srv = start_server_with(config).await;
+    let mut p = publisher(&srv).await;
+    let mut rooms = Vec::with_capacity(ROOMS);
+    for i in 0..ROOMS {
+        let mut c = srv.client().await;
+        c.conn(&format!("room{i}")).await;
+        c.sub(&format!("room{i}"), &format!("room/{i}")).await;
+        rooms.push(c);
+    }
+    let mut floor = subscriber_to(&srv, "floor", "room/*").await;
+    let mut corner = subscriber_to(&srv, "corner", "room/3/*").await;
+    let mut everyone = subscriber_to(&srv, "everyone", "*").await;
+    let mut idle = srv.client().await;
+    idle.conn("idle").await;
+
+    let mut published = Vec::new();
+    for i in 0..ROOMS {
+        published.push(p.publish("p", &format!("room/{i}"), "{}").await.0);
+    }
+    let nested = p.publish("p", "room/3/door", "{}").await.0;
+    let hall = p.publish("p", "hall", "{}").await.0;
+
+    for (i, room) in rooms.iter_mut().enumerate() {
+        assert_eq!(room.deliveries(1).await, [published[i].clone()], "room{i}");
+    }
+    let mut below: Vec<String> = published.clone();
+    below.push(nested.clone());
+    assert_eq!(floor.deliveries(below.len()).await, below);
+    assert_eq!(corner.deliveries(1).await, [nested]);
+    below.push(hall);
+    assert_eq!(everyone.deliveries(below.len()).await, below);
+    for c in rooms
+        .iter_mut()
+        .chain([&mut floor, &mut corner, &mut everyone, &mut idle])
+    {
+        c.expect_silence(Duration::from_millis(50)).await;
+    }
     srv.stop().await;
 }
 

@@ -16,14 +16,17 @@
 //! while the server reads the rest, and can send more meanwhile, instead
 //! of waiting out the sync of its whole burst at once.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use ensync_protocol::field::ClientId;
 use tokio::sync::{mpsc, oneshot, watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task;
 use tracing::{debug, error, info};
 
+use super::delivery::Attached;
 use super::now_ms;
 use super::retention::Pins;
 use super::subs::Registry;
@@ -60,7 +63,6 @@ pub struct Committer {
     /// Jobs submitted so far, for [`YIELD_EVERY`].
     submitted: AtomicUsize,
     head: watch::Receiver<u64>,
-    changes: watch::Receiver<u64>,
     budget: Arc<Semaphore>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -71,21 +73,22 @@ pub struct Committer {
 pub struct Stopped;
 
 impl Committer {
-    /// Starts the commit thread over `store`.
+    /// Starts the commit thread over `store`. After each commit it wakes
+    /// the `attached` clients the commit concerns.
     ///
     /// # Errors
     /// When the thread cannot be spawned.
     pub fn start(
         store: Arc<dyn EventLog>,
         registry: Arc<Registry>,
+        attached: Arc<Attached>,
         pins: Arc<Pins>,
     ) -> std::io::Result<Self> {
         let (queue, jobs) = mpsc::channel(COMMIT_QUEUE);
         let (head_tx, head) = watch::channel(store.last_seq());
-        let (changes_tx, changes) = watch::channel(0);
         let signals = Signals {
             head: head_tx,
-            changes: changes_tx,
+            attached,
         };
         let thread = std::thread::Builder::new()
             .name("ensync-commit".into())
@@ -94,7 +97,6 @@ impl Committer {
             queue,
             submitted: AtomicUsize::new(0),
             head,
-            changes,
             budget: Arc::new(Semaphore::new(COMMIT_BYTES_IN_FLIGHT)),
             thread: std::sync::Mutex::new(Some(thread)),
         })
@@ -139,11 +141,6 @@ impl Committer {
         *self.head.borrow()
     }
 
-    /// A signal that changes after every commit.
-    pub fn changes(&self) -> watch::Receiver<u64> {
-        self.changes.clone()
-    }
-
     /// Commits what is queued, stops the thread and waits for its final
     /// flush. Later submissions fail with [`Stopped`].
     pub async fn stop(&self) {
@@ -175,7 +172,8 @@ fn permits(op: &WriteOp) -> u32 {
 /// What the commit thread tells the rest of the server.
 struct Signals {
     head: watch::Sender<u64>,
-    changes: watch::Sender<u64>,
+    /// The clients to wake after a commit that concerns them.
+    attached: Arc<Attached>,
 }
 
 fn run(
@@ -187,6 +185,7 @@ fn run(
 ) {
     let mut ops = Vec::with_capacity(MAX_COMMIT_BATCH);
     let mut waiters = Vec::with_capacity(MAX_COMMIT_BATCH);
+    let mut concerned = HashSet::new();
     // A job taken from the queue that must start the next batch.
     let mut carried: Option<Job> = None;
     let mut stopping = false;
@@ -253,7 +252,7 @@ fn run(
             Ok(applied) => {
                 let mut last = None;
                 for (op, item) in ops.iter().zip(&applied) {
-                    share(op, item, registry);
+                    share(op, item, registry, &mut concerned);
                     if let Applied::Published(event) = item {
                         last = Some(event.seq);
                     }
@@ -261,7 +260,18 @@ fn run(
                 if let Some(last) = last {
                     signals.head.send_replace(last);
                 }
-                signals.changes.send_modify(|n| *n = n.wrapping_add(1));
+                let published =
+                    ops.iter()
+                        .zip(&applied)
+                        .filter_map(|(op, item)| match (op, item) {
+                            (WriteOp::Publish(event), Applied::Published(_)) => {
+                                Some(event.name.as_str())
+                            }
+                            _ => None,
+                        });
+                registry.subscribers_of(published, &mut concerned);
+                signals.attached.wake(&concerned);
+                concerned.clear();
                 for (done, item) in waiters.drain(..).zip(applied) {
                     let _ = done.send(Ok(item));
                 }
@@ -311,11 +321,18 @@ fn trim(
     Ok(applied)
 }
 
-/// Makes a committed change visible to the in-memory views.
-fn share(op: &WriteOp, applied: &Applied, registry: &Registry) {
+/// Makes a committed change visible to the in-memory views; a client
+/// whose subscriptions changed goes in `concerned`.
+fn share(op: &WriteOp, applied: &Applied, registry: &Registry, concerned: &mut HashSet<ClientId>) {
     match (op, applied) {
-        (_, Applied::Subscribed(sub) | Applied::PausedSet(Ok(sub))) => registry.put(sub.clone()),
-        (_, Applied::Unsubscribed(Some(sub))) => registry.remove(&sub.client, &sub.pattern),
+        (_, Applied::Subscribed(sub) | Applied::PausedSet(Ok(sub))) => {
+            registry.put(sub.clone());
+            concerned.insert(sub.client.clone());
+        }
+        (_, Applied::Unsubscribed(Some(sub))) => {
+            registry.remove(&sub.client, &sub.pattern);
+            concerned.insert(sub.client.clone());
+        }
         (
             WriteOp::Settle { client, floors, .. } | WriteOp::SetFloors { client, floors },
             Applied::Stored,

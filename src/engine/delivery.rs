@@ -22,7 +22,7 @@
 //! may be long settled. The hub reads that queue lazily, in seq order, and
 //! delivers its events marked replayed ahead of new events.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -30,7 +30,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use ensync_protocol::field::{ClientId, Pattern};
 use ensync_protocol::{Marks, ReplayInfo};
-use tokio::sync::{watch, Notify};
+use tokio::sync::Notify;
 use tracing::{debug, error};
 
 use super::commit::Committer;
@@ -60,10 +60,34 @@ pub struct Hub {
     registry: Arc<Registry>,
     commit: Arc<Committer>,
     settings: Settings,
-    /// Changes with every commit: what wakes waiting connections.
-    changes: watch::Receiver<u64>,
-    clients: Mutex<HashMap<ClientId, Arc<Client>>>,
+    attached: Arc<Attached>,
     next_conn: std::sync::atomic::AtomicU64,
+}
+
+/// The clients with connections attached, each with the signal that
+/// wakes its waiting connections. The commit thread rings it for the
+/// clients a commit concerns, so that a commit wakes its subscribers, not
+/// every connection.
+#[derive(Default)]
+pub struct Attached {
+    clients: Mutex<HashMap<ClientId, Arc<Client>>>,
+}
+
+impl Attached {
+    fn lock(&self) -> MutexGuard<'_, HashMap<ClientId, Arc<Client>>> {
+        self.clients.lock().expect("hub lock is never poisoned")
+    }
+
+    /// Wakes the waiting connections of those of `clients` attached.
+    pub fn wake(&self, clients: &HashSet<ClientId>) {
+        if clients.is_empty() {
+            return;
+        }
+        let attached = self.lock();
+        for client in clients.iter().filter_map(|id| attached.get(id)) {
+            client.wake.notify_waiters();
+        }
+    }
 }
 
 /// One client's shared state and the signal that it changed.
@@ -302,21 +326,21 @@ impl Hub {
         store: Arc<dyn EventLog>,
         registry: Arc<Registry>,
         commit: Arc<Committer>,
+        attached: Arc<Attached>,
         settings: Settings,
     ) -> Self {
         Self {
-            changes: commit.changes(),
             store,
             registry,
             commit,
             settings,
-            clients: Mutex::new(HashMap::new()),
+            attached,
             next_conn: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
     fn clients(&self) -> MutexGuard<'_, HashMap<ClientId, Arc<Client>>> {
-        self.clients.lock().expect("hub lock is never poisoned")
+        self.attached.lock()
     }
 
     /// Attaches a connection of `client`, creating its state (and loading
@@ -831,13 +855,17 @@ impl Client {
 impl Attachment {
     /// The next record lines for this connection; waits until there are
     /// some. Cancel-safe: nothing is taken until it returns.
+    ///
+    /// It waits for its client's wake-up: rung by the commit thread after
+    /// a commit of events its subscriptions match or of a change to them,
+    /// and by settlements, deferrals, replays and the client's other
+    /// connections. Enabled before the pull, it misses none that comes
+    /// after what the pull saw.
     pub async fn next(&self) -> Bytes {
-        let mut head = self.hub.changes.clone();
         loop {
             let woken = self.client.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            head.borrow_and_update();
             let pulled = match self.hub.pull(&self.client, self.conn) {
                 Ok(pulled) => pulled,
                 Err(e) => {
@@ -865,7 +893,6 @@ impl Attachment {
             };
             tokio::select! {
                 () = woken => {}
-                _ = head.changed() => {}
                 () = sleep => {}
             }
         }

@@ -153,15 +153,18 @@ impl Engine {
         let subs = Arc::new(Registry::new(store.subscriptions().map_err(open_err)?));
         let ops = operations::Operations::load(store.as_ref()).map_err(open_err)?;
         let pins = Arc::new(retention::Pins::default());
+        let attached = Arc::new(delivery::Attached::default());
         let commit = Arc::new(commit::Committer::start(
             Arc::clone(&store),
             Arc::clone(&subs),
+            Arc::clone(&attached),
             Arc::clone(&pins),
         )?);
         let hub = Arc::new(delivery::Hub::new(
             Arc::clone(&store),
             Arc::clone(&subs),
             Arc::clone(&commit),
+            attached,
             delivery::Settings {
                 ack_wait: config.delivery.ack_wait,
                 max_unsettled: config.delivery.max_unsettled,

@@ -1,18 +1,78 @@
 //! The in-memory view of every client's durable subscriptions: read on
 //! every live delivery and replay check, written by the commit thread
-//! after the change is on disk.
+//! after the change is on disk. It also finds the clients a published
+//! name concerns, so that a commit wakes those clients only.
 
-use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
 
 use ensync_protocol::field::{ClientId, Pattern};
 
 use crate::store::Subscription;
 
-/// Subscriptions by client.
+/// Subscriptions by client, and the clients subscribed by pattern.
 #[derive(Debug, Default)]
 pub struct Registry {
-    by_client: RwLock<HashMap<ClientId, Arc<[Subscription]>>>,
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_client: HashMap<ClientId, Arc<[Subscription]>>,
+    subscribers: Subscribers,
+}
+
+/// Who subscribes to what, for finding the clients a name concerns
+/// without looking at every client's subscriptions.
+#[derive(Debug, Default)]
+struct Subscribers {
+    /// By the name an exact pattern names.
+    exact: HashMap<String, HashSet<ClientId>>,
+    /// By the prefix of a `prefix/*` pattern.
+    below: HashMap<String, HashSet<ClientId>>,
+    /// Subscribed to `*`.
+    all: HashSet<ClientId>,
+}
+
+impl Subscribers {
+    fn set(&mut self, pattern: &Pattern) -> &mut HashSet<ClientId> {
+        match pattern {
+            Pattern::Exact(name) => self.exact.entry(name.as_str().to_owned()).or_default(),
+            Pattern::Below(prefix) => self.below.entry(prefix.clone()).or_default(),
+            Pattern::All => &mut self.all,
+        }
+    }
+
+    fn add(&mut self, client: &ClientId, pattern: &Pattern) {
+        self.set(pattern).insert(client.clone());
+    }
+
+    fn remove(&mut self, client: &ClientId, pattern: &Pattern) {
+        let (map, key) = match pattern {
+            Pattern::Exact(name) => (&mut self.exact, name.as_str()),
+            Pattern::Below(prefix) => (&mut self.below, prefix.as_str()),
+            Pattern::All => {
+                self.all.remove(client);
+                return;
+            }
+        };
+        if let Some(set) = map.get_mut(key) {
+            set.remove(client);
+            if set.is_empty() {
+                map.remove(key);
+            }
+        }
+    }
+
+    /// Calls `f` with every client one of whose patterns matches `name`:
+    /// once per matching pattern.
+    fn matching(&self, name: &str, f: &mut impl FnMut(&ClientId)) {
+        let clients = self.exact.get(name).into_iter().chain(
+            // `prefix/*` matches the names with a `/` right after it.
+            memchr::memchr_iter(b'/', name.as_bytes()).filter_map(|at| self.below.get(&name[..at])),
+        );
+        clients.chain([&self.all]).flatten().for_each(f);
+    }
 }
 
 impl Registry {
@@ -23,6 +83,10 @@ impl Registry {
             registry.put(sub);
         }
         registry
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().expect("registry lock is never poisoned")
     }
 
     /// Records a subscription as stored, replacing the one with the same
@@ -55,24 +119,40 @@ impl Registry {
     /// Replaces the client's subscriptions with an edited copy, so that
     /// snapshots already handed out stay as they were.
     fn change(&self, client: &ClientId, edit: impl FnOnce(&mut Vec<Subscription>)) {
-        let mut map = self
-            .by_client
-            .write()
-            .expect("registry lock is never poisoned");
-        let mut subs = map.get(client).map(|s| s.to_vec()).unwrap_or_default();
+        let mut inner = self.inner.write().expect("registry lock is never poisoned");
+        let Inner {
+            by_client,
+            subscribers,
+        } = &mut *inner;
+        let before = by_client
+            .get(client)
+            .cloned()
+            .unwrap_or_else(|| Arc::new([]));
+        let mut subs = before.to_vec();
         edit(&mut subs);
+        for gone in before
+            .iter()
+            .filter(|b| !subs.iter().any(|s| s.pattern == b.pattern))
+        {
+            subscribers.remove(client, &gone.pattern);
+        }
+        for came in subs
+            .iter()
+            .filter(|s| !before.iter().any(|b| b.pattern == s.pattern))
+        {
+            subscribers.add(client, &came.pattern);
+        }
         if subs.is_empty() {
-            map.remove(client);
+            by_client.remove(client);
         } else {
-            map.insert(client.clone(), subs.into());
+            by_client.insert(client.clone(), subs.into());
         }
     }
 
     /// The client's subscriptions (a cheap snapshot).
     pub fn of(&self, client: &ClientId) -> Arc<[Subscription]> {
-        self.by_client
-            .read()
-            .expect("registry lock is never poisoned")
+        self.read()
+            .by_client
             .get(client)
             .cloned()
             .unwrap_or_else(|| Arc::new([]))
@@ -80,17 +160,118 @@ impl Registry {
 
     /// Every client's subscriptions (a snapshot).
     pub fn all(&self) -> Vec<Arc<[Subscription]>> {
-        self.by_client
-            .read()
-            .expect("registry lock is never poisoned")
-            .values()
-            .cloned()
-            .collect()
+        self.read().by_client.values().cloned().collect()
     }
 
     /// Whether one of the client's subscriptions covers every name
     /// `pattern` can match.
     pub fn covers(&self, client: &ClientId, pattern: &Pattern) -> bool {
         self.of(client).iter().any(|s| s.pattern.covers(pattern))
+    }
+
+    /// Adds to `out` every client with a subscription matching one of
+    /// `names`, paused or not. A name repeating the one before it is
+    /// looked up once.
+    pub fn subscribers_of<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+        out: &mut HashSet<ClientId>,
+    ) {
+        let inner = self.read();
+        if inner.by_client.is_empty() {
+            return;
+        }
+        let mut add = |client: &ClientId| {
+            if !out.contains(client) {
+                out.insert(client.clone());
+            }
+        };
+        let mut last = None;
+        for name in names {
+            if last != Some(name) {
+                inner.subscribers.matching(name, &mut add);
+                last = Some(name);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(client: &str) -> ClientId {
+        client.parse().expect("a client id")
+    }
+
+    fn pattern(text: &str) -> Pattern {
+        text.parse().expect("a pattern")
+    }
+
+    fn sub(client: &str, text: &str) -> Subscription {
+        Subscription {
+            client: id(client),
+            pattern: pattern(text),
+            since: 0,
+            paused: false,
+            floor: 0,
+        }
+    }
+
+    fn subscribers(registry: &Registry, names: &[&str]) -> Vec<String> {
+        let mut out = HashSet::new();
+        registry.subscribers_of(names.iter().copied(), &mut out);
+        let mut out: Vec<String> = out.iter().map(ToString::to_string).collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn a_name_finds_the_clients_whose_patterns_match_it() {
+        let registry = Registry::new(vec![
+            sub("exact", "orders/created"),
+            sub("below", "orders/*"),
+            sub("deeper", "orders/created/*"),
+            sub("other", "payments/*"),
+            sub("everything", "*"),
+        ]);
+        assert_eq!(
+            subscribers(&registry, &["orders/created"]),
+            ["below", "everything", "exact"]
+        );
+        assert_eq!(
+            subscribers(&registry, &["orders/created/eu"]),
+            ["below", "deeper", "everything"]
+        );
+        // `orders/*` matches neither `orders` itself nor `ordersx/1`.
+        assert_eq!(
+            subscribers(&registry, &["orders", "ordersx/1"]),
+            ["everything"]
+        );
+        assert_eq!(
+            subscribers(&registry, &["payments/in", "orders/created"]),
+            ["below", "everything", "exact", "other"]
+        );
+    }
+
+    #[test]
+    fn unsubscribing_removes_a_client_from_what_its_pattern_finds() {
+        let registry = Registry::new(vec![sub("a", "orders/*"), sub("b", "orders/*")]);
+        registry.put(sub("a", "payments/in"));
+        registry.remove(&id("a"), &pattern("orders/*"));
+        assert_eq!(subscribers(&registry, &["orders/1"]), ["b"]);
+        assert_eq!(subscribers(&registry, &["payments/in"]), ["a"]);
+        // A floor raised or a pause changes no pattern.
+        registry.raise_floors(&id("b"), &[(pattern("orders/*"), 7)]);
+        registry.put(Subscription {
+            paused: true,
+            ..sub("b", "orders/*")
+        });
+        assert_eq!(subscribers(&registry, &["orders/1"]), ["b"]);
+        registry.remove(&id("b"), &pattern("orders/*"));
+        registry.remove(&id("a"), &pattern("payments/in"));
+        assert!(subscribers(&registry, &["orders/1", "payments/in"]).is_empty());
+        let inner = registry.read();
+        assert!(inner.subscribers.below.is_empty() && inner.subscribers.exact.is_empty());
     }
 }
