@@ -34,6 +34,8 @@ pub struct Cfg {
     pub names: usize,
     /// Live deliveries timed in the `names` workload.
     pub live_samples: usize,
+    /// Idle subscribers connected while the `crowd` workload publishes.
+    pub crowd_clients: usize,
 }
 
 impl Cfg {

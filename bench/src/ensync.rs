@@ -9,10 +9,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::ceiling::Ceiling;
 use crate::common::{self, payload, Cfg, Pacer, Sampler, Seeker, LIMIT_COUNT, POOL, WINDOW};
-use crate::lineconn::LineConn;
+use crate::lineconn::{LineConn, SMALL_BUF};
 use crate::procs::{self, RssSampler, Server};
-use crate::redis::Redis;
-use crate::report::{self, Memory, Names, Replay, Results, Seek};
+use crate::redis::{self, Redis};
+use crate::report::{self, Memory, Names, Rate, Replay, Results, Seek};
 use crate::stats::percentile;
 
 /// A place in the log a seek can start from.
@@ -54,7 +54,10 @@ pub struct Peers<'a> {
 /// Runs the chosen workloads against a fresh ensync-server, in turns
 /// with `peers`.
 pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path, peers: Peers<'_>) -> Result<Results> {
-    let Peers { mut ceiling, redis } = peers;
+    let Peers {
+        mut ceiling,
+        mut redis,
+    } = peers;
     let (server, port) = start(cfg, bin, &tmp.join("ensync"))?;
     let mut res = Results::default();
     let mut rng = fastrand::Rng::new();
@@ -74,14 +77,18 @@ pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path, peers: Peers<'_>) -> Result<Result
         let theirs = redis.as_deref().map(|redis| {
             move |conns| {
                 procs::settle();
-                redis.publish(cfg, conns)
+                redis.publish(cfg, conns, redis::PUB)
             }
         });
         let ([ours_1, ours_8], theirs) = common::rates_1_and_8(cfg.rounds, ours, theirs)?;
         (res.publish_1, res.publish_8) = (Some(ours_1), Some(ours_8));
-        if let (Some(redis), Some([theirs_1, theirs_8])) = (redis, theirs) {
+        if let (Some(redis), Some([theirs_1, theirs_8])) = (redis.as_deref_mut(), theirs) {
             (redis.measured.publish_1, redis.measured.publish_8) = (Some(theirs_1), Some(theirs_8));
         }
+    }
+
+    if cfg.runs("crowd") {
+        res.crowd = Some(crowd(cfg, bin, tmp, redis)?);
     }
 
     let e0 = ["bench/e0".to_owned()];
@@ -220,6 +227,115 @@ fn publish(port: u16, conns: usize, names: &[String], n: usize, size: usize) -> 
             .try_for_each(|h| h.join().expect("publisher panicked"))
     })?;
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The name the `crowd` workload publishes: one of its own, so that its
+/// events do not mix with other logs.
+const CROWDED: &str = "bench/crowded";
+
+/// The `crowd` workload: events/s of publishing from 1 pipelined
+/// connection, as the 1-connection `publish`, while `cfg.crowd_clients`
+/// [`Idle`] subscribers are connected; in turns with `redis`'s (with as
+/// many [`redis::Blocked`] clients) when it runs, as `publish` is. On a
+/// server of its own, which starts empty as `publish`'s does, so that
+/// its events and subscriptions stay out of the other workloads.
+fn crowd(cfg: &Cfg, bin: &Path, tmp: &Path, redis: Option<&mut Redis>) -> Result<Rate> {
+    let (_server, port) = start(cfg, bin, &tmp.join("ensync-crowd"))?;
+    let mut idle = Idle::open(port, cfg.crowd_clients)?;
+    let names = [CROWDED.to_owned()];
+    let settle = redis.is_some();
+    let mut ours = || {
+        idle.ping()?;
+        if settle {
+            procs::settle();
+        }
+        publish(port, 1, &names, cfg.n, cfg.payload)
+    };
+    let rate = match redis {
+        Some(redis) => {
+            let blocked = redis.blocked(cfg.crowd_clients)?;
+            let theirs = || {
+                procs::settle();
+                redis.publish(cfg, 1, redis::CROWDED)
+            };
+            let (ours, theirs) = common::in_turns(cfg.rounds, ours, theirs)?;
+            blocked.close()?;
+            redis.measured.crowd = Some(Rate::of(theirs));
+            Rate::of(ours)
+        }
+        None => report::rounds(cfg, |_| ours())?,
+    };
+    drop(idle);
+    Ok(rate)
+}
+
+/// Connections each subscribed, as client `crowd{i}`, to a name of its
+/// own that nobody publishes (`bench/crowd/{i}`): the `crowd` workload's
+/// idle subscribers. They are not read while a round runs.
+struct Idle {
+    port: u16,
+    conns: Vec<LineConn>,
+}
+
+impl Idle {
+    /// `clients` idle subscribers.
+    fn open(port: u16, clients: usize) -> Result<Self> {
+        let conns = (0..clients)
+            .map(|i| Self::subscriber(port, i))
+            .collect::<Result<_>>()?;
+        Ok(Self { port, conns })
+    }
+
+    /// The client id and name of subscriber `i`.
+    fn names(i: usize) -> (String, String) {
+        (format!("crowd{i}"), format!("bench/crowd/{i}"))
+    }
+
+    /// Subscriber `i`, connected and subscribed.
+    fn subscriber(port: u16, i: usize) -> Result<LineConn> {
+        let (client, name) = Self::names(i);
+        let mut conn = LineConn::with_buffer(port, SMALL_BUF)?;
+        conn.command(&format!("CONN;CLIENT_ID={client}\n"), "+PASS:CONNECTED")?;
+        conn.command(
+            &format!("SUB;CLIENT_ID={client};EVENT_NAME={name}\n"),
+            "+PASS:SUBSCRIBED",
+        )?;
+        Ok(conn)
+    }
+
+    /// Before a round, PINGs each and reads the answer: the server has
+    /// nothing of theirs left to do when the round starts, and its
+    /// heartbeat (a PING after 30 s of silence, the connection closed 20 s
+    /// later without an answer) leaves them be through the round. One the
+    /// server closed meanwhile, while other rounds ran, is opened again.
+    fn ping(&mut self) -> Result<()> {
+        for (i, conn) in self.conns.iter_mut().enumerate() {
+            if answer(conn, "PING\n", "+PASS:PONG").is_err() {
+                *conn = Self::subscriber(self.port, i)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Sends `request` on a connection left unread for a while and reads its
+/// reply, which must start with `expect`, skipping the server's PINGs
+/// before it.
+fn answer(conn: &mut LineConn, request: &str, expect: &str) -> Result<()> {
+    conn.send(request.as_bytes())?;
+    loop {
+        let line = conn.read_line()?;
+        if line.starts_with(expect.as_bytes()) {
+            return Ok(());
+        }
+        if line != b"PING" {
+            bail!(
+                "{}: expected {expect}, got {}",
+                request.trim_end(),
+                String::from_utf8_lossy(line)
+            );
+        }
+    }
 }
 
 /// Connections that publish the trickled log, each an event at a time.

@@ -11,6 +11,10 @@ use crate::common::Pacer;
 
 /// Read buffer size.
 const BUF: usize = 512 * 1024;
+/// Read buffer size of a connection that reads a few short replies (it
+/// grows if a reply is longer): one of the `crowd` workload's many idle
+/// connections.
+pub const SMALL_BUF: usize = 4096;
 
 /// A TCP connection with a large, growable read buffer: what the line
 /// client here and the RESP client read through.
@@ -23,11 +27,16 @@ pub struct Socket {
 
 impl Socket {
     pub fn connect(port: u16) -> Result<Self> {
+        Self::with_buffer(port, BUF)
+    }
+
+    /// A connection whose read buffer starts at `size` bytes.
+    pub fn with_buffer(port: u16, size: usize) -> Result<Self> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
         stream.set_nodelay(true)?;
         Ok(Self {
             stream,
-            buf: vec![0; BUF],
+            buf: vec![0; size.max(1)],
             start: 0,
             end: 0,
         })
@@ -84,6 +93,13 @@ impl LineConn {
     pub fn connect(port: u16) -> Result<Self> {
         Ok(Self {
             sock: Socket::connect(port)?,
+        })
+    }
+
+    /// A connection whose read buffer starts at `size` bytes.
+    pub fn with_buffer(port: u16, size: usize) -> Result<Self> {
+        Ok(Self {
+            sock: Socket::with_buffer(port, size)?,
         })
     }
 

@@ -21,8 +21,8 @@ use common::Cfg;
 use procs::{CLIENT_CPU, SERVER_CPU};
 use report::{Report, SYSTEMS};
 
-const WORKLOADS: [&str; 8] = [
-    "publish", "replay", "mixed", "trickle", "seek", "limit", "memory", "names",
+const WORKLOADS: [&str; 9] = [
+    "publish", "crowd", "replay", "mixed", "trickle", "seek", "limit", "memory", "names",
 ];
 
 /// Benchmarks ensync-server against redis-server, nats-server and a raw
@@ -45,7 +45,8 @@ struct Args {
     /// Systems to run (ensync,redis,nats,ceiling).
     #[arg(long, value_delimiter = ',', default_values_t = SYSTEMS.map(String::from))]
     only: Vec<String>,
-    /// Workloads to run (publish,replay,mixed,trickle,seek,limit,memory,names).
+    /// Workloads to run
+    /// (publish,crowd,replay,mixed,trickle,seek,limit,memory,names).
     #[arg(long, value_delimiter = ',', default_values_t = WORKLOADS.map(String::from))]
     workloads: Vec<String>,
     /// The ensync-server binary.
@@ -54,7 +55,7 @@ struct Args {
     /// Where to write the JSON results.
     #[arg(long, default_value = "bench.json")]
     out: PathBuf,
-    /// Tiny run: n=2000, seek-n=5000, rounds=1, short durations.
+    /// Tiny run: n=2000, seek-n=5000, rounds=1, crowd=50, short durations.
     #[arg(long)]
     smoke: bool,
     /// Seconds of each LIMIT run.
@@ -67,6 +68,10 @@ struct Args {
     /// Names of the `names` workload (ensync only), an event each.
     #[arg(long, default_value_t = 100_000)]
     names: usize,
+    /// Idle subscribers of the `crowd` workload, each waiting for a name
+    /// of its own that nobody publishes while one connection publishes.
+    #[arg(long, default_value_t = 1000)]
+    crowd: usize,
 }
 
 impl Args {
@@ -106,6 +111,7 @@ impl Args {
             slow_secs: if self.smoke { 0.5 } else { 5.0 },
             names: if self.smoke { 2_000 } else { self.names },
             live_samples: if self.smoke { 50 } else { 2_000 },
+            crowd_clients: if self.smoke { 50 } else { self.crowd },
         })
     }
 }
@@ -114,7 +120,7 @@ impl Args {
 fn turns(runs: &dyn Fn(&str) -> bool) -> String {
     let mut turns = Vec::new();
     if runs("ensync") && runs("redis") {
-        turns.push("publish: ensync with redis");
+        turns.push("publish, crowd: ensync with redis");
     }
     if runs("ensync") && runs("ceiling") {
         turns.push("replay, seek (turns of 100) and LIMIT: ensync with the ceiling");

@@ -10,8 +10,10 @@ use anyhow::{bail, Context as _, Result};
 use async_nats::jetstream::consumer::{pull, push, AckPolicy, DeliverPolicy};
 use async_nats::jetstream::stream::{Config as StreamConfig, StorageType, Stream};
 use async_nats::jetstream::{self, Context};
+use async_nats::Event;
 use futures_util::StreamExt;
 use time::OffsetDateTime;
+use tokio::sync::mpsc;
 
 use crate::common::{payload, Cfg, Pacer, Sampler, LIMIT_COUNT, POOL, WINDOW};
 use crate::lineconn::Received;
@@ -19,7 +21,8 @@ use crate::procs::{self, RssSampler, Server};
 use crate::report::{self, Memory, Results, Seek};
 
 /// Runs the chosen workloads against a fresh `nats-server -js`. Streams:
-/// PUB (pub.>), BENCH (bench.e0), MIXED (mixed.m0..m9), SEEK (seek.s0).
+/// PUB (pub.>), CROWDED (crowded.>), BENCH (bench.e0), MIXED
+/// (mixed.m0..m9), SEEK (seek.s0).
 pub fn run(cfg: &Cfg, bin: &Path, tmp: &Path) -> Result<Results> {
     let dir = tmp.join("nats");
     std::fs::create_dir_all(&dir)?;
@@ -47,6 +50,7 @@ async fn run_async(cfg: &Cfg, server: &Server, addr: &str) -> Result<Results> {
     let js = jetstream::new(client.clone());
     for (name, subject) in [
         ("PUB", "pub.>"),
+        ("CROWDED", "crowded.>"),
         ("BENCH", "bench.>"),
         ("MIXED", "mixed.>"),
         ("SEEK", "seek.>"),
@@ -67,10 +71,19 @@ async fn run_async(cfg: &Cfg, server: &Server, addr: &str) -> Result<Results> {
         for (conns, slot) in [(1, &mut res.publish_1), (8, &mut res.publish_8)] {
             let mut rounds = Vec::new();
             for _ in 0..cfg.rounds {
-                rounds.push(publish(addr, conns, n, cfg.payload).await?);
+                rounds.push(publish(addr, conns, "pub.e0", n, cfg.payload).await?);
             }
             *slot = Some(report::rounds(cfg, |r| Ok(rounds[r]))?);
         }
+    }
+    if cfg.runs("crowd") {
+        let idle = Idle::open(addr, cfg.crowd_clients).await?;
+        let mut rounds = Vec::new();
+        for _ in 0..cfg.rounds {
+            rounds.push(publish(addr, 1, "crowded.e0", n, cfg.payload).await?);
+        }
+        idle.close().await?;
+        res.crowd = Some(report::rounds(cfg, |r| Ok(rounds[r]))?);
     }
     if cfg.runs("replay") || cfg.runs("limit") || cfg.runs("memory") {
         load(&js, &["bench.e0".into()], 0..n, cfg.payload, None).await?;
@@ -141,13 +154,13 @@ async fn run_async(cfg: &Cfg, server: &Server, addr: &str) -> Result<Results> {
     Ok(res)
 }
 
-/// Publishes `n` events to pub.e0 over `conns` connections; events/s.
-async fn publish(addr: &str, conns: usize, n: usize, size: usize) -> Result<f64> {
+/// Publishes `n` events to `subject` over `conns` connections; events/s.
+async fn publish(addr: &str, conns: usize, subject: &str, n: usize, size: usize) -> Result<f64> {
     let mut contexts = Vec::new();
     for _ in 0..conns {
         contexts.push(jetstream::new(async_nats::connect(addr).await?));
     }
-    let subjects = ["pub.e0".to_owned()];
+    let subjects = [subject.to_owned()];
     let start = Instant::now();
     let loads = contexts.iter().enumerate().map(|(k, js)| {
         load(
@@ -160,6 +173,61 @@ async fn publish(addr: &str, conns: usize, n: usize, size: usize) -> Result<f64>
     });
     futures_util::future::try_join_all(loads).await?;
     Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Clients each with a core subscription to a subject of its own that
+/// nobody publishes to (`crowd.{i}`): the `crowd` workload's idle
+/// subscribers, a connection each. Their clients' tasks share the bench's
+/// one runtime thread with the publisher, and sleep while nothing comes.
+struct Idle {
+    subs: Vec<(async_nats::Client, async_nats::Subscriber)>,
+    /// A message each time one of the clients has closed its connection.
+    closed: mpsc::UnboundedReceiver<()>,
+}
+
+impl Idle {
+    /// `clients` idle subscribers, each subscription known to the server
+    /// (flushed) before the next connects.
+    async fn open(addr: &str, clients: usize) -> Result<Self> {
+        let (tx, closed) = mpsc::unbounded_channel();
+        let mut subs = Vec::with_capacity(clients);
+        for i in 0..clients {
+            let tx = tx.clone();
+            let client = async_nats::ConnectOptions::new()
+                .event_callback(move |event| {
+                    let (tx, closed) = (tx.clone(), matches!(event, Event::Closed));
+                    async move {
+                        if closed {
+                            // Only `close` waits for it, and only while it
+                            // keeps the receiver.
+                            let _ = tx.send(());
+                        }
+                    }
+                })
+                .connect(addr)
+                .await?;
+            let sub = client.subscribe(format!("crowd.{i}")).await?;
+            client.flush().await?;
+            subs.push((client, sub));
+        }
+        Ok(Self { subs, closed })
+    }
+
+    /// Drops the clients and their subscriptions, and waits until each
+    /// client has closed its connection. (`Client::drain` would only close
+    /// it at the client's next wakeup, which an idle client may not have.)
+    async fn close(mut self) -> Result<()> {
+        let count = self.subs.len();
+        drop(self.subs);
+        for left in (1..=count).rev() {
+            tokio::time::timeout(Duration::from_secs(10), self.closed.recv())
+                .await
+                .ok()
+                .flatten()
+                .with_context(|| format!("{left} idle clients did not close"))?;
+        }
+        Ok(())
+    }
 }
 
 /// Publishes events `range` (event `i` to `subjects[i % len]`) keeping

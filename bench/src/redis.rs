@@ -8,12 +8,16 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::common::{self, payload, pick, Cfg, Pacer, Sampler, LIMIT_COUNT, POOL, WINDOW};
-use crate::lineconn::{Received, Socket};
+use crate::lineconn::{Received, Socket, SMALL_BUF};
 use crate::procs::{self, RssSampler, Server};
 use crate::report::{self, Memory, Results, Seek};
 
 /// XRANGE page size of a full replay.
 const PAGE: usize = 1000;
+/// The stream the `publish` workload publishes to.
+pub const PUB: &str = "bench:pub";
+/// The stream the `crowd` workload publishes to: one of its own.
+pub const CROWDED: &str = "bench:crowded";
 
 /// The end of the `\r\n`-terminated line starting at `at`, and the start
 /// of the next; `None` if incomplete.
@@ -121,8 +125,25 @@ impl Conn {
         Socket::connect(port).map(Self)
     }
 
+    /// A connection that reads little (see [`SMALL_BUF`]).
+    fn small(port: u16) -> Result<Self> {
+        Socket::with_buffer(port, SMALL_BUF).map(Self)
+    }
+
     fn send(&mut self, bytes: &[u8]) -> Result<()> {
         self.0.send(bytes)
+    }
+
+    /// Sends a command whose reply is an integer (`:<n>`) and returns it.
+    fn integer(&mut self, args: &[&str]) -> Result<i64> {
+        self.send(&command(args))?;
+        loop {
+            if let Some((n, next)) = header(self.0.data(), 0, b':')? {
+                self.0.consume(next);
+                return Ok(n);
+            }
+            self.0.fill()?;
+        }
     }
 
     /// The text of `INFO section`.
@@ -205,18 +226,13 @@ impl Redis {
         })
     }
 
-    /// Publishes `cfg.n` events to `bench:pub` over `conns` connections;
-    /// returns events/s. Then waits out any rewrite of the AOF the
-    /// publishing set off, which would otherwise run on into what is
-    /// measured next (in turns, another system's round).
-    pub fn publish(&self, cfg: &Cfg, conns: usize) -> Result<f64> {
-        let rate = publish(
-            self.port,
-            conns,
-            &["bench:pub".to_owned()],
-            cfg.n,
-            cfg.payload,
-        )?;
+    /// Publishes `cfg.n` events to stream `key` ([`PUB`], [`CROWDED`])
+    /// over `conns` connections; returns events/s. Then waits out any
+    /// rewrite of the AOF the publishing set off, which would otherwise
+    /// run on into what is measured next (in turns, another system's
+    /// round).
+    pub fn publish(&self, cfg: &Cfg, conns: usize, key: &str) -> Result<f64> {
+        let rate = publish(self.port, conns, &[key.to_owned()], cfg.n, cfg.payload)?;
         let mut conn = Conn::connect(self.port)?;
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
@@ -233,11 +249,69 @@ impl Redis {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+
+    /// `clients` [`Blocked`] connections, once the server counts them all
+    /// blocked.
+    pub fn blocked(&self, clients: usize) -> Result<Blocked> {
+        let conns = (0..clients)
+            .map(|i| -> Result<Conn> {
+                let mut conn = Conn::small(self.port)?;
+                let key = format!("crowd:{i}");
+                conn.send(&command(&["XREAD", "BLOCK", "0", "STREAMS", &key, "$"]))?;
+                Ok(conn)
+            })
+            .collect::<Result<_>>()?;
+        wait_blocked(self.port, clients)?;
+        Ok(Blocked {
+            port: self.port,
+            conns,
+        })
+    }
+}
+
+/// Connections each blocked in `XREAD BLOCK 0` on a stream of its own
+/// that nobody writes (`crowd:{i}`, from its end): the `crowd` workload's
+/// idle clients. A blocked XREAD has no reply: they are never read.
+pub struct Blocked {
+    port: u16,
+    conns: Vec<Conn>,
+}
+
+impl Blocked {
+    /// Closes the connections, returns once the server counts none
+    /// blocked, and deletes the stream the crowd workload published
+    /// ([`CROWDED`]), so that it adds nothing to what later workloads
+    /// measure (the server's RSS).
+    pub fn close(self) -> Result<()> {
+        drop(self.conns);
+        wait_blocked(self.port, 0)?;
+        Conn::connect(self.port)?.integer(&["DEL", CROWDED])?;
+        Ok(())
+    }
+}
+
+/// Waits, up to a minute, until the server at `port` counts `clients`
+/// blocked clients.
+fn wait_blocked(port: u16, clients: usize) -> Result<()> {
+    let mut conn = Conn::connect(port)?;
+    let want = format!("blocked_clients:{clients}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = conn.info("clients")?;
+        if info.lines().any(|line| line.trim() == want) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("redis did not count {clients} blocked clients within 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// Runs the chosen workloads against `redis`: those not already measured
-/// in turns with ensync-server. Keys: bench:pub, bench:e0, one stream per
-/// mixed name bench:m0..bench:m9, bench:s0.
+/// in turns with ensync-server. Keys: bench:pub, bench:crowded (and the
+/// crowd's crowd:0.., never written), bench:e0, one stream per mixed name
+/// bench:m0..bench:m9, bench:s0.
 pub fn run(cfg: &Cfg, redis: Redis) -> Result<Results> {
     let Redis {
         server,
@@ -250,8 +324,13 @@ pub fn run(cfg: &Cfg, redis: Redis) -> Result<Results> {
     let n = cfg.n;
 
     if cfg.runs("publish") && res.publish_1.is_none() {
-        res.publish_1 = Some(report::rounds(cfg, |_| redis.publish(cfg, 1))?);
-        res.publish_8 = Some(report::rounds(cfg, |_| redis.publish(cfg, 8))?);
+        res.publish_1 = Some(report::rounds(cfg, |_| redis.publish(cfg, 1, PUB))?);
+        res.publish_8 = Some(report::rounds(cfg, |_| redis.publish(cfg, 8, PUB))?);
+    }
+    if cfg.runs("crowd") && res.crowd.is_none() {
+        let blocked = redis.blocked(cfg.crowd_clients)?;
+        res.crowd = Some(report::rounds(cfg, |_| redis.publish(cfg, 1, CROWDED))?);
+        blocked.close()?;
     }
     let mut pool = Sampler::new(n, POOL, &mut rng);
     if cfg.runs("replay") || cfg.runs("limit") || cfg.runs("memory") {

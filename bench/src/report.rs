@@ -120,6 +120,9 @@ pub struct Names {
 pub struct Results {
     pub publish_1: Option<Rate>,
     pub publish_8: Option<Rate>,
+    /// Publishing from 1 connection (as `publish_1`) while
+    /// `crowd_clients` others wait for names nobody publishes.
+    pub crowd: Option<Rate>,
     pub replay: Option<Replay>,
     pub mixed: Option<Replay>,
     /// A full replay of a name published a few events at a time.
@@ -314,7 +317,8 @@ impl Report {
     /// target verdict.
     pub fn table(&self) -> String {
         type Metric = fn(&Results) -> Option<f64>;
-        let rows: [(&str, Metric, Option<&[usize]>); 25] = [
+        let crowd = format!("publish 1 conn, {} idle (ev/s)", self.config.crowd_clients);
+        let rows: [(&str, Metric, Option<&[usize]>); 26] = [
             (
                 "publish 1 conn (ev/s)",
                 |r| r.publish_1.as_ref().map(|x| x.median),
@@ -325,6 +329,7 @@ impl Report {
                 |r| r.publish_8.as_ref().map(|x| x.median),
                 Some(&[2]),
             ),
+            (&crowd, |r| r.crowd.as_ref().map(|x| x.median), None),
             (
                 "replay (ev/s)",
                 |r| r.replay.as_ref().map(|x| x.events_per_s),
@@ -454,13 +459,18 @@ impl Report {
             self.config.rounds,
         );
         out += &format!("{}\n", self.steal_line());
-        out += &format!("{:<26}", "metric");
+        // Wide enough for the longest label, so that every row lines up.
+        let width = rows
+            .iter()
+            .map(|(label, ..)| label.len())
+            .fold(26, usize::max);
+        out += &format!("{:<width$}", "metric");
         for s in SYSTEMS {
             out += &format!("{s:>14}");
         }
         out += "  target\n";
         for (label, metric, targets) in rows {
-            out += &format!("{label:<26}");
+            out += &format!("{label:<width$}");
             for s in SYSTEMS {
                 let v = self.systems.get(s).and_then(metric);
                 out += &format!("{:>14}", v.map_or("-".into(), fmt_num));

@@ -72,6 +72,11 @@ fn smoke_run_measures_every_system() {
     let json: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let n = num(&json, &["config", "n"]);
     assert_eq!(n, 2000.0);
+    assert_eq!(num(&json, &["config", "crowd_clients"]), 50.0);
+    assert!(
+        stdout.contains("publish 1 conn, 50 idle (ev/s)"),
+        "{stdout}"
+    );
     let s = &json["systems"];
     for system in ["ensync", "redis", "nats", "ceiling"] {
         let r = &s[system];
@@ -115,7 +120,7 @@ fn smoke_run_measures_every_system() {
             }
         }
         if system != "ceiling" {
-            for p in ["publish_1", "publish_8"] {
+            for p in ["publish_1", "publish_8", "crowd"] {
                 assert!(num(r, &[p, "median"]) > 0.0, "{system} {p}");
             }
             assert!(num(r, &["memory", "fast_before_mib"]) > 0.0, "{system} rss");
