@@ -92,22 +92,31 @@ impl Registry {
     /// Records a subscription as stored, replacing the one with the same
     /// pattern.
     pub fn put(&self, sub: Subscription) {
-        self.change(&sub.client.clone(), |subs| {
+        let client = sub.client.clone();
+        self.change(&client, |subs, subscribers| {
             match subs.iter_mut().find(|s| s.pattern == sub.pattern) {
                 Some(existing) => *existing = sub,
-                None => subs.push(sub),
+                None => {
+                    subscribers.add(&client, &sub.pattern);
+                    subs.push(sub);
+                }
             }
         });
     }
 
     /// Forgets a subscription.
     pub fn remove(&self, client: &ClientId, pattern: &Pattern) {
-        self.change(client, |subs| subs.retain(|s| s.pattern != *pattern));
+        self.change(client, |subs, subscribers| {
+            if let Some(at) = subs.iter().position(|s| s.pattern == *pattern) {
+                subscribers.remove(client, pattern);
+                subs.remove(at);
+            }
+        });
     }
 
     /// Moves delivery floors forward.
     pub fn raise_floors(&self, client: &ClientId, floors: &[(Pattern, u64)]) {
-        self.change(client, |subs| {
+        self.change(client, |subs, _| {
             for (pattern, floor) in floors {
                 if let Some(sub) = subs.iter_mut().find(|s| s.pattern == *pattern) {
                     sub.floor = sub.floor.max(*floor);
@@ -117,31 +126,24 @@ impl Registry {
     }
 
     /// Replaces the client's subscriptions with an edited copy, so that
-    /// snapshots already handed out stay as they were.
-    fn change(&self, client: &ClientId, edit: impl FnOnce(&mut Vec<Subscription>)) {
+    /// snapshots already handed out stay as they were. The edit keeps the
+    /// index of subscribers up to date with the patterns it adds or
+    /// removes.
+    fn change(
+        &self,
+        client: &ClientId,
+        edit: impl FnOnce(&mut Vec<Subscription>, &mut Subscribers),
+    ) {
         let mut inner = self.inner.write().expect("registry lock is never poisoned");
         let Inner {
             by_client,
             subscribers,
         } = &mut *inner;
-        let before = by_client
+        let mut subs = by_client
             .get(client)
-            .cloned()
-            .unwrap_or_else(|| Arc::new([]));
-        let mut subs = before.to_vec();
-        edit(&mut subs);
-        for gone in before
-            .iter()
-            .filter(|b| !subs.iter().any(|s| s.pattern == b.pattern))
-        {
-            subscribers.remove(client, &gone.pattern);
-        }
-        for came in subs
-            .iter()
-            .filter(|s| !before.iter().any(|b| b.pattern == s.pattern))
-        {
-            subscribers.add(client, &came.pattern);
-        }
+            .map(|s| s.to_vec())
+            .unwrap_or_default();
+        edit(&mut subs, subscribers);
         if subs.is_empty() {
             by_client.remove(client);
         } else {
@@ -259,6 +261,9 @@ mod tests {
         let registry = Registry::new(vec![sub("a", "orders/*"), sub("b", "orders/*")]);
         registry.put(sub("a", "payments/in"));
         registry.remove(&id("a"), &pattern("orders/*"));
+        // Nothing to remove: nobody else's subscription goes.
+        registry.remove(&id("a"), &pattern("orders/*"));
+        registry.remove(&id("c"), &pattern("orders/*"));
         assert_eq!(subscribers(&registry, &["orders/1"]), ["b"]);
         assert_eq!(subscribers(&registry, &["payments/in"]), ["a"]);
         // A floor raised or a pause changes no pattern.
