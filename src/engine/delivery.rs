@@ -186,9 +186,15 @@ impl State {
         self.subs.iter_mut().find(|s| s.id == id)
     }
 
-    /// Brings the subscriptions in line with the registry; `head` is the
-    /// log's head now.
-    fn sync(&mut self, current: Arc<[Subscription]>, head: u64) {
+    /// Brings the subscriptions in line with the registry's `current`
+    /// ones; `head` is the log's head now, `floor` the registry's floor of
+    /// a pattern.
+    fn sync(
+        &mut self,
+        current: Arc<[Subscription]>,
+        head: u64,
+        floor: impl Fn(&Pattern) -> Option<u64>,
+    ) {
         if self
             .source
             .as_ref()
@@ -210,13 +216,14 @@ impl State {
                 None => {
                     opened = true;
                     self.next_sub += 1;
+                    let floor = floor(&sub.pattern).unwrap_or(sub.floor);
                     self.subs.push(SubState {
                         id: self.next_sub,
                         pattern: sub.pattern.clone(),
                         since: sub.since,
                         paused: sub.paused,
-                        cursor: sub.floor,
-                        stored_floor: sub.floor,
+                        cursor: floor,
+                        stored_floor: floor,
                         settled_mark: head,
                         owned: BTreeSet::new(),
                     });
@@ -382,7 +389,8 @@ impl Hub {
             replay_more: true,
             ..State::default()
         };
-        state.sync(self.registry.of(&client.id), state.rescan_mark);
+        let floor = |pattern: &Pattern| self.registry.floor(&client.id, pattern);
+        state.sync(self.registry.of(&client.id), state.rescan_mark, floor);
         let deferred = match self.store.deferred(&client.id) {
             Ok(deferred) => deferred,
             Err(e) => {
@@ -503,7 +511,8 @@ impl Hub {
         let now = now_ms();
         let head = self.commit.head();
         let mut state = client.lock();
-        state.sync(self.registry.of(&client.id), head);
+        let floor = |pattern: &Pattern| self.registry.floor(&client.id, pattern);
+        state.sync(self.registry.of(&client.id), head, floor);
         state.fire_timers(now);
         let deadline = now
             .saturating_add(u64::try_from(self.settings.ack_wait.as_millis()).unwrap_or(u64::MAX));

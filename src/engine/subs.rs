@@ -4,7 +4,7 @@
 //! name concerns, so that a commit wakes those clients only.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ensync_protocol::field::{ClientId, Pattern};
 
@@ -18,7 +18,13 @@ pub struct Registry {
 
 #[derive(Debug, Default)]
 struct Inner {
+    /// Each client's subscriptions, handed out as snapshots.
     by_client: HashMap<ClientId, Arc<[Subscription]>>,
+    /// Each subscription's delivery floor. Settlements raise floors at
+    /// every ACK, so they are kept apart from the snapshots: raising one
+    /// copies nothing, and a connection's delivery state sees no change
+    /// of subscriptions to bring itself in line with.
+    floors: HashMap<ClientId, HashMap<Pattern, u64>>,
     subscribers: Subscribers,
 }
 
@@ -89,11 +95,16 @@ impl Registry {
         self.inner.read().expect("registry lock is never poisoned")
     }
 
-    /// Records a subscription as stored, replacing the one with the same
-    /// pattern.
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().expect("registry lock is never poisoned")
+    }
+
+    /// Records a subscription as stored, with its stored floor, replacing
+    /// the one with the same pattern.
     pub fn put(&self, sub: Subscription) {
         let client = sub.client.clone();
-        self.change(&client, |subs, subscribers| {
+        self.change(&client, |subs, subscribers, floors| {
+            floors.insert(sub.pattern.clone(), sub.floor);
             match subs.iter_mut().find(|s| s.pattern == sub.pattern) {
                 Some(existing) => *existing = sub,
                 None => {
@@ -106,52 +117,66 @@ impl Registry {
 
     /// Forgets a subscription.
     pub fn remove(&self, client: &ClientId, pattern: &Pattern) {
-        self.change(client, |subs, subscribers| {
+        self.change(client, |subs, subscribers, floors| {
             if let Some(at) = subs.iter().position(|s| s.pattern == *pattern) {
                 subscribers.remove(client, pattern);
+                floors.remove(pattern);
                 subs.remove(at);
             }
         });
     }
 
     /// Moves delivery floors forward.
-    pub fn raise_floors(&self, client: &ClientId, floors: &[(Pattern, u64)]) {
-        self.change(client, |subs, _| {
-            for (pattern, floor) in floors {
-                if let Some(sub) = subs.iter_mut().find(|s| s.pattern == *pattern) {
-                    sub.floor = sub.floor.max(*floor);
-                }
+    pub fn raise_floors(&self, client: &ClientId, raised: &[(Pattern, u64)]) {
+        let mut inner = self.write();
+        let Some(floors) = inner.floors.get_mut(client) else {
+            return;
+        };
+        for (pattern, floor) in raised {
+            if let Some(current) = floors.get_mut(pattern) {
+                *current = (*current).max(*floor);
             }
-        });
+        }
+    }
+
+    /// The delivery floor of the client's subscription to `pattern`:
+    /// every event up to it that the subscription delivers is settled.
+    pub fn floor(&self, client: &ClientId, pattern: &Pattern) -> Option<u64> {
+        self.read().floors.get(client)?.get(pattern).copied()
     }
 
     /// Replaces the client's subscriptions with an edited copy, so that
     /// snapshots already handed out stay as they were. The edit keeps the
-    /// index of subscribers up to date with the patterns it adds or
-    /// removes.
+    /// index of subscribers and the floors up to date with the patterns it
+    /// adds or removes.
     fn change(
         &self,
         client: &ClientId,
-        edit: impl FnOnce(&mut Vec<Subscription>, &mut Subscribers),
+        edit: impl FnOnce(&mut Vec<Subscription>, &mut Subscribers, &mut HashMap<Pattern, u64>),
     ) {
-        let mut inner = self.inner.write().expect("registry lock is never poisoned");
+        let mut inner = self.write();
         let Inner {
             by_client,
+            floors,
             subscribers,
         } = &mut *inner;
         let mut subs = by_client
             .get(client)
             .map(|s| s.to_vec())
             .unwrap_or_default();
-        edit(&mut subs, subscribers);
+        let mut client_floors = floors.remove(client).unwrap_or_default();
+        edit(&mut subs, subscribers, &mut client_floors);
         if subs.is_empty() {
             by_client.remove(client);
         } else {
             by_client.insert(client.clone(), subs.into());
+            floors.insert(client.clone(), client_floors);
         }
     }
 
-    /// The client's subscriptions (a cheap snapshot).
+    /// The client's subscriptions (a cheap snapshot). Each one's `floor`
+    /// is the one it was stored with; [`Registry::floor`] has it as
+    /// settlements have raised it since.
     pub fn of(&self, client: &ClientId) -> Arc<[Subscription]> {
         self.read()
             .by_client
@@ -266,8 +291,13 @@ mod tests {
         registry.remove(&id("c"), &pattern("orders/*"));
         assert_eq!(subscribers(&registry, &["orders/1"]), ["b"]);
         assert_eq!(subscribers(&registry, &["payments/in"]), ["a"]);
-        // A floor raised or a pause changes no pattern.
+        // A floor raised or a pause changes no pattern, and a floor raised
+        // leaves the snapshot as it was.
+        let before = registry.of(&id("b"));
         registry.raise_floors(&id("b"), &[(pattern("orders/*"), 7)]);
+        registry.raise_floors(&id("b"), &[(pattern("orders/*"), 5)]);
+        assert!(Arc::ptr_eq(&before, &registry.of(&id("b"))));
+        assert_eq!(registry.floor(&id("b"), &pattern("orders/*")), Some(7));
         registry.put(Subscription {
             paused: true,
             ..sub("b", "orders/*")
