@@ -19,6 +19,10 @@
 //! from the newest back, in front of what commits added since
 //! ([`Directory::add_older`]), until the budget is reached: reading the
 //! index at open to fill the lists would delay every start.
+//!
+//! The lists also know the seq past which every chunk is listed, so they
+//! can say that a name has nothing past a seq (a subscription's name with
+//! nothing new, at every pull) without a look in sled.
 
 use std::collections::{HashMap, VecDeque};
 use std::mem::size_of;
@@ -46,6 +50,21 @@ struct Lists<V> {
     filling: bool,
     /// The last seq retention removed through.
     forgotten: u64,
+    /// Every chunk holding a seq past this one is listed: what the store
+    /// logged before it opened and the fill has not reached, and what was
+    /// dropped for the budget, lie at or before it.
+    complete_after: u64,
+}
+
+/// What the lists know of where a name's events from a seq on start.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Found<V> {
+    /// In the chunk that starts at this seq and has this value.
+    Chunk(u64, V),
+    /// The name has no events there.
+    Nowhere,
+    /// The lists cannot tell.
+    Unknown,
 }
 
 /// A chunk in its name's list.
@@ -67,8 +86,9 @@ fn chunk_cost<V: AsRef<[u8]>>(value: &V) -> usize {
 }
 
 impl<V: Clone + AsRef<[u8]>> Directory<V> {
-    /// An empty directory that takes about `budget` bytes at most.
-    pub fn new(budget: usize) -> Self {
+    /// An empty directory that takes about `budget` bytes at most, for a
+    /// log whose seqs up to `logged` were logged before it.
+    pub fn new(budget: usize, logged: u64) -> Self {
         Self {
             lists: RwLock::new(Lists {
                 chunks: HashMap::new(),
@@ -77,13 +97,35 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
                 bytes: 0,
                 filling: true,
                 forgotten: 0,
+                complete_after: logged,
             }),
             budget,
         }
     }
 
+    /// Where `name`'s events from `seq` on start: in the chunk holding
+    /// `seq` (as [`Directory::chunk_holding`] finds it), nowhere (every
+    /// chunk past `seq - 1` is listed, and none of `name`'s), or unknown
+    /// to the lists.
+    pub fn events_from(&self, name: &str, seq: u64) -> Found<V> {
+        let lists = self.lists.read().expect("directory lock is never poisoned");
+        let list = lists.chunks.get(name);
+        let newest = list
+            .and_then(VecDeque::back)
+            .map_or(0, |newest| newest.last);
+        if lists.complete_after < seq && newest < seq {
+            return Found::Nowhere;
+        }
+        match list.and_then(|list| holding(list, seq)) {
+            Some(chunk) => Found::Chunk(chunk.first, chunk.value.clone()),
+            None => Found::Unknown,
+        }
+    }
+
     /// The chunk of `name` that holds `seq`: the last one starting at or
-    /// before it, when the name's list reaches back that far.
+    /// before it, when the name's list reaches back that far (what
+    /// [`Directory::events_from`] finds, when it looks).
+    #[cfg(test)]
     pub fn chunk_holding(&self, name: &str, seq: u64) -> Option<(u64, V)> {
         let lists = self.lists.read().expect("directory lock is never poisoned");
         let chunk = holding(lists.chunks.get(name)?, seq)?;
@@ -195,6 +237,10 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
         if !older || !kept || lists.bytes + cost > self.budget {
             lists.filling = false;
             return false;
+        }
+        // The commit's first event starts one of its chunks.
+        if let Some(commit_first) = chunks.iter().map(|(_, first, ..)| *first).min() {
+            lists.complete_after = lists.complete_after.min(commit_first.saturating_sub(1));
         }
         let mut chunks: Vec<_> = chunks.iter().collect();
         chunks.sort_unstable_by_key(|(_, first, ..)| std::cmp::Reverse(*first));
@@ -384,7 +430,12 @@ impl<V: AsRef<[u8]>> Lists<V> {
         if list.front().is_some_and(|c| c.first == first) {
             if let Some(chunk) = list.pop_front() {
                 self.bytes -= chunk_cost(&chunk.value);
+                self.complete_after = self.complete_after.max(chunk.last);
             }
+        } else {
+            // Not expected; were it to happen, the lists would no longer
+            // know that nothing lies past a seq.
+            self.complete_after = u64::MAX;
         }
         if list.is_empty() {
             self.chunks.remove(&name);
@@ -406,7 +457,8 @@ mod tests {
     /// Chunks of `a` at 10..=12, 20..=24, 30..=30, of `b` at 15..=19,
     /// 25..=27; milliseconds 100 (seq 10), 101 (seq 20), 105 (seq 25).
     fn listed(budget: usize) -> Dir {
-        let dir = Dir::new(budget);
+        // Seqs up to 9 were logged before the lists started.
+        let dir = Dir::new(budget, 9);
         dir.add(
             [("a", 10, 12, value(10)), ("b", 15, 19, value(15))],
             [(100, 10)],
@@ -563,6 +615,40 @@ mod tests {
         dir.forget_through(29, 40);
         assert!(!dir.add_older(&older, &[]));
         assert_eq!(first(dir.chunk_holding("a", 5)), None);
+    }
+
+    /// Whether the lists know that `name` has no events from `seq` on.
+    fn nowhere(dir: &Dir, name: &str, seq: u64) -> bool {
+        dir.events_from(name, seq) == Found::Nowhere
+    }
+
+    #[test]
+    fn nothing_from_a_seq_on_is_known_only_where_every_chunk_is_listed() {
+        let dir = listed(1 << 20);
+        // Seqs up to 9 were logged before: nothing is known before 10.
+        assert!(!nowhere(&dir, "c", 9));
+        assert!(nowhere(&dir, "c", 10), "never published since");
+        assert_eq!(dir.events_from("a", 30), Found::Chunk(30, value(30)));
+        assert!(nowhere(&dir, "a", 31));
+        assert_eq!(dir.events_from("b", 26), Found::Chunk(25, value(25)));
+        assert!(nowhere(&dir, "b", 28));
+        assert_eq!(dir.events_from("b", 9), Found::Unknown, "before the list");
+        // The fill lists a commit at seqs 5..=9: known from 5 on.
+        assert!(dir.add_older(&[("c", 7, 8, value(7)), ("a", 5, 9, value(5))], &[]));
+        assert_eq!(dir.events_from("c", 8), Found::Chunk(7, value(7)));
+        assert!(nowhere(&dir, "c", 9));
+        assert!(nowhere(&dir, "d", 5));
+        assert!(!nowhere(&dir, "d", 4));
+
+        // a's first chunk (10..=12) dropped for the budget: known only
+        // from 13 on.
+        let dir = listed(listed(1 << 20).bytes() - 1);
+        assert!(!nowhere(&dir, "c", 12));
+        assert!(nowhere(&dir, "c", 13));
+        // Retention removed everything through 27.
+        dir.forget_through(27, 30);
+        assert!(!nowhere(&dir, "a", 28));
+        assert!(nowhere(&dir, "b", 28));
     }
 
     #[test]
