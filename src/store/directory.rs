@@ -104,9 +104,9 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
     }
 
     /// Where `name`'s events from `seq` on start: in the chunk holding
-    /// `seq` (as [`Directory::chunk_holding`] finds it), nowhere (every
-    /// chunk past `seq - 1` is listed, and none of `name`'s), or unknown
-    /// to the lists.
+    /// `seq` (the last one starting at or before it), nowhere (every chunk
+    /// past `seq - 1` is listed, and none of `name`'s), or unknown to the
+    /// lists.
     pub fn events_from(&self, name: &str, seq: u64) -> Found<V> {
         let lists = self.lists.read().expect("directory lock is never poisoned");
         let list = lists.chunks.get(name);
