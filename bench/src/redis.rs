@@ -233,21 +233,18 @@ impl Redis {
     /// round).
     pub fn publish(&self, cfg: &Cfg, conns: usize, key: &str) -> Result<f64> {
         let rate = publish(self.port, conns, &[key.to_owned()], cfg.n, cfg.payload)?;
-        let mut conn = Conn::connect(self.port)?;
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let info = conn.info("persistence")?;
-            let busy = ["aof_rewrite_in_progress:1", "aof_rewrite_scheduled:1"]
-                .iter()
-                .any(|flag| info.lines().any(|line| line.trim() == *flag));
-            if !busy {
-                return Ok(rate);
-            }
-            if Instant::now() > deadline {
-                bail!("redis was still rewriting its AOF 300 s after publishing");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_info(
+            self.port,
+            "persistence",
+            (Duration::from_millis(50), Duration::from_secs(300)),
+            "to end the rewrite of its AOF publishing set off",
+            |info| {
+                !["aof_rewrite_in_progress:1", "aof_rewrite_scheduled:1"]
+                    .iter()
+                    .any(|flag| has_line(info, flag))
+            },
+        )?;
+        Ok(rate)
     }
 
     /// `clients` [`Blocked`] connections, once the server counts them all
@@ -293,19 +290,42 @@ impl Blocked {
 /// Waits, up to a minute, until the server at `port` counts `clients`
 /// blocked clients.
 fn wait_blocked(port: u16, clients: usize) -> Result<()> {
-    let mut conn = Conn::connect(port)?;
     let want = format!("blocked_clients:{clients}");
-    let deadline = Instant::now() + Duration::from_secs(60);
+    wait_for_info(
+        port,
+        "clients",
+        (Duration::from_millis(10), Duration::from_secs(60)),
+        &format!("to count {clients} blocked clients"),
+        |info| has_line(info, &want),
+    )
+}
+
+/// Reads `INFO section` of the server at `port` every `every` until
+/// `done` holds for it; fails once `limit` has passed, saying what redis
+/// did not get `to` do.
+fn wait_for_info(
+    port: u16,
+    section: &str,
+    (every, limit): (Duration, Duration),
+    to: &str,
+    done: impl Fn(&str) -> bool,
+) -> Result<()> {
+    let mut conn = Conn::connect(port)?;
+    let deadline = Instant::now() + limit;
     loop {
-        let info = conn.info("clients")?;
-        if info.lines().any(|line| line.trim() == want) {
+        if done(&conn.info(section)?) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("redis did not count {clients} blocked clients within 60 s");
+            bail!("redis failed {to} within {} s", limit.as_secs());
         }
-        std::thread::sleep(Duration::from_millis(10));
+        std::thread::sleep(every);
     }
+}
+
+/// Whether `info` holds the line `line`.
+fn has_line(info: &str, line: &str) -> bool {
+    info.lines().any(|l| l.trim() == line)
 }
 
 /// Runs the chosen workloads against `redis`: those not already measured
