@@ -52,7 +52,7 @@ struct Lists<V> {
     forgotten: u64,
     /// Every chunk holding a seq past this one is listed: what the store
     /// logged before it opened and the fill has not reached, and what was
-    /// dropped for the budget, lie at or before it.
+    /// dropped for the budget or by retention, lie at or before it.
     complete_after: u64,
 }
 
