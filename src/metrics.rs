@@ -31,6 +31,7 @@ pub struct Metrics {
     published: IntCounter,
     delivered: IntCounter,
     replayed: IntCounter,
+    replays_from_disk: IntCounter,
     publish_latency: Histogram,
     replay_duration: Histogram,
     store_bytes: IntGauge,
@@ -131,6 +132,11 @@ impl Metrics {
             "Records sent by REPLAY, and operator replay deliveries queued",
         )
         .expect("valid metric");
+        let replays_from_disk = IntCounter::new(
+            "replays_read_from_disk_total",
+            "Small replays (LIMIT up to 100) whose events were not all in memory, read from the disk on a blocking thread instead of the connection's",
+        )
+        .expect("valid metric");
         let publish_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "publish_latency_seconds",
@@ -165,6 +171,7 @@ impl Metrics {
             published,
             delivered,
             replayed,
+            replays_from_disk,
             publish_latency,
             replay_duration,
             store_bytes,
@@ -177,13 +184,14 @@ impl Metrics {
 
     #[allow(clippy::expect_used)]
     fn register(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 11] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
             Box::new(self.connections.clone()),
             Box::new(self.closed.clone()),
             Box::new(self.commands.clone()),
             Box::new(self.published.clone()),
             Box::new(self.delivered.clone()),
             Box::new(self.replayed.clone()),
+            Box::new(self.replays_from_disk.clone()),
             Box::new(self.publish_latency.clone()),
             Box::new(self.replay_duration.clone()),
             Box::new(self.store_bytes.clone()),
@@ -239,6 +247,12 @@ impl Metrics {
     /// `n` replayed records sent or queued.
     pub fn replayed(&self, n: u64) {
         self.replayed.inc_by(n);
+    }
+
+    /// A small REPLAY went to a blocking thread, as its events were not
+    /// all in memory.
+    pub fn replay_read_from_disk(&self) {
+        self.replays_from_disk.inc();
     }
 
     /// A REPLAY finished after `took`.

@@ -327,6 +327,82 @@ async fn small_replays_of_large_events_are_complete_and_in_order() {
     srv.stop().await;
 }
 
+/// A small replay of events the page cache no longer holds (dropped
+/// here with `posix_fadvise`, as the kernel's reclaim drops a log left
+/// untouched) is read by a thread that may wait for the disk, so the
+/// connections that share its runtime thread do not wait with it. It sends
+/// the same records; once they are in memory again, the connection's task
+/// serves the same replay itself.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_replays_of_events_paged_out_are_read_from_the_disk_alike() {
+    let (dir, srv) = temp_server().await;
+    let (_p, mut r, evs) = burst_setup(&srv, 300).await;
+    let ids = pub_idems(&evs);
+    let from_disk = || async {
+        common::http::scrape(srv.http_addr)
+            .await
+            .must("ensync_replays_read_from_disk_total", &[])
+    };
+    let request = format!("FROM_POSITION={};LIMIT=50", ids[200]);
+
+    let warm = r.replay("reader", NAME, &request).await;
+    assert_eq!(warm.header, header(NAME, 50));
+    assert_eq!(warm.idems(), ids[200..250]);
+    assert_eq!(from_disk().await, 0.0, "served from memory");
+
+    let untimed = |lines: &[String]| -> Vec<String> {
+        let at = |line: &String| line.split("\"replayTimestamp\":").next().map(str::to_owned);
+        lines.iter().filter_map(at).collect()
+    };
+    // The kernel may keep a page another CPU still holds a reference to,
+    // and let go of it soon after: a replay served from memory is
+    // followed by another drop.
+    for _ in 0..20 {
+        page_out(dir.path());
+        let cold = r.replay("reader", NAME, &request).await;
+        assert_eq!(cold.header, header(NAME, 50));
+        assert_eq!(cold.idems(), ids[200..250]);
+        assert_eq!(
+            untimed(&cold.lines),
+            untimed(&warm.lines),
+            "the same records up to the replay's time"
+        );
+        if from_disk().await > 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(from_disk().await, 1.0, "read from the disk");
+
+    let again = r.replay("reader", NAME, &request).await;
+    assert_eq!(again.idems(), ids[200..250]);
+    assert_eq!(from_disk().await, 1.0, "in memory again");
+    r.ping().await;
+    srv.stop().await;
+}
+
+/// Asks the kernel to drop every file under `dir` from the page cache.
+#[cfg(target_os = "linux")]
+fn page_out(dir: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("listed") {
+            let path = entry.expect("listed").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let file = std::fs::File::open(&path).expect("opened");
+            // SAFETY: a plain system call on a descriptor `file` holds open.
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0, "posix_fadvise {}", path.display());
+        }
+    }
+}
+
 /// A small replay whose matches lie far apart (here behind 3,000 events
 /// addressed to someone else) is found whole and in order all the same.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,10 +10,10 @@
 //! A small replay (LIMIT at most `INLINE_REPLAY_LIMIT`) first tries one
 //! pass on the connection's own task that counts as it encodes: no thread
 //! hand-offs, so a seek costs one store lookup and one write. It gives up
-//! when the records outgrow `INLINE_REPLAY_BYTES` or the search grows
-//! long; then, as for a larger replay, a blocking thread makes the two
-//! passes and hands its chunks to the connection through a channel of
-//! `REPLAY_CHUNKS_AHEAD`. Either way a replay holds a bounded number of
+//! when the records outgrow `INLINE_REPLAY_BYTES`, the search grows long,
+//! or a read would wait for the disk; then, as for a larger replay, a
+//! blocking thread makes the two passes and hands its chunks to the
+//! connection through a channel of `REPLAY_CHUNKS_AHEAD`. Either way a replay holds a bounded number of
 //! chunks in memory, whatever its size and however slowly the client
 //! reads. A pin keeps retention from removing what the replay has
 //! counted and not yet sent.
@@ -34,7 +34,7 @@ use crate::config::{
     INLINE_REPLAY_BYTES, INLINE_REPLAY_LIMIT, REPLAY_CHUNKS_AHEAD, REPLAY_CHUNK_BYTES,
     REPLAY_FIRST_CHUNK_BYTES,
 };
-use crate::store::{Counted, EventLog, Resolved, Settlement, Side, StoreError};
+use crate::store::{Counted, EventLog, Reads, Resolved, Settlement, Side, StoreError};
 
 /// Encoded record lines, or why the stream broke off.
 pub type Chunk = Result<Records, String>;
@@ -183,32 +183,33 @@ impl Stream {
         let (job, taken) = (&self.job, &self.taken);
         let (acked_marks, unacked_marks) = (&self.acked_marks, &self.unacked_marks);
         let seqs = self.from..=self.last;
-        let scanned = store.scan_expecting(&job.pattern, seqs, left, &mut |event| {
-            if !event.is_addressed_to(&ids) {
-                return ControlFlow::Continue(());
-            }
-            if job.filtering() && taken.binary_search(&event.seq).is_err() {
-                return ControlFlow::Continue(());
-            }
-            let acked = match job.acked(store, event.seq) {
-                Ok(acked) => acked,
-                Err(e) => {
-                    failed = Some(e);
+        let scanned =
+            store.scan_expecting(&job.pattern, seqs, left, Reads::Waiting, &mut |event| {
+                if !event.is_addressed_to(&ids) {
+                    return ControlFlow::Continue(());
+                }
+                if job.filtering() && taken.binary_search(&event.seq).is_err() {
+                    return ControlFlow::Continue(());
+                }
+                let acked = match job.acked(store, event.seq) {
+                    Ok(acked) => acked,
+                    Err(e) => {
+                        failed = Some(e);
+                        return ControlFlow::Break(());
+                    }
+                };
+                let marks = match acked_marks {
+                    Some(marks) if acked => marks,
+                    _ => unacked_marks,
+                };
+                event.record.write_rendered_line(&mut buf, marks);
+                in_chunk += 1;
+                if in_chunk == left || buf.len() >= chunk_bytes {
+                    resume = Some(event.seq + 1);
                     return ControlFlow::Break(());
                 }
-            };
-            let marks = match acked_marks {
-                Some(marks) if acked => marks,
-                _ => unacked_marks,
-            };
-            event.record.write_rendered_line(&mut buf, marks);
-            in_chunk += 1;
-            if in_chunk == left || buf.len() >= chunk_bytes {
-                resume = Some(event.seq + 1);
-                return ControlFlow::Break(());
-            }
-            ControlFlow::Continue(())
-        });
+                ControlFlow::Continue(())
+            });
         if let Some(e) = scanned.err().or(failed) {
             self.sent = self.count;
             return Some(Err(format!("replay broke off: {e}")));
@@ -269,14 +270,15 @@ pub async fn range(engine: &Engine, client: &ClientId, req: Replay) -> ReplayStr
     if limit <= INLINE_REPLAY_LIMIT {
         let store = Arc::clone(&engine.store);
         match one_pass(store.as_ref(), &job) {
-            Ok(Some(records)) => {
+            Ok(OnePass::Done(records)) => {
                 return ReplayStream {
                     header: started(records.count),
                     records: (records.count > 0).then_some(RecordSource::Ready(Some(records))),
                 }
             }
-            // Too large, or too long a search: a blocking thread takes it.
-            Ok(None) => {}
+            // A blocking thread takes it.
+            Ok(OnePass::TooLarge) => {}
+            Ok(OnePass::Uncached) => engine.metrics.replay_read_from_disk(),
             Err(reply) => return ReplayStream::refused(reply),
         }
     }
@@ -351,15 +353,17 @@ fn bounds(store: &dyn EventLog, job: &RangeJob) -> Result<Option<(u64, u64)>, Re
 }
 
 /// A small replay in one pass on the connection's task, counted as it is
-/// encoded: its records when they fit in `INLINE_REPLAY_BYTES` and were
-/// found within `ONE_PASS_VISITS` events, or `None` (then the count pass
-/// and the stream pass take it on a blocking thread). The bound keeps a
-/// replay whose matches are sparse (ONLY_UNACKED over acknowledged
-/// history, events mostly addressed to others) from holding the
-/// connection's thread.
-fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Reply> {
+/// encoded: its records when they fit in `INLINE_REPLAY_BYTES`, were
+/// found within `ONE_PASS_VISITS` events and were all in memory; else the
+/// count pass and the stream pass take it on a blocking thread. The
+/// bound keeps a replay whose matches are sparse (ONLY_UNACKED over
+/// acknowledged history, events mostly addressed to others) from holding
+/// the connection's thread, and so does reading only what the page cache
+/// holds: a read from the disk would hold up every connection the thread
+/// serves (all of them, on a server given one CPU).
+fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<OnePass, Reply> {
     let Some((start, end)) = bounds(store, job)? else {
-        return Ok(Some(Records {
+        return Ok(OnePass::Done(Records {
             lines: Bytes::new(),
             count: 0,
         }));
@@ -368,47 +372,66 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<Option<Records>, Rep
     let ids = job.ids();
     let mut buf = BytesMut::with_capacity(small_buffer(job.limit, INLINE_REPLAY_BYTES));
     let (mut count, mut visited, mut fits, mut failed) = (0, 0, true, None);
-    let scanned = store.scan_expecting(&job.pattern, start..=end, job.limit, &mut |event| {
-        visited += 1;
-        if visited > ONE_PASS_VISITS {
-            fits = false;
-            return ControlFlow::Break(());
-        }
-        if !event.is_addressed_to(&ids) {
-            return ControlFlow::Continue(());
-        }
-        let acked = match job.acked(store, event.seq) {
-            Ok(acked) => acked,
-            Err(e) => {
-                failed = Some(e);
+    let scanned = store.scan_expecting(
+        &job.pattern,
+        start..=end,
+        job.limit,
+        Reads::Cached,
+        &mut |event| {
+            visited += 1;
+            if visited > ONE_PASS_VISITS {
+                fits = false;
                 return ControlFlow::Break(());
             }
-        };
-        if acked && job.only_unacked {
-            return ControlFlow::Continue(());
-        }
-        let marks = match &acked_marks {
-            Some(marks) if acked => marks,
-            _ => &unacked_marks,
-        };
-        event.record.write_rendered_line(&mut buf, marks);
-        count += 1;
-        if buf.len() > INLINE_REPLAY_BYTES {
-            fits = false;
-            return ControlFlow::Break(());
-        }
-        if count == job.limit {
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    });
-    if let Some(e) = scanned.err().or(failed) {
-        return Err(internal(&e));
+            if !event.is_addressed_to(&ids) {
+                return ControlFlow::Continue(());
+            }
+            let acked = match job.acked(store, event.seq) {
+                Ok(acked) => acked,
+                Err(e) => {
+                    failed = Some(e);
+                    return ControlFlow::Break(());
+                }
+            };
+            if acked && job.only_unacked {
+                return ControlFlow::Continue(());
+            }
+            let marks = match &acked_marks {
+                Some(marks) if acked => marks,
+                _ => &unacked_marks,
+            };
+            event.record.write_rendered_line(&mut buf, marks);
+            count += 1;
+            if buf.len() > INLINE_REPLAY_BYTES {
+                fits = false;
+                return ControlFlow::Break(());
+            }
+            if count == job.limit {
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        },
+    );
+    match scanned.err().or(failed) {
+        Some(StoreError::Uncached) => Ok(OnePass::Uncached),
+        Some(e) => Err(internal(&e)),
+        None if fits => Ok(OnePass::Done(Records {
+            lines: buf.freeze(),
+            count,
+        })),
+        None => Ok(OnePass::TooLarge),
     }
-    Ok(fits.then(|| Records {
-        lines: buf.freeze(),
-        count,
-    }))
+}
+
+/// What one pass on a connection's task came to.
+enum OnePass {
+    /// Every record the replay sends.
+    Done(Records),
+    /// Too large, or too long a search, for one pass.
+    TooLarge,
+    /// A read would have waited for the disk, holding up the other
+    /// connections the task's thread serves.
+    Uncached,
 }
 
 /// Events one pass on a connection's task looks at, at most.
@@ -466,23 +489,29 @@ fn count_unacked(
 ) -> Result<(Counted, Vec<u64>), StoreError> {
     let mut taken = Vec::new();
     let mut failed = None;
-    store.scan_expecting(&job.pattern, seqs, job.limit, &mut |event| {
-        if !event.is_addressed_to(ids) {
-            return ControlFlow::Continue(());
-        }
-        match job.acked(store, event.seq) {
-            Ok(true) => return ControlFlow::Continue(()),
-            Ok(false) => taken.push(event.seq),
-            Err(e) => {
-                failed = Some(e);
+    store.scan_expecting(
+        &job.pattern,
+        seqs,
+        job.limit,
+        Reads::Waiting,
+        &mut |event| {
+            if !event.is_addressed_to(ids) {
+                return ControlFlow::Continue(());
+            }
+            match job.acked(store, event.seq) {
+                Ok(true) => return ControlFlow::Continue(()),
+                Ok(false) => taken.push(event.seq),
+                Err(e) => {
+                    failed = Some(e);
+                    return ControlFlow::Break(());
+                }
+            }
+            if taken.len() as u64 == job.limit {
                 return ControlFlow::Break(());
             }
-        }
-        if taken.len() as u64 == job.limit {
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    })?;
+            ControlFlow::Continue(())
+        },
+    )?;
     if let Some(e) = failed {
         return Err(e);
     }

@@ -24,6 +24,21 @@ pub enum StoreError {
     /// A stored value does not decode.
     #[error("stored data is damaged: {0}")]
     Damaged(String),
+    /// A read that was not to wait for the disk ([`Reads::Cached`]) found
+    /// bytes the page cache does not hold.
+    #[error("the events are not in memory, and this read was not to wait for the disk")]
+    Uncached,
+}
+
+/// Whether a scan's reads of event bytes may wait for the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reads {
+    /// They wait for what the page cache does not hold.
+    Waiting,
+    /// They take only what the page cache holds, and the scan fails with
+    /// [`StoreError::Uncached`] where a read would wait: for a
+    /// connection's task, whose thread serves other connections too.
+    Cached,
 }
 
 /// Result of store operations.
@@ -358,7 +373,7 @@ pub(crate) fn count_by_scan<L: EventLog + ?Sized>(
     if limit == 0 {
         return Ok(counted);
     }
-    log.scan_expecting(pattern, seqs, limit, &mut |event| {
+    log.scan_expecting(pattern, seqs, limit, Reads::Waiting, &mut |event| {
         if event.is_addressed_to(identities) {
             counted.count += 1;
             counted.last = event.seq;
@@ -500,20 +515,24 @@ pub trait EventLog: Send + Sync + 'static {
         seqs: RangeInclusive<u64>,
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
     ) -> Result<()> {
-        self.scan_expecting(pattern, seqs, u64::MAX, visit)
+        self.scan_expecting(pattern, seqs, u64::MAX, Reads::Waiting, visit)
     }
 
     /// [`EventLog::scan`] for a caller that expects to stop after about
     /// `want` events: the store then reads little past them. (It reads on
-    /// as long as `visit` continues.)
+    /// as long as `visit` continues.) With [`Reads::Cached`] it stops at
+    /// the first read that would wait for the disk, after visiting what
+    /// came before.
     ///
     /// # Errors
-    /// When the database fails or a value is damaged.
+    /// When the database fails or a value is damaged; with
+    /// [`Reads::Cached`], [`StoreError::Uncached`] where a read would wait.
     fn scan_expecting(
         &self,
         pattern: &Pattern,
         seqs: RangeInclusive<u64>,
         want: u64,
+        reads: Reads,
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
     ) -> Result<()>;
 

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tracing::{error, info};
 
-use super::{Result, StoreError};
+use super::{Reads, Result, StoreError};
 
 /// A segment is closed once it holds this many bytes.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
@@ -557,15 +557,17 @@ impl Segments {
     /// Reads the chunk at `loc` into `buf` (replacing what it held).
     pub fn read(&self, loc: Loc, buf: &mut Vec<u8>) -> Result<()> {
         let mut into = ReadBuf::from(std::mem::take(buf));
-        let read = self.read_ahead(loc, 0, &mut into);
+        let read = self.read_ahead(loc, 0, &mut into, Reads::Waiting);
         *buf = into.into_filled();
         read
     }
 
     /// Reads the chunk at `loc` into `buf` (replacing what it held),
     /// followed by up to `ahead` more bytes of the segment, as far as it
-    /// was written in full: the chunks after one are often there.
-    pub fn read_ahead(&self, loc: Loc, ahead: u32, buf: &mut ReadBuf) -> Result<()> {
+    /// was written in full: the chunks after one are often there. With
+    /// [`Reads::Cached`], fails with [`StoreError::Uncached`] when part of
+    /// those bytes is not in the page cache.
+    pub fn read_ahead(&self, loc: Loc, ahead: u32, buf: &mut ReadBuf, reads: Reads) -> Result<()> {
         let segment = self.segment(loc.segment)?;
         #[cfg(test)]
         self.reads.fetch_add(1, Ordering::Relaxed);
@@ -573,16 +575,25 @@ impl Segments {
         let end = loc.offset + u64::from(loc.len);
         let more = u32::try_from(written.saturating_sub(end)).unwrap_or(u32::MAX);
         let len = loc.len.saturating_add(ahead.min(more));
-        let read = segment
-            .file
-            .read_exact_at(buf.room(len as usize), loc.offset);
-        read.map_err(|e| {
-            buf.clear();
-            StoreError::Damaged(format!(
-                "segment {} has no {len} bytes at {}: {e}",
-                loc.segment, loc.offset
-            ))
-        })
+        let into = buf.room(len as usize);
+        let read = match reads {
+            Reads::Waiting => segment.file.read_exact_at(into, loc.offset).map(|()| true),
+            Reads::Cached => read_cached(&segment.file, into, loc.offset),
+        };
+        match read {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                buf.clear();
+                Err(StoreError::Uncached)
+            }
+            Err(e) => {
+                buf.clear();
+                Err(StoreError::Damaged(format!(
+                    "segment {} has no {len} bytes at {}: {e}",
+                    loc.segment, loc.offset
+                )))
+            }
+        }
     }
 
     /// Positioned reads made so far.
@@ -603,6 +614,55 @@ impl Segments {
     fn path(&self, segment: u32) -> PathBuf {
         self.dir.join(file_name(segment))
     }
+}
+
+/// Fills `buf` from `offset` of `file` with what the page cache holds:
+/// `false` as soon as a read would wait for the disk. Without a way to ask
+/// that (`RWF_NOWAIT` is Linux's, and some file systems refuse it), it
+/// reads and waits.
+#[cfg(target_os = "linux")]
+fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd;
+
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        let iov = libc::iovec {
+            iov_base: rest.as_mut_ptr().cast(),
+            iov_len: rest.len(),
+        };
+        let at = offset + done as u64;
+        let at = libc::off_t::try_from(at).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+        // SAFETY: the one iovec points at `rest`, which is borrowed
+        // mutably, so nothing else reads or writes it during the call; the
+        // kernel writes at most `rest.len()` bytes there.
+        let n = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+        match usize::try_from(n) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            // Short when the page cache holds only the first part: the
+            // next read says whether the rest would wait.
+            Ok(n) => done += n,
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EAGAIN) => return Ok(false),
+                    Some(libc::EINTR) => {}
+                    Some(libc::EOPNOTSUPP | libc::ENOSYS) => {
+                        return file
+                            .read_exact_at(rest, offset + done as u64)
+                            .map(|()| true)
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_cached(file: &File, buf: &mut [u8], offset: u64) -> std::io::Result<bool> {
+    file.read_exact_at(buf, offset).map(|()| true)
 }
 
 fn file_name(segment: u32) -> String {
@@ -665,26 +725,71 @@ mod tests {
         Ok(())
     }
 
+    /// Asks the kernel to drop `dir`'s segment files from the page cache,
+    /// as its reclaim does with a log left untouched.
+    #[cfg(target_os = "linux")]
+    fn page_out(dir: &Path) {
+        use std::os::fd::AsRawFd;
+        for entry in fs::read_dir(dir.join(DIR)).expect("segments listed") {
+            let file = File::open(entry.expect("segment listed").path()).expect("segment opened");
+            // SAFETY: a plain system call on a descriptor `file` holds open.
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0, "posix_fadvise");
+        }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn cached_reads_refuse_what_the_page_cache_dropped() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let segments = Segments::open(dir.path())?;
+        let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let loc = segments.append(&chunk)?;
+        segments.sync()?;
+        let mut buf = ReadBuf::default();
+        segments.read_ahead(loc, 0, &mut buf, Reads::Cached)?;
+        assert!(*buf == chunk[..], "written and synced, still in memory");
+        // The kernel may keep a page another CPU still holds a reference
+        // to; it lets go soon after.
+        let mut refused = Ok(());
+        for _ in 0..20 {
+            page_out(dir.path());
+            refused = segments.read_ahead(loc, 0, &mut buf, Reads::Cached);
+            if refused.is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(matches!(refused, Err(StoreError::Uncached)), "{refused:?}");
+        assert!(buf.is_empty(), "nothing half read is left");
+        segments.read_ahead(loc, 0, &mut buf, Reads::Waiting)?;
+        assert!(*buf == chunk[..], "read from the disk");
+        segments.read_ahead(loc, 0, &mut buf, Reads::Cached)?;
+        assert!(*buf == chunk[..], "in memory again");
+        Ok(())
+    }
+
     #[test]
     fn reads_ahead_only_what_was_written_in_full() -> Result<()> {
         let dir = tempfile::tempdir().expect("temp dir");
         let segments = Segments::open(dir.path())?;
         let a = segments.append(&[1; 100])?;
         let mut buf = ReadBuf::default();
-        segments.read_ahead(a, 1_000, &mut buf)?;
+        segments.read_ahead(a, 1_000, &mut buf, Reads::Waiting)?;
         assert_eq!(*buf, [1; 100]);
         let b = segments.append(&[2; 200])?;
-        segments.read_ahead(a, 1_000, &mut buf)?;
+        segments.read_ahead(a, 1_000, &mut buf, Reads::Waiting)?;
         assert_eq!(buf.len(), 300);
         assert_eq!(buf[100..], [2; 200]);
-        segments.read_ahead(a, 50, &mut buf)?;
+        segments.read_ahead(a, 50, &mut buf, Reads::Waiting)?;
         assert_eq!(buf.len(), 150);
-        segments.read_ahead(b, 1_000, &mut buf)?;
+        segments.read_ahead(b, 1_000, &mut buf, Reads::Waiting)?;
         assert_eq!(*buf, [2; 200]);
         // After a reopen, the file's length is what was written.
         drop(segments);
         let segments = Segments::open(dir.path())?;
-        segments.read_ahead(a, 1_000, &mut buf)?;
+        segments.read_ahead(a, 1_000, &mut buf, Reads::Waiting)?;
         assert_eq!(buf.len(), 300);
         // Bytes in the file past what appends have reached (as a write in
         // progress leaves them) are left out.
@@ -694,7 +799,7 @@ mod tests {
             .open(&path)
             .and_then(|f| f.write_all_at(&[9; 50], 300))
             .expect("write past the appends");
-        segments.read_ahead(b, 1_000, &mut buf)?;
+        segments.read_ahead(b, 1_000, &mut buf, Reads::Waiting)?;
         assert_eq!(*buf, [2; 200]);
         Ok(())
     }

@@ -94,8 +94,8 @@ use super::directory::{Directory, Found};
 use super::segments::{Frame, Loc, ReadBuf, Segments};
 use super::{
     addressing_of, count_by_scan, encode_recipients, recipients_of, Addressing, Appended, Applied,
-    Counted, EventLog, EventView, OwnedEvent, PauseRefused, Queued, Resolved, Result, Settlement,
-    Side, StoreError, Subscription, Trim, Trimmed, UnknownPosition, WriteOp,
+    Counted, EventLog, EventView, OwnedEvent, PauseRefused, Queued, Reads, Resolved, Result,
+    Settlement, Side, StoreError, Subscription, Trim, Trimmed, UnknownPosition, WriteOp,
 };
 
 const CHUNK: u8 = b'e';
@@ -1215,12 +1215,13 @@ impl Drop for Ahead {
 }
 
 /// What a cursor reads: sled's tree, the segments, and the directory of
-/// recent chunks.
+/// recent chunks; and whether its reads of the segments may wait.
 #[derive(Clone, Copy)]
 struct Store<'n> {
     tree: &'n Tree,
     segments: &'n Segments,
     directory: &'n Directory<sled::IVec>,
+    reads: Reads,
 }
 
 /// The most entries each of `cursors` cursors reads at a time: a merge
@@ -1288,6 +1289,7 @@ struct Cursor<'n> {
     tree: &'n Tree,
     segments: &'n Segments,
     directory: &'n Directory<sled::IVec>,
+    reads: Reads,
     /// The chunks in key order, once a look by key missed or the cursor
     /// went past [`LOOKS_BEFORE_WALK`] chunks.
     chunks: Option<sled::Iter>,
@@ -1329,6 +1331,7 @@ impl<'n> Cursor<'n> {
             tree,
             segments,
             directory,
+            reads,
         }: Store<'n>,
         ahead: &'n RefCell<Ahead>,
         name: &'n str,
@@ -1341,6 +1344,7 @@ impl<'n> Cursor<'n> {
             tree,
             segments,
             directory,
+            reads,
             chunks: None,
             looked_up: 0,
             held: None,
@@ -1429,11 +1433,14 @@ impl<'n> Cursor<'n> {
         }
         if ahead == 0 {
             // Over what `chunk` held: the read replaces all of it.
-            return self.segments.read_ahead(loc, 0, &mut self.chunk);
+            return self
+                .segments
+                .read_ahead(loc, 0, &mut self.chunk, self.reads);
         }
         self.chunk.clear();
         read_ahead.at = None;
-        self.segments.read_ahead(loc, ahead, read_ahead.buffer())?;
+        self.segments
+            .read_ahead(loc, ahead, read_ahead.buffer(), self.reads)?;
         read_ahead.at = Some((loc.segment, loc.offset));
         self.chunk.copy_from(&read_ahead.bytes[..loc.len as usize]);
         Ok(())
@@ -2272,7 +2279,7 @@ impl SledLog {
         &self,
         pattern: &Pattern,
         seqs: RangeInclusive<u64>,
-        want: u64,
+        (want, reads): (u64, Reads),
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
     ) -> Result<()> {
         let (start, end) = (*seqs.start(), *seqs.end());
@@ -2291,7 +2298,7 @@ impl SledLog {
             .range(from..=num_key(COMMIT, end).to_vec())
             .peekable();
         let ahead = RefCell::new(Ahead::default());
-        let store = self.store();
+        let store = self.store(reads);
         let visited = Cell::new(0);
         let mut counting = |event: EventView<'_>| {
             visited.set(visited.get() + 1);
@@ -2314,7 +2321,8 @@ impl SledLog {
                 }
                 if let Some(Some(names)) = &merge_instead {
                     if steps > STEPS_PER_NAME * names.len() as u64 {
-                        return self.merge_names(names, lo..=end, left(), &mut counting);
+                        let rest = (left(), reads);
+                        return self.merge_names(names, lo..=end, rest, &mut counting);
                     }
                 }
             }
@@ -2351,12 +2359,12 @@ impl SledLog {
             chunks.sort_unstable_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(&b.0)));
             chunks.dedup_by(|later, earlier| later.1 == earlier.1);
             chunks.sort_unstable();
-            let reads = (left(), merge_batch(chunks.len()));
+            let sizes = (left(), merge_batch(chunks.len()));
             let flow = merge(
                 chunks
                     .into_iter()
                     .map(|(first, name)| (lo.max(first), name)),
-                |from, name| Cursor::new(store, &ahead, name, &(from..=hi), reads),
+                |from, name| Cursor::new(store, &ahead, name, &(from..=hi), sizes),
                 &mut counting,
             )?;
             if flow.is_break() {
@@ -2371,16 +2379,17 @@ impl SledLog {
         &self,
         names: &[String],
         seqs: RangeInclusive<u64>,
-        want: u64,
+        (want, reads): (u64, Reads),
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
     ) -> Result<()> {
         let ahead = RefCell::new(Ahead::default());
-        let reads = (want, merge_batch(names.len()));
+        let store = self.store(reads);
+        let sizes = (want, merge_batch(names.len()));
         let (start, end) = (*seqs.start(), *seqs.end());
         // Whether the visitor stopped it or not, the scan is done.
         merge(
             names.iter().map(|name| (start, name.as_str())),
-            |from, name| Cursor::new(self.store(), &ahead, name, &(from..=end), reads),
+            |from, name| Cursor::new(store, &ahead, name, &(from..=end), sizes),
             visit,
         )
         .map(drop)
@@ -2391,22 +2400,23 @@ impl SledLog {
         &self,
         name: &str,
         seqs: RangeInclusive<u64>,
-        want: u64,
+        (want, reads): (u64, Reads),
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
     ) -> Result<()> {
         let ahead = RefCell::new(Ahead::default());
-        let reads = (want, merge_batch(1));
-        let mut cursor = Cursor::new(self.store(), &ahead, name, &seqs, reads)?;
+        let sizes = (want, merge_batch(1));
+        let mut cursor = Cursor::new(self.store(reads), &ahead, name, &seqs, sizes)?;
         // Whether the visitor stopped it or not, the scan is done.
         cursor.visit_rest(visit).map(drop)
     }
 
-    /// What a cursor reads.
-    fn store(&self) -> Store<'_> {
+    /// What a cursor reads, and how.
+    fn store(&self, reads: Reads) -> Store<'_> {
         Store {
             tree: &self.tree,
             segments: &self.segments,
             directory: &self.directory,
+            reads,
         }
     }
 }
@@ -2755,13 +2765,14 @@ impl EventLog for SledLog {
         pattern: &Pattern,
         seqs: RangeInclusive<u64>,
         want: u64,
+        reads: Reads,
         visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
     ) -> Result<()> {
         if seqs.is_empty() {
             return Ok(());
         }
         if let Pattern::Exact(name) = pattern {
-            return self.scan_name(name.as_str(), seqs, want, visit);
+            return self.scan_name(name.as_str(), seqs, (want, reads), visit);
         }
         let len = (seqs.end() - seqs.start()).saturating_add(1);
         let names = match self.names_within(pattern, MERGE_NAMES)? {
@@ -2769,9 +2780,9 @@ impl EventLog for SledLog {
             // A merge looks up each name: a walk takes fewer steps when
             // the range holds fewer seqs (so fewer commits) than that.
             Some(names) if len >= names.len() as u64 => names,
-            _ => return self.walk(pattern, seqs, want, visit),
+            _ => return self.walk(pattern, seqs, (want, reads), visit),
         };
-        self.merge_names(&names, seqs, want, visit)
+        self.merge_names(&names, seqs, (want, reads), visit)
     }
 
     fn count(
@@ -3127,7 +3138,7 @@ mod chunked_log {
     fn counters(log: &SledLog, pattern: &str, range: RangeInclusive<u64>, want: u64) -> Vec<u64> {
         let mut out = Vec::new();
         let pattern = pattern.parse().expect("pattern");
-        log.scan_expecting(&pattern, range, want, &mut |e| {
+        log.scan_expecting(&pattern, range, want, Reads::Waiting, &mut |e| {
             let mut record = bytes::BytesMut::new();
             e.record.write(&mut record, &ensync_protocol::Marks::LIVE);
             let record: serde_json::Value = serde_json::from_slice(&record).expect("record json");
@@ -3679,7 +3690,7 @@ mod chunked_log {
                     seqs(log, name, start..=last)
                 ));
                 let mut few = Vec::new();
-                log.scan_expecting(&pattern, start..=last, 3, &mut |e| {
+                log.scan_expecting(&pattern, start..=last, 3, Reads::Waiting, &mut |e| {
                     few.push(e.seq);
                     ControlFlow::Continue(())
                 })?;
@@ -3822,7 +3833,7 @@ mod chunked_log {
     ) -> Vec<u64> {
         let mut out = Vec::new();
         let pattern = pattern.parse().expect("pattern");
-        log.scan_expecting(&pattern, range, want as u64, &mut |e| {
+        log.scan_expecting(&pattern, range, want as u64, Reads::Waiting, &mut |e| {
             out.push(e.seq);
             if stop && out.len() == want {
                 return ControlFlow::Break(());
