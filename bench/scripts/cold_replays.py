@@ -1,0 +1,94 @@
+"""What one client's replays of history the page cache no longer holds
+cost the other clients of a server given one CPU, outside the bench:
+
+    python3 bench/scripts/cold_replays.py BINARY [EVENTS] [SECONDS]
+
+The server runs pinned to CPU 1 on a fresh data directory. The script
+loads EVENTS events of one name (default 300,000). Then, for SECONDS
+(default 10), one client replays 50 events at a time from random
+timestamps of the load, while the data directory's files are dropped
+from the page cache every second (posix_fadvise), so its replays keep
+reading from the disk; another client sends PING, one at a time, and
+times each answer. It prints the PINGs' p50, p99 and worst, and how many
+replays were made. Run it under a read limit (cgroup v1
+`blkio.throttle.read_iops_device`) to stand for a slower disk, and run
+two builds in turns.
+"""
+
+import multiprocessing
+import os
+import random
+import sys
+import time
+
+from subscribers import Server, expect, publish, subscribe
+
+
+def drop_cache(top):
+    for root, _, names in os.walk(top):
+        for name in names:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+
+
+def replays(server, first_ms, last_ms, until, done):
+    s, f = server.connect("reader")
+    subscribe(s, f, "reader", ["cold"])
+    rng = random.Random(7)
+    dropped = 0.0
+    while time.monotonic() < until:
+        if time.monotonic() - dropped >= 1.0:
+            drop_cache(server.dir)
+            dropped = time.monotonic()
+        at = rng.randint(first_ms, last_ms)
+        s.sendall(f"REPLAY;CLIENT_ID=reader;EVENT_NAME=cold;FROM_POSITION={at};LIMIT=50\n".encode())
+        header = f.readline()
+        if not header.startswith(b"+PASS:REPLAY_STARTED"):
+            raise SystemExit(f"replay refused: {header!r}")
+        count = int(header.rsplit(b"COUNT=", 1)[1])
+        for _ in range(count):
+            expect(f, b"+RECORD:")
+        with done.get_lock():
+            done.value += 1
+
+
+def main():
+    binary = sys.argv[1]
+    events = int(sys.argv[2]) if len(sys.argv) > 2 else 300_000
+    seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 10.0
+    server = Server(binary)
+    try:
+        pub, pf = server.connect("pub")
+        first_ms = int(time.time() * 1000)
+        publish(pub, pf, "cold", events, 200)
+        last_ms = int(time.time() * 1000)
+        pinger, pingf = server.connect("pinger")
+        until = time.monotonic() + seconds
+        # A process of its own: a thread would hold the pinger up on the
+        # interpreter's lock while it reads records.
+        done = multiprocessing.Value("l", 0)
+        reader = multiprocessing.Process(
+            target=replays, args=(server, first_ms, last_ms, until, done))
+        reader.start()
+        waits = []
+        while time.monotonic() < until:
+            start = time.perf_counter()
+            pinger.sendall(b"PING\n")
+            expect(pingf, b"+PASS:PONG")
+            waits.append(time.perf_counter() - start)
+            time.sleep(0.002)
+        reader.join()
+    finally:
+        server.stop()
+    waits.sort()
+    pick = lambda q: 1e6 * waits[min(len(waits) - 1, int(q * len(waits)))]
+    print(f"{done.value:,} replays; {len(waits):,} PINGs answered in "
+          f"p50 {pick(0.5):.0f} us, p99 {pick(0.99):.0f} us, worst {1e6 * waits[-1]:.0f} us")
+
+
+if __name__ == "__main__":
+    main()
