@@ -13,9 +13,9 @@
 //! when the records outgrow `INLINE_REPLAY_BYTES`, the search grows long,
 //! or a read would wait for the disk; then, as for a larger replay, a
 //! blocking thread makes the two passes and hands its chunks to the
-//! connection through a channel of `REPLAY_CHUNKS_AHEAD`. Either way a replay holds a bounded number of
-//! chunks in memory, whatever its size and however slowly the client
-//! reads. A pin keeps retention from removing what the replay has
+//! connection through a channel of `REPLAY_CHUNKS_AHEAD`. Either way a
+//! replay holds a bounded number of chunks in memory, whatever its size
+//! and however slowly the client reads. A pin keeps retention from removing what the replay has
 //! counted and not yet sent.
 
 use std::ops::{ControlFlow, RangeInclusive};
@@ -133,6 +133,23 @@ impl RangeJob {
         Ok(self.check_acks && store.settlement(&self.client, seq)? == Some(Settlement::Acked))
     }
 
+    /// [`RangeJob::acked`] for a scan's visitor: `None` when the store
+    /// cannot tell, with the error kept in `failed` (the scan then stops).
+    fn acked_or_keep(
+        &self,
+        store: &dyn EventLog,
+        seq: u64,
+        failed: &mut Option<StoreError>,
+    ) -> Option<bool> {
+        match self.acked(store, seq) {
+            Ok(acked) => Some(acked),
+            Err(e) => {
+                *failed = Some(e);
+                None
+            }
+        }
+    }
+
     /// Whether only the events the count pass took are sent.
     fn filtering(&self) -> bool {
         self.only_unacked && self.check_acks
@@ -191,12 +208,8 @@ impl Stream {
                 if job.filtering() && taken.binary_search(&event.seq).is_err() {
                     return ControlFlow::Continue(());
                 }
-                let acked = match job.acked(store, event.seq) {
-                    Ok(acked) => acked,
-                    Err(e) => {
-                        failed = Some(e);
-                        return ControlFlow::Break(());
-                    }
+                let Some(acked) = job.acked_or_keep(store, event.seq, &mut failed) else {
+                    return ControlFlow::Break(());
                 };
                 let marks = match acked_marks {
                     Some(marks) if acked => marks,
@@ -386,12 +399,8 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<OnePass, Reply> {
             if !event.is_addressed_to(&ids) {
                 return ControlFlow::Continue(());
             }
-            let acked = match job.acked(store, event.seq) {
-                Ok(acked) => acked,
-                Err(e) => {
-                    failed = Some(e);
-                    return ControlFlow::Break(());
-                }
+            let Some(acked) = job.acked_or_keep(store, event.seq, &mut failed) else {
+                return ControlFlow::Break(());
             };
             if acked && job.only_unacked {
                 return ControlFlow::Continue(());
@@ -498,13 +507,10 @@ fn count_unacked(
             if !event.is_addressed_to(ids) {
                 return ControlFlow::Continue(());
             }
-            match job.acked(store, event.seq) {
-                Ok(true) => return ControlFlow::Continue(()),
-                Ok(false) => taken.push(event.seq),
-                Err(e) => {
-                    failed = Some(e);
-                    return ControlFlow::Break(());
-                }
+            match job.acked_or_keep(store, event.seq, &mut failed) {
+                Some(true) => return ControlFlow::Continue(()),
+                Some(false) => taken.push(event.seq),
+                None => return ControlFlow::Break(()),
             }
             if taken.len() as u64 == job.limit {
                 return ControlFlow::Break(());
