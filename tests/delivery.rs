@@ -45,8 +45,6 @@ async fn subscriber_to(srv: &TestServer, id: &str, pattern: &str) -> Client {
     c
 }
 
-/// Publishes `n` events on `name` addressed to `*`, one commit each;
-/// returns their idems.
 /// Pauses client `c`'s subscription to `PATTERN`.
 async fn pause(c: &mut Client) {
     c.expect(
@@ -70,6 +68,8 @@ async fn resume_pattern(c: &mut Client, pattern: &str) {
     .await;
 }
 
+/// Publishes `n` events on `name` addressed to `*`, one commit each;
+/// returns their idems.
 async fn publish_n(p: &mut Client, name: &str, n: usize) -> Vec<String> {
     let mut out = Vec::with_capacity(n);
     for i in 0..n {
@@ -365,6 +365,48 @@ async fn pause_also_holds_redeliveries() {
     c.expect_silence(3 * SHORT_ACK_WAIT).await;
     resume(&mut c).await;
     assert_eq!(c.deliveries(1).await, evs);
+    srv.stop().await;
+}
+
+/// A client subscribed to a pattern and to a narrower one gets an event
+/// they share once; settled through the wider one while the narrower was
+/// paused, it does not come again when the narrower catches up. Each pair
+/// sits among subscriptions to other names, as a client that follows many
+/// names has them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_settled_through_one_subscription_does_not_come_through_another() {
+    let (_dir, config) = setup();
+    let srv = start_server_with(config).await;
+    let mut p = publisher(&srv).await;
+    for (wide, narrow, name) in [
+        ("order/*", "order/created", "order/created"),
+        ("*", "stock/*", "stock/moved"),
+    ] {
+        let mut c = subscriber_to(&srv, "c", wide).await;
+        for other in ["user/1", "user/2", narrow, "user/3"] {
+            c.sub("c", other).await;
+        }
+        c.expect(
+            &format!("PAUSE;CLIENT_ID=c;EVENT_NAME={narrow}"),
+            &format!("+PASS:PAUSED;EVENT_NAME={narrow}"),
+        )
+        .await;
+        let first = p.publish("p", name, "{}").await.0;
+        assert_eq!(c.deliveries(1).await, vec![first.clone()], "{wide}");
+        c.ack("c", &first).await;
+        resume_pattern(&mut c, narrow).await;
+        let second = p.publish("p", name, "{}").await.0;
+        assert_eq!(c.deliveries(1).await, vec![second.clone()], "{narrow}");
+        c.ack("c", &second).await;
+        c.expect_silence(SILENCE).await;
+        for pattern in [wide, "user/1", "user/2", narrow, "user/3"] {
+            c.expect(
+                &format!("UNSUB;CLIENT_ID=c;EVENT_NAME={pattern}"),
+                &format!("+PASS:UNSUBSCRIBED;EVENT_NAME={pattern};CLIENT_ID=c"),
+            )
+            .await;
+        }
+    }
     srv.stop().await;
 }
 

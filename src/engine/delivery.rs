@@ -43,6 +43,11 @@ const PULL_BYTES: usize = 64 * 1024;
 /// Events one subscription examines per pull, delivered or not: bounds
 /// the time a pull holds the client's lock.
 const PULL_VISITS: usize = 4096;
+/// Seqs the log moves on between the settlements that store every moved
+/// floor. In between, a settlement stores only its own subscription's
+/// floor: the others moved over events they do not deliver, and a floor
+/// stored late only means more to look through after a crash.
+const FLOOR_SWEEP_SEQS: u64 = 65_536;
 
 /// Delivery settings.
 #[derive(Debug, Clone, Copy)]
@@ -135,6 +140,10 @@ struct SubState {
     settled_mark: u64,
     /// Unsettled events this subscription delivered.
     owned: BTreeSet<u64>,
+    /// Another subscription of the client matches a name this one
+    /// matches, so an event it delivers may have been settled through
+    /// that one.
+    overlapped: bool,
 }
 
 impl SubState {
@@ -145,6 +154,16 @@ impl SubState {
             .first()
             .map_or(self.cursor, |first| first - 1)
             .min(self.cursor)
+    }
+
+    /// Adds the floor to `moved` if it moved since it was last stored, and
+    /// takes it as stored.
+    fn floor_moved(&mut self, moved: &mut Vec<(Pattern, u64)>) {
+        let floor = self.floor();
+        if floor > self.stored_floor {
+            self.stored_floor = floor;
+            moved.push((self.pattern.clone(), floor));
+        }
     }
 }
 
@@ -166,6 +185,8 @@ struct State {
     /// `replay_from` that are not in `queue` yet.
     replay_more: bool,
     replay_from: u64,
+    /// The log's head when the floors were last all looked at.
+    floors_swept_at: u64,
 }
 
 /// What a pull produced.
@@ -226,10 +247,12 @@ impl State {
                         stored_floor: floor,
                         settled_mark: head,
                         owned: BTreeSet::new(),
+                        overlapped: false,
                     });
                 }
             }
         }
+        mark_overlaps(&mut self.subs);
         self.source = Some(current);
         if opened {
             self.replay_more = true;
@@ -305,17 +328,54 @@ impl State {
     fn moved_floors(&mut self) -> Vec<(Pattern, u64)> {
         let mut moved = Vec::new();
         for sub in &mut self.subs {
-            let floor = sub.floor();
-            if floor > sub.stored_floor {
-                sub.stored_floor = floor;
-                moved.push((sub.pattern.clone(), floor));
-            }
+            sub.floor_moved(&mut moved);
+        }
+        moved
+    }
+
+    /// The floors to store after a settlement of `settled`'s: its own if
+    /// it moved, and every moved one once the log has gone
+    /// [`FLOOR_SWEEP_SEQS`] past the last look at all of them. A client
+    /// with many subscriptions moves all their cursors with each pull;
+    /// storing every floor at every settlement wrote each subscription
+    /// again per pull.
+    fn settled_floors(&mut self, settled: SubId, head: u64) -> Vec<(Pattern, u64)> {
+        if head >= self.floors_swept_at.saturating_add(FLOOR_SWEEP_SEQS) {
+            self.floors_swept_at = head;
+            return self.moved_floors();
+        }
+        let mut moved = Vec::new();
+        if let Some(sub) = self.sub_mut(settled) {
+            sub.floor_moved(&mut moved);
         }
         moved
     }
 
     fn next_timer(&self) -> Option<u64> {
         self.timers.first().map(|(at, _)| *at)
+    }
+}
+
+/// Marks each subscription that shares a name with another. Two patterns
+/// share a name only when one covers the other, and an exact name covers
+/// no other pattern, so each subscription is compared with the wider ones
+/// alone: a client's many subscriptions to names cost a look at its few
+/// patterns each.
+fn mark_overlaps(subs: &mut [SubState]) {
+    let wide: Vec<usize> = (0..subs.len())
+        .filter(|&i| !matches!(subs[i].pattern, Pattern::Exact(_)))
+        .collect();
+    for i in 0..subs.len() {
+        let pattern = &subs[i].pattern;
+        let shares = |j: usize| {
+            j != i && (subs[j].pattern.covers(pattern) || pattern.covers(&subs[j].pattern))
+        };
+        let overlapped = if wide.binary_search(&i).is_ok() {
+            (0..subs.len()).any(shares)
+        } else {
+            wide.iter().any(|&j| shares(j))
+        };
+        subs[i].overlapped = overlapped;
     }
 }
 
@@ -386,6 +446,7 @@ impl Hub {
         *state = State {
             connections: state.connections,
             rescan_mark: self.commit.head(),
+            floors_swept_at: self.commit.head(),
             replay_more: true,
             ..State::default()
         };
@@ -453,16 +514,16 @@ impl Hub {
             return Ok(None);
         };
         let mut state = shared.lock();
-        let found = match state.remove(seq) {
-            Some(_) => true,
+        let owner = match state.remove(seq) {
+            Some(entry) => Some(entry.sub),
             // Delivered before this state existed (an earlier connection,
             // or before a restart), and not settled; or queued by a replay.
-            None => self.owner(&shared, &state, seq)?.is_some(),
+            None => self.owner(&shared, &state, seq)?,
         };
-        if !found {
+        let Some(owner) = owner else {
             return Ok(None);
-        }
-        let floors = state.moved_floors();
+        };
+        let floors = state.settled_floors(owner, self.commit.head());
         drop(state);
         shared.wake.notify_waiters();
         Ok(Some(floors))
@@ -817,12 +878,13 @@ impl Hub {
         // Settled before: possible only for what an earlier state may have
         // delivered, or what another subscription also covers.
         let overlaps = || {
-            state
-                .subs
-                .iter()
-                .filter(|s| s.pattern.matches(event.name))
-                .nth(1)
-                .is_some()
+            sub.overlapped
+                && state
+                    .subs
+                    .iter()
+                    .filter(|s| s.pattern.matches(event.name))
+                    .nth(1)
+                    .is_some()
         };
         if check_settled && (event.seq <= sub.settled_mark || overlaps()) {
             return Ok(!self.is_settled(&client.id, event.seq)?);
