@@ -32,6 +32,7 @@ pub struct Metrics {
     delivered: IntCounter,
     replayed: IntCounter,
     replays_from_disk: IntCounter,
+    deliveries_from_disk: IntCounter,
     publish_latency: Histogram,
     replay_duration: Histogram,
     store_bytes: IntGauge,
@@ -137,6 +138,11 @@ impl Metrics {
             "Small replays (LIMIT up to 100) whose events were not all in memory, read from the disk on a blocking thread instead of the connection's",
         )
         .expect("valid metric");
+        let deliveries_from_disk = IntCounter::new(
+            "deliveries_read_from_disk_total",
+            "Deliveries to subscribers whose new events were not all in memory, read from the disk on a blocking thread instead of the connection's",
+        )
+        .expect("valid metric");
         let publish_latency = Histogram::with_opts(
             HistogramOpts::new(
                 "publish_latency_seconds",
@@ -172,6 +178,7 @@ impl Metrics {
             delivered,
             replayed,
             replays_from_disk,
+            deliveries_from_disk,
             publish_latency,
             replay_duration,
             store_bytes,
@@ -184,7 +191,7 @@ impl Metrics {
 
     #[allow(clippy::expect_used)]
     fn register(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 12] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
             Box::new(self.connections.clone()),
             Box::new(self.closed.clone()),
             Box::new(self.commands.clone()),
@@ -192,6 +199,7 @@ impl Metrics {
             Box::new(self.delivered.clone()),
             Box::new(self.replayed.clone()),
             Box::new(self.replays_from_disk.clone()),
+            Box::new(self.deliveries_from_disk.clone()),
             Box::new(self.publish_latency.clone()),
             Box::new(self.replay_duration.clone()),
             Box::new(self.store_bytes.clone()),
@@ -239,9 +247,13 @@ impl Metrics {
         self.publish_latency.observe(latency.as_secs_f64());
     }
 
-    /// `n` events delivered live.
-    pub fn delivered(&self, n: u64) {
+    /// `n` events delivered live; `from_disk` when a thread that may wait
+    /// for the disk read them, as they were not all in memory.
+    pub fn delivered(&self, n: u64, from_disk: bool) {
         self.delivered.inc_by(n);
+        if from_disk {
+            self.deliveries_from_disk.inc();
+        }
     }
 
     /// `n` replayed records sent or queued.

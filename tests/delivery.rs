@@ -111,6 +111,56 @@ async fn reconnect_gets_exactly_the_unacked_events_then_live_ones() {
     srv.stop().await;
 }
 
+/// A subscriber that comes back to events the page cache no longer holds
+/// (after an outage, say) gets them all, in order, read on a thread that
+/// may wait for the disk: on the connection's own thread that read would
+/// hold up every connection the thread serves.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_catching_up_on_events_paged_out_gets_them_all_in_order() {
+    let (dir, config) = setup();
+    let srv = start_server_with(config).await;
+    let mut p = publisher(&srv).await;
+    let from_disk = || async {
+        common::http::scrape(srv.http_addr)
+            .await
+            .must("ensync_deliveries_read_from_disk_total", &[])
+    };
+    drop(subscriber(&srv, "c").await);
+    let pad = "x".repeat(400);
+    // The kernel may keep a page another CPU still holds a reference to:
+    // a catch-up served from memory is followed by another.
+    for round in 0..20 {
+        let missed: Vec<String> = p
+            .publish_many("p", 300, |i| {
+                (NAME.to_string(), format!("{{\"i\":{i},\"pad\":\"{pad}\"}}"))
+            })
+            .await
+            .into_iter()
+            .map(|e| e.idem)
+            .collect();
+        page_out(dir.path());
+        let mut c = srv.client().await;
+        c.conn("c").await;
+        assert_eq!(c.deliveries(missed.len()).await, missed, "round {round}");
+        let acks: Vec<String> = missed
+            .iter()
+            .map(|id| format!("ACK;CLIENT_ID=c;EVENT_IDEM={id}"))
+            .collect();
+        for reply in c.pipeline(&acks, acks.len()).await {
+            assert!(reply.starts_with("+PASS:ACKNOWLEDGED"), "{reply}");
+        }
+        let live = p.publish("p", NAME, "{}").await.0;
+        assert_eq!(c.deliveries(1).await, vec![live.clone()]);
+        c.ack("c", &live).await;
+        if from_disk().await > 0.0 {
+            break;
+        }
+    }
+    assert!(from_disk().await > 0.0, "read from the disk");
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsettled_event_is_delivered_again_after_the_ack_wait() {
     let (_dir, mut config) = setup();

@@ -1,7 +1,7 @@
 """What one client's replays of history the page cache no longer holds
 cost the other clients of a server given one CPU, outside the bench:
 
-    python3 bench/scripts/cold_replays.py BINARY [EVENTS] [SECONDS]
+    python3 bench/scripts/cold_replays.py BINARY [EVENTS] [SECONDS] [catch-up]
 
 The server runs pinned to CPU 1 on a fresh data directory. The script
 loads EVENTS events of one name (default 300,000). Then, for SECONDS
@@ -10,7 +10,10 @@ timestamps of the load, while the data directory's files are dropped
 from the page cache every second (posix_fadvise), so its replays keep
 reading from the disk; another client sends PING, one at a time, and
 times each answer. It prints the PINGs' p50, p99 and worst, and how many
-replays were made. Run it under a read limit (cgroup v1
+replays were made. With `catch-up`, the client is a subscriber instead,
+away while the events are published, that then takes them as deliveries
+and acknowledges each, as after an outage (it prints how many it took).
+Run it under a read limit (cgroup v1
 `blkio.throttle.read_iops_device`) to stand for a slower disk, and run
 two builds in turns.
 """
@@ -56,12 +59,35 @@ def replays(server, first_ms, last_ms, until, done):
             done.value += 1
 
 
+def catch_up(server, until, done):
+    """Takes the backlog as deliveries, acknowledging each."""
+    s, f = server.connect("reader")
+    dropped = 0.0
+    while time.monotonic() < until:
+        if time.monotonic() - dropped >= 1.0:
+            drop_cache(server.dir)
+            dropped = time.monotonic()
+        line = f.readline()
+        if not line.startswith(b"+RECORD:"):
+            continue
+        idem = line.split(b'"idem":"', 1)[1].split(b'"', 1)[0].decode()
+        s.sendall(f"ACK;CLIENT_ID=reader;EVENT_IDEM={idem}\n".encode())
+        with done.get_lock():
+            done.value += 1
+
+
 def main():
     binary = sys.argv[1]
     events = int(sys.argv[2]) if len(sys.argv) > 2 else 300_000
     seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 10.0
+    catching_up = sys.argv[4:5] == ["catch-up"]
     server = Server(binary)
     try:
+        if catching_up:
+            s, f = server.connect("reader")
+            subscribe(s, f, "reader", ["cold"])
+            f.close()
+            s.close()
         pub, pf = server.connect("pub")
         first_ms = int(time.time() * 1000)
         publish(pub, pf, "cold", events, 200)
@@ -71,8 +97,12 @@ def main():
         # A process of its own: a thread would hold the pinger up on the
         # interpreter's lock while it reads records.
         done = multiprocessing.Value("l", 0)
-        reader = multiprocessing.Process(
-            target=replays, args=(server, first_ms, last_ms, until, done))
+        if catching_up:
+            drop_cache(server.dir)
+            reader = multiprocessing.Process(target=catch_up, args=(server, until, done))
+        else:
+            reader = multiprocessing.Process(
+                target=replays, args=(server, first_ms, last_ms, until, done))
         reader.start()
         waits = []
         while time.monotonic() < until:
@@ -86,7 +116,8 @@ def main():
         server.stop()
     waits.sort()
     pick = lambda q: 1e6 * waits[min(len(waits) - 1, int(q * len(waits)))]
-    print(f"{done.value:,} replays; {len(waits):,} PINGs answered in "
+    what = "deliveries" if catching_up else "replays"
+    print(f"{done.value:,} {what}; {len(waits):,} PINGs answered in "
           f"p50 {pick(0.5):.0f} us, p99 {pick(0.99):.0f} us, worst {1e6 * waits[-1]:.0f} us")
 
 

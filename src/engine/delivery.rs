@@ -21,6 +21,12 @@
 //! the client's replay queue until the client settles it, since the event
 //! may be long settled. The hub reads that queue lazily, in seq order, and
 //! delivers its events marked replayed ahead of new events.
+//!
+//! A pull runs on its connection's task, and reads new events only as far
+//! as the page cache holds them. Where a read would wait for the disk (a
+//! subscriber catching up on history the kernel has paged out), the pull
+//! goes on from a blocking thread, so the wait does not hold up the other
+//! connections that task's thread serves.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::ControlFlow;
@@ -36,7 +42,9 @@ use tracing::{debug, error};
 use super::commit::Committer;
 use super::now_ms;
 use super::subs::Registry;
-use crate::store::{Addressing, EventLog, EventView, Result, Settlement, Subscription, WriteOp};
+use crate::store::{
+    Addressing, EventLog, EventView, Reads, Result, Settlement, StoreError, Subscription, WriteOp,
+};
 
 /// Bytes of records one pull hands a connection.
 const PULL_BYTES: usize = 64 * 1024;
@@ -169,7 +177,8 @@ impl SubState {
 
 #[derive(Debug, Default)]
 struct State {
-    connections: usize,
+    /// The connections attached: a pull for any other takes nothing.
+    conns: Vec<u64>,
     /// The registry's subscriptions this state was built from.
     source: Option<Arc<[Subscription]>>,
     subs: Vec<SubState>,
@@ -189,6 +198,15 @@ struct State {
     floors_swept_at: u64,
 }
 
+/// Record lines for a connection.
+#[derive(Debug)]
+pub struct Delivered {
+    pub lines: Bytes,
+    /// They were read on a thread that may wait for the disk, as the page
+    /// cache no longer held them all.
+    pub from_disk: bool,
+}
+
 /// What a pull produced.
 #[derive(Debug, Default)]
 pub struct Pulled {
@@ -196,6 +214,9 @@ pub struct Pulled {
     pub lines: Option<Bytes>,
     /// Whether more is ready right away.
     pub more: bool,
+    /// A read of new events would have waited for the disk: the rest is
+    /// for a pull on a thread that may wait.
+    pub cold: bool,
 }
 
 impl State {
@@ -356,6 +377,15 @@ impl State {
     }
 }
 
+/// Where a pull delivers new events, up to which head, and how it reads.
+#[derive(Debug, Clone, Copy)]
+struct Deliver {
+    conn: u64,
+    deadline: u64,
+    head: u64,
+    reads: Reads,
+}
+
 /// Marks each subscription that shares a name with another. Two patterns
 /// share a name only when one covers the other, and an exact name covers
 /// no other pattern, so each subscription is compared with the wider ones
@@ -429,8 +459,8 @@ impl Hub {
         // client cannot remove it from the map under this attach.
         let mut state = shared.lock();
         drop(clients);
-        state.connections += 1;
-        if state.connections == 1 {
+        state.conns.push(conn);
+        if state.conns.len() == 1 {
             self.load(&shared, &mut state);
         }
         drop(state);
@@ -444,7 +474,7 @@ impl Hub {
     /// Fresh state for a client's first connection.
     fn load(&self, client: &Client, state: &mut State) {
         *state = State {
-            connections: state.connections,
+            conns: std::mem::take(&mut state.conns),
             rescan_mark: self.commit.head(),
             floors_swept_at: self.commit.head(),
             replay_more: true,
@@ -567,11 +597,18 @@ impl Hub {
     }
 
     /// Deliveries for the connection: the next events for `conn`, marked
-    /// in flight on it.
-    fn pull(&self, client: &Client, conn: u64) -> Result<Pulled> {
+    /// in flight on it. With [`Reads::Cached`], new events are read only
+    /// as far as the page cache holds them (redeliveries and replayed
+    /// deliveries, an event each, read as they must).
+    fn pull(&self, client: &Client, conn: u64, reads: Reads) -> Result<Pulled> {
         let now = now_ms();
         let head = self.commit.head();
         let mut state = client.lock();
+        if !state.conns.contains(&conn) {
+            // Detached while this pull waited for a thread: what it marked
+            // in flight on the connection would wait out the ack wait.
+            return Ok(Pulled::default());
+        }
         let floor = |pattern: &Pattern| self.registry.floor(&client.id, pattern);
         state.sync(self.registry.of(&client.id), head, floor);
         state.fire_timers(now);
@@ -585,9 +622,15 @@ impl Hub {
             self.deliver_replayed(client, &mut state, conn, deadline, &mut out, &mut dropped)?;
         }
         self.redeliver(client, &mut state, conn, deadline, &mut out)?;
-        let mut more = out.len() >= PULL_BYTES;
+        let (mut more, mut cold) = (out.len() >= PULL_BYTES, false);
         if !more {
-            more = self.deliver_new(client, &mut state, conn, deadline, head, &mut out)?;
+            let new = Deliver {
+                conn,
+                deadline,
+                head,
+                reads,
+            };
+            (more, cold) = self.deliver_new(client, &mut state, new, &mut out)?;
         }
         drop(state);
         if !dropped.is_empty() {
@@ -600,6 +643,7 @@ impl Hub {
         Ok(Pulled {
             lines: (!out.is_empty()).then(|| out.freeze()),
             more,
+            cold,
         })
     }
 
@@ -746,16 +790,20 @@ impl Hub {
     }
 
     /// Delivers new events of the running subscriptions, merged in
-    /// publication order. Says whether more may be ready.
+    /// publication order. Says whether more may be ready, and whether a
+    /// read stopped where it would have waited for the disk.
     fn deliver_new(
         &self,
         client: &Client,
         state: &mut State,
-        conn: u64,
-        deadline: u64,
-        head: u64,
+        Deliver {
+            conn,
+            deadline,
+            head,
+            reads,
+        }: Deliver,
         out: &mut BytesMut,
-    ) -> Result<bool> {
+    ) -> Result<(bool, bool)> {
         let cap = self.settings.max_unsettled;
         let active: Vec<usize> = (0..state.subs.len())
             .filter(|&i| {
@@ -764,12 +812,13 @@ impl Hub {
             })
             .collect();
         if active.is_empty() {
-            return Ok(false);
+            return Ok((false, false));
         }
         let ids: Vec<&str> = client.identities.iter().map(String::as_str).collect();
         let check_settled = self.store.has_settlements(&client.id);
         // Candidates: (seq, subscription index, record bytes in `lines`).
         let mut candidates: Vec<(u64, usize, std::ops::Range<usize>)> = Vec::new();
+        let mut cold = false;
         let mut lines = BytesMut::new();
         let mut ends = Vec::with_capacity(active.len());
         for &i in &active {
@@ -791,10 +840,15 @@ impl Hub {
             let sub = &state.subs[i];
             let room = cap - sub.owned.len();
             let (mut found, mut visited, mut end) = (0, 0, head);
-            let mut failed = None;
-            self.store
-                .scan(&sub.pattern, sub.cursor + 1..=head, &mut |event| {
+            let (mut failed, mut seen) = (None, sub.cursor);
+            let scanned = self.store.scan_expecting(
+                &sub.pattern,
+                sub.cursor + 1..=head,
+                u64::MAX,
+                reads,
+                &mut |event| {
                     visited += 1;
+                    seen = event.seq;
                     match self.wanted(client, state, sub, &ids, check_settled, &event) {
                         Ok(true) => {
                             let start = lines.len();
@@ -814,7 +868,17 @@ impl Hub {
                         return ControlFlow::Break(());
                     }
                     ControlFlow::Continue(())
-                })?;
+                },
+            );
+            match scanned {
+                // What came before the read that would wait is delivered;
+                // the rest waits for a pull that may wait.
+                Err(StoreError::Uncached) => {
+                    cold = true;
+                    end = seen;
+                }
+                scanned => scanned?,
+            }
             if let Some(e) = failed {
                 return Err(e);
             }
@@ -853,7 +917,7 @@ impl Hub {
             sub.cursor = sub.cursor.max(to);
             more |= sub.cursor < head && sub.owned.len() < cap && !blocked.contains_key(&i);
         }
-        Ok(more)
+        Ok((more, cold))
     }
 
     /// Whether `sub` should deliver `event` now.
@@ -895,7 +959,7 @@ impl Hub {
     fn detach(&self, client: &Arc<Client>, conn: u64) -> Option<Vec<(Pattern, u64)>> {
         let mut clients = self.clients();
         let mut state = client.lock();
-        state.connections -= 1;
+        state.conns.retain(|&c| c != conn);
         let held: Vec<u64> = state
             .queue
             .iter()
@@ -905,7 +969,7 @@ impl Hub {
         for seq in held {
             state.set_status(seq, Status::Retry);
         }
-        if state.connections > 0 {
+        if !state.conns.is_empty() {
             drop(state);
             client.wake.notify_waiters();
             return None;
@@ -932,12 +996,27 @@ impl Attachment {
     /// and by settlements, deferrals, replays and the client's other
     /// connections. Enabled before the pull, it misses none that comes
     /// after what the pull saw.
-    pub async fn next(&self) -> Bytes {
+    pub async fn next(&self) -> Delivered {
         loop {
             let woken = self.client.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let pulled = match self.hub.pull(&self.client, self.conn) {
+            let mut pulled = self.hub.pull(&self.client, self.conn, Reads::Cached);
+            let from_disk = matches!(&pulled, Ok(p) if p.cold && p.lines.is_none());
+            if from_disk {
+                // A read from the disk here would hold up every connection
+                // this thread serves.
+                let (hub, client, conn) =
+                    (Arc::clone(&self.hub), Arc::clone(&self.client), self.conn);
+                let waiting =
+                    tokio::task::spawn_blocking(move || hub.pull(&client, conn, Reads::Waiting));
+                pulled = waiting.await.unwrap_or_else(|e| {
+                    Err(StoreError::Backend(format!(
+                        "the delivery thread failed: {e}"
+                    )))
+                });
+            }
+            let pulled = match pulled {
                 Ok(pulled) => pulled,
                 Err(e) => {
                     error!(client = %self.client.id, error = %e, "delivery failed in the store; retrying in a second");
@@ -946,7 +1025,7 @@ impl Attachment {
                 }
             };
             if let Some(lines) = pulled.lines {
-                return lines;
+                return Delivered { lines, from_disk };
             }
             if pulled.more {
                 tokio::task::yield_now().await;

@@ -30,7 +30,7 @@ mod retention;
 mod subs;
 
 pub use commit::Committed;
-pub use delivery::Attachment;
+pub use delivery::{Attachment, Delivered};
 pub use operations::{OpError, OpState, OperationStatus, ReplayRequest};
 pub use replay::{Chunk, RecordSource, Records, ReplayStream};
 use subs::Registry;

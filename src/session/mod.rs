@@ -29,7 +29,7 @@ use crate::access::{
     Grants, NOT_AUTHORIZED_TO_PUBLISH, NOT_AUTHORIZED_TO_REPLAY, NOT_AUTHORIZED_TO_SUBSCRIBE,
 };
 use crate::config::{Limits, MAX_IN_FLIGHT, MAX_LINE_BEFORE_CONN};
-use crate::engine::{Attachment, Engine, Outcome, RecordSource, Records};
+use crate::engine::{Attachment, Delivered, Engine, Outcome, RecordSource, Records};
 use crate::limits::{Bucket, ClientSlot, Pacer, Stalled};
 use crate::metrics::Closed;
 
@@ -512,7 +512,7 @@ fn connect(
 /// A wait for the next live delivery of a connection, kept across the
 /// writer's turns: made anew for every command, it cost a pull from the
 /// hub per command (2% of a profile of LIMIT-50 replays).
-type Delivery = Pin<Box<dyn Future<Output = Bytes> + Send>>;
+type Delivery = Pin<Box<dyn Future<Output = Delivered> + Send>>;
 
 fn next_delivery(connection: Option<&Connection>) -> Option<Delivery> {
     let attachment = Arc::clone(&connection?.attachment);
@@ -520,7 +520,7 @@ fn next_delivery(connection: Option<&Connection>) -> Option<Delivery> {
 }
 
 /// Waits for `delivery`, or forever without one.
-async fn delivered(delivery: &mut Option<Delivery>) -> Bytes {
+async fn delivered(delivery: &mut Option<Delivery>) -> Delivered {
     match delivery {
         Some(delivery) => delivery.await,
         None => std::future::pending().await,
@@ -563,9 +563,9 @@ where
                     }
                 }
             },
-            lines = delivered(&mut delivery) => {
+            Delivered { lines, from_disk } = delivered(&mut delivery) => {
                 delivery = next_delivery(connection.as_deref());
-                engine.metrics().delivered(count_lines(&lines));
+                engine.metrics().delivered(count_lines(&lines), from_disk);
                 sink.send(Outbound::Lines(lines)).await?;
             }
             () = &mut timer => {

@@ -672,6 +672,27 @@ pub async fn restart(srv: TestServer, config: Config) -> TestServer {
     start_server_with(config).await
 }
 
+/// Asks the kernel to drop every file under `dir` from the page cache.
+#[cfg(target_os = "linux")]
+pub fn page_out(dir: &std::path::Path) {
+    use std::os::fd::AsRawFd;
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("listed") {
+            let path = entry.expect("listed").path();
+            if path.is_dir() {
+                dirs.push(path);
+                continue;
+            }
+            let file = std::fs::File::open(&path).expect("opened");
+            // SAFETY: a plain system call on a descriptor `file` holds open.
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            assert_eq!(rc, 0, "posix_fadvise {}", path.display());
+        }
+    }
+}
+
 /// A record's `idem`.
 pub fn idem_of(record: &Value) -> String {
     record["idem"]
