@@ -24,12 +24,13 @@
 //!
 //! A pull runs on its connection's task, and reads new events only as far
 //! as the page cache holds them. Where a read would wait for the disk (a
-//! subscriber catching up on history the kernel has paged out), the pull
-//! goes on from a blocking thread, so the wait does not hold up the other
-//! connections that task's thread serves.
+//! subscriber catching up on history the kernel has paged out), a blocking
+//! thread reads them into the page cache, with no lock held, and the pull
+//! is made again: the wait holds up neither the other connections that
+//! task's thread serves nor the client's own settlements.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::ops::ControlFlow;
+use std::ops::{ControlFlow, RangeInclusive};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -177,8 +178,7 @@ impl SubState {
 
 #[derive(Debug, Default)]
 struct State {
-    /// The connections attached: a pull for any other takes nothing.
-    conns: Vec<u64>,
+    connections: usize,
     /// The registry's subscriptions this state was built from.
     source: Option<Arc<[Subscription]>>,
     subs: Vec<SubState>,
@@ -214,10 +214,13 @@ pub struct Pulled {
     pub lines: Option<Bytes>,
     /// Whether more is ready right away.
     pub more: bool,
-    /// A read of new events would have waited for the disk: the rest is
-    /// for a pull on a thread that may wait.
-    pub cold: bool,
+    /// New events the page cache did not hold: the pull stopped before
+    /// the first read that would wait.
+    pub cold: Option<Cold>,
 }
+
+/// A pattern's new events in a range of seqs, not all in the page cache.
+pub type Cold = (Pattern, RangeInclusive<u64>);
 
 impl State {
     fn sub(&self, id: SubId) -> Option<&SubState> {
@@ -377,15 +380,6 @@ impl State {
     }
 }
 
-/// Where a pull delivers new events, up to which head, and how it reads.
-#[derive(Debug, Clone, Copy)]
-struct Deliver {
-    conn: u64,
-    deadline: u64,
-    head: u64,
-    reads: Reads,
-}
-
 /// Marks each subscription that shares a name with another. Two patterns
 /// share a name only when one covers the other, and an exact name covers
 /// no other pattern, so each subscription is compared with the wider ones
@@ -459,8 +453,8 @@ impl Hub {
         // client cannot remove it from the map under this attach.
         let mut state = shared.lock();
         drop(clients);
-        state.conns.push(conn);
-        if state.conns.len() == 1 {
+        state.connections += 1;
+        if state.connections == 1 {
             self.load(&shared, &mut state);
         }
         drop(state);
@@ -474,7 +468,7 @@ impl Hub {
     /// Fresh state for a client's first connection.
     fn load(&self, client: &Client, state: &mut State) {
         *state = State {
-            conns: std::mem::take(&mut state.conns),
+            connections: state.connections,
             rescan_mark: self.commit.head(),
             floors_swept_at: self.commit.head(),
             replay_more: true,
@@ -597,18 +591,13 @@ impl Hub {
     }
 
     /// Deliveries for the connection: the next events for `conn`, marked
-    /// in flight on it. With [`Reads::Cached`], new events are read only
-    /// as far as the page cache holds them (redeliveries and replayed
-    /// deliveries, an event each, read as they must).
-    fn pull(&self, client: &Client, conn: u64, reads: Reads) -> Result<Pulled> {
+    /// in flight on it. New events are read only as far as the page cache
+    /// holds them (redeliveries and replayed deliveries, an event each,
+    /// read as they must).
+    fn pull(&self, client: &Client, conn: u64) -> Result<Pulled> {
         let now = now_ms();
         let head = self.commit.head();
         let mut state = client.lock();
-        if !state.conns.contains(&conn) {
-            // Detached while this pull waited for a thread: what it marked
-            // in flight on the connection would wait out the ack wait.
-            return Ok(Pulled::default());
-        }
         let floor = |pattern: &Pattern| self.registry.floor(&client.id, pattern);
         state.sync(self.registry.of(&client.id), head, floor);
         state.fire_timers(now);
@@ -622,15 +611,9 @@ impl Hub {
             self.deliver_replayed(client, &mut state, conn, deadline, &mut out, &mut dropped)?;
         }
         self.redeliver(client, &mut state, conn, deadline, &mut out)?;
-        let (mut more, mut cold) = (out.len() >= PULL_BYTES, false);
+        let (mut more, mut cold) = (out.len() >= PULL_BYTES, None);
         if !more {
-            let new = Deliver {
-                conn,
-                deadline,
-                head,
-                reads,
-            };
-            (more, cold) = self.deliver_new(client, &mut state, new, &mut out)?;
+            (more, cold) = self.deliver_new(client, &mut state, conn, deadline, head, &mut out)?;
         }
         drop(state);
         if !dropped.is_empty() {
@@ -790,20 +773,17 @@ impl Hub {
     }
 
     /// Delivers new events of the running subscriptions, merged in
-    /// publication order. Says whether more may be ready, and whether a
-    /// read stopped where it would have waited for the disk.
+    /// publication order. Says whether more may be ready, and what a read
+    /// that would have waited for the disk stopped short of.
     fn deliver_new(
         &self,
         client: &Client,
         state: &mut State,
-        Deliver {
-            conn,
-            deadline,
-            head,
-            reads,
-        }: Deliver,
+        conn: u64,
+        deadline: u64,
+        head: u64,
         out: &mut BytesMut,
-    ) -> Result<(bool, bool)> {
+    ) -> Result<(bool, Option<Cold>)> {
         let cap = self.settings.max_unsettled;
         let active: Vec<usize> = (0..state.subs.len())
             .filter(|&i| {
@@ -812,13 +792,13 @@ impl Hub {
             })
             .collect();
         if active.is_empty() {
-            return Ok((false, false));
+            return Ok((false, None));
         }
         let ids: Vec<&str> = client.identities.iter().map(String::as_str).collect();
         let check_settled = self.store.has_settlements(&client.id);
         // Candidates: (seq, subscription index, record bytes in `lines`).
         let mut candidates: Vec<(u64, usize, std::ops::Range<usize>)> = Vec::new();
-        let mut cold = false;
+        let mut cold = None;
         let mut lines = BytesMut::new();
         let mut ends = Vec::with_capacity(active.len());
         for &i in &active {
@@ -845,7 +825,7 @@ impl Hub {
                 &sub.pattern,
                 sub.cursor + 1..=head,
                 u64::MAX,
-                reads,
+                Reads::Cached,
                 &mut |event| {
                     visited += 1;
                     seen = event.seq;
@@ -874,8 +854,10 @@ impl Hub {
                 // What came before the read that would wait is delivered;
                 // the rest waits for a pull that may wait.
                 Err(StoreError::Uncached) => {
-                    cold = true;
                     end = seen;
+                    if seen < head {
+                        cold.get_or_insert_with(|| (sub.pattern.clone(), seen + 1..=head));
+                    }
                 }
                 scanned => scanned?,
             }
@@ -920,6 +902,22 @@ impl Hub {
         Ok((more, cold))
     }
 
+    /// Reads what a pull's scan of `pattern` in `seqs` stopped short of,
+    /// as far as one pull reads, waiting for the disk: on a blocking
+    /// thread, with no lock held, so that the next pull finds it in the
+    /// page cache.
+    fn warm(&self, pattern: &Pattern, seqs: RangeInclusive<u64>) -> Result<()> {
+        let mut visited = 0;
+        self.store
+            .scan_expecting(pattern, seqs, u64::MAX, Reads::Waiting, &mut |_| {
+                visited += 1;
+                if visited == PULL_VISITS {
+                    return ControlFlow::Break(());
+                }
+                ControlFlow::Continue(())
+            })
+    }
+
     /// Whether `sub` should deliver `event` now.
     fn wanted(
         &self,
@@ -959,7 +957,7 @@ impl Hub {
     fn detach(&self, client: &Arc<Client>, conn: u64) -> Option<Vec<(Pattern, u64)>> {
         let mut clients = self.clients();
         let mut state = client.lock();
-        state.conns.retain(|&c| c != conn);
+        state.connections -= 1;
         let held: Vec<u64> = state
             .queue
             .iter()
@@ -969,7 +967,7 @@ impl Hub {
         for seq in held {
             state.set_status(seq, Status::Retry);
         }
-        if !state.conns.is_empty() {
+        if state.connections > 0 {
             drop(state);
             client.wake.notify_waiters();
             return None;
@@ -997,24 +995,29 @@ impl Attachment {
     /// connections. Enabled before the pull, it misses none that comes
     /// after what the pull saw.
     pub async fn next(&self) -> Delivered {
+        let mut from_disk = false;
         loop {
             let woken = self.client.wake.notified();
             tokio::pin!(woken);
             woken.as_mut().enable();
-            let mut pulled = self.hub.pull(&self.client, self.conn, Reads::Cached);
-            let from_disk = matches!(&pulled, Ok(p) if p.cold && p.lines.is_none());
-            if from_disk {
+            let mut pulled = self.hub.pull(&self.client, self.conn);
+            if let Ok(Pulled {
+                lines: None,
+                cold: Some((pattern, seqs)),
+                ..
+            }) = pulled
+            {
                 // A read from the disk here would hold up every connection
-                // this thread serves.
-                let (hub, client, conn) =
-                    (Arc::clone(&self.hub), Arc::clone(&self.client), self.conn);
-                let waiting =
-                    tokio::task::spawn_blocking(move || hub.pull(&client, conn, Reads::Waiting));
-                pulled = waiting.await.unwrap_or_else(|e| {
-                    Err(StoreError::Backend(format!(
-                        "the delivery thread failed: {e}"
-                    )))
-                });
+                // this thread serves: a blocking thread brings the events
+                // into the page cache, and the pull is made again.
+                let hub = Arc::clone(&self.hub);
+                let warmed = tokio::task::spawn_blocking(move || hub.warm(&pattern, seqs)).await;
+                from_disk = true;
+                pulled = match warmed {
+                    Ok(Ok(())) => continue,
+                    Ok(Err(e)) => Err(e),
+                    Err(e) => Err(StoreError::Backend(format!("the read thread failed: {e}"))),
+                };
             }
             let pulled = match pulled {
                 Ok(pulled) => pulled,
