@@ -852,7 +852,7 @@ impl Hub {
             );
             match scanned {
                 // What came before the read that would wait is delivered;
-                // the rest waits for a pull that may wait.
+                // a blocking thread reads the rest in for the next pull.
                 Err(StoreError::Uncached) => {
                     end = seen;
                     if seen < head {
