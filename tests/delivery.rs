@@ -461,6 +461,76 @@ async fn an_event_settled_through_one_subscription_does_not_come_through_another
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_subscribed_to_thousands_of_names_gets_the_events_of_those_it_keeps() {
+    const NAMES: usize = 3000;
+    let (_dir, config) = setup();
+    let srv = start_server_with(config).await;
+    let mut p = publisher(&srv).await;
+    let mut c = srv.client().await;
+    c.conn("c").await;
+    let mut subs: Vec<String> = (0..NAMES)
+        .map(|i| format!("SUB;CLIENT_ID=c;EVENT_NAME=n/{i}"))
+        .collect();
+    subs.push("SUB;CLIENT_ID=c;EVENT_NAME=w/*".into());
+    let replies = c.pipeline(&subs, subs.len()).await;
+    assert!(
+        replies.iter().all(|r| r.starts_with("+PASS:SUBSCRIBED")),
+        "{:?}",
+        replies.iter().find(|r| !r.starts_with("+PASS:SUBSCRIBED"))
+    );
+    // A third go, from all over the list.
+    let dropped = |i: usize| i % 3 == 0;
+    let unsubs: Vec<String> = (0..NAMES)
+        .filter(|&i| dropped(i))
+        .map(|i| format!("UNSUB;CLIENT_ID=c;EVENT_NAME=n/{i}"))
+        .collect();
+    let replies = c.pipeline(&unsubs, unsubs.len()).await;
+    assert!(replies.iter().all(|r| r.starts_with("+PASS:UNSUBSCRIBED")));
+
+    // One event a commit: each wakes the client for a single new event.
+    let names = ["n/0", "n/1", "n/2999", "other", "n/1500", "w/x", "n/2998"];
+    let mut wanted = Vec::new();
+    for name in names {
+        let idem = p.publish("p", name, "{}").await.0;
+        let kept = match name.strip_prefix("n/") {
+            Some(i) => !dropped(i.parse().expect("a number")),
+            None => name == "w/x",
+        };
+        if kept {
+            wanted.push(idem);
+        }
+    }
+    // And a pipelined batch across many names.
+    let batch = p
+        .publish_many("p", 200, |i| (format!("n/{}", i * 13 % NAMES), "{}".into()))
+        .await;
+    for (i, published) in batch.iter().enumerate() {
+        if !dropped(i * 13 % NAMES) {
+            wanted.push(published.idem.clone());
+        }
+    }
+    let got = c.deliveries(wanted.len()).await;
+    assert_eq!(got, wanted, "in publication order, the kept names only");
+    for idem in &got {
+        c.ack("c", idem).await;
+    }
+    c.expect_silence(SILENCE).await;
+
+    // Replays are allowed by the same subscriptions: the kept name's
+    // event, and the wider pattern's.
+    let kept = c.replay("c", "n/1", "FROM_POSITION=earliest;LIMIT=5").await;
+    assert_eq!(kept.idems(), wanted[..1]);
+    let wide = c.replay("c", "w/x", "FROM_POSITION=earliest;LIMIT=5").await;
+    assert_eq!(wide.count, 1);
+    c.expect_prefix(
+        "REPLAY;CLIENT_ID=c;EVENT_NAME=n/0;FROM_POSITION=earliest;LIMIT=5",
+        "-FAIL:NOT_SUBSCRIBED;MESSAGE=",
+    )
+    .await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unsub_stops_delivery_and_unknown_subscription_is_not_found() {
     let (_dir, mut config) = setup();
     config.delivery.ack_wait = SHORT_ACK_WAIT;

@@ -5,7 +5,15 @@ subscribers connected while one connection publishes (what the bench's
 `crowd` workload measures against Redis and NATS).
 
     python3 bench/scripts/subscribers.py BINARY subscriptions K EVENTS
+    python3 bench/scripts/subscribers.py BINARY trickle K EVENTS
     python3 bench/scripts/subscribers.py BINARY idle M EVENTS
+    python3 bench/scripts/subscribers.py BINARY subscribing K EVENTS
+
+`subscriptions` publishes with up to 200 events unanswered, so that a
+pull finds many; `trickle` publishes the next event only once the last
+was delivered and acknowledged, so that each pull finds one.
+`subscribing` times the K `SUB`s themselves, pipelined on one
+connection, then EVENTS published to the first name and delivered.
 
 The server runs pinned to CPU 1 on a fresh data directory; the script
 prints events/s and the server's CPU time (user + system) per event.
@@ -112,6 +120,39 @@ def subscriptions(server, k, n):
     return timed
 
 
+def trickle(server, k, n):
+    """Connects; returns what is timed."""
+    sub, sf = server.connect("sub")
+    subscribe(sub, sf, "sub", [f"s/{i}" for i in range(k)])
+    pub, pf = server.connect("pub")
+
+    def timed():
+        for _ in range(n):
+            publish(pub, pf, "s/0", 1, 1)
+            line = sf.readline()
+            if not line.startswith(b"+RECORD:"):
+                raise SystemExit(f"expected a record, got {line!r}")
+            idem = json.loads(line[len(b"+RECORD:"):])["idem"]
+            sub.sendall(f"ACK;CLIENT_ID=sub;EVENT_IDEM={idem}\n".encode())
+            expect(sf, b"+PASS:ACKNOWLEDGED")
+
+    return timed
+
+
+def subscribing(server, k, n):
+    """Connects; returns what is timed."""
+    sub, sf = server.connect("sub")
+    pub, pf = server.connect("pub")
+
+    def timed():
+        subscribe(sub, sf, "sub", [f"s/{i}" for i in range(k)])
+        publish(pub, pf, "s/0", n, 200)
+        for _ in range(n):
+            expect(sf, b"+RECORD:")
+
+    return timed
+
+
 def idle(server, m, n):
     """Connects; returns what is timed."""
     held = []
@@ -130,7 +171,12 @@ def idle(server, m, n):
 
 def main():
     binary, kind, count, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-    run = {"subscriptions": subscriptions, "idle": idle}[kind]
+    run = {
+        "subscriptions": subscriptions,
+        "trickle": trickle,
+        "idle": idle,
+        "subscribing": subscribing,
+    }[kind]
     server = Server(binary)
     try:
         timed = run(server, count, n)
@@ -139,7 +185,11 @@ def main():
         cpu, took = server.cpu_seconds() - cpu, time.time() - start
     finally:
         server.stop()
-    print(f"{kind}={count}: {n / took:,.0f} events/s, server CPU {1e6 * cpu / n:.1f} us/event")
+    if kind == "subscribing":
+        print(f"{kind}={count}: {took:.2f} s, server CPU {cpu:.2f} s"
+              f" ({1e6 * cpu / count:.1f} us a SUB, with the {n} events)")
+    else:
+        print(f"{kind}={count}: {n / took:,.0f} events/s, server CPU {1e6 * cpu / n:.1f} us/event")
 
 
 if __name__ == "__main__":

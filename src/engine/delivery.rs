@@ -57,6 +57,12 @@ const PULL_VISITS: usize = 4096;
 /// floor: the others moved over events they do not deliver, and a floor
 /// stored late only means more to look through after a crash.
 const FLOOR_SWEEP_SEQS: u64 = 65_536;
+/// A pull whose subscriptions outnumber the seqs they have not yet looked
+/// at by this factor reads the names of those events once, and scans only
+/// the subscriptions that match one of them.
+const NAMES_FIRST_RATIO: u64 = 4;
+/// Fewer active subscriptions than this are scanned one by one.
+const NAMES_FIRST_SUBS: usize = 32;
 
 /// Delivery settings.
 #[derive(Debug, Clone, Copy)]
@@ -196,6 +202,10 @@ struct State {
     replay_from: u64,
     /// The log's head when the floors were last all looked at.
     floors_swept_at: u64,
+    /// Where the subscription to each exact name is in `subs`.
+    by_name: HashMap<String, usize>,
+    /// Where the subscriptions to wider patterns are in `subs`.
+    wide: Vec<usize>,
 }
 
 /// Record lines for a connection.
@@ -223,17 +233,34 @@ pub struct Pulled {
 pub type Cold = (Pattern, RangeInclusive<u64>);
 
 impl State {
+    /// `subs` is in the order of `id`: a state is added with the next id,
+    /// at the end, and removing one keeps the order.
     fn sub(&self, id: SubId) -> Option<&SubState> {
-        self.subs.iter().find(|s| s.id == id)
+        let at = self.subs.binary_search_by_key(&id, |s| s.id).ok()?;
+        self.subs.get(at)
     }
 
     fn sub_mut(&mut self, id: SubId) -> Option<&mut SubState> {
-        self.subs.iter_mut().find(|s| s.id == id)
+        let at = self.subs.binary_search_by_key(&id, |s| s.id).ok()?;
+        self.subs.get_mut(at)
+    }
+
+    /// Where the subscriptions matching `name` are in `subs`, in order:
+    /// the name's own and the wider patterns', not a look at each.
+    fn matching(&self, name: &str) -> Vec<usize> {
+        let mut at: Vec<usize> = (self.wide.iter().copied())
+            .filter(|&i| self.subs[i].pattern.matches(name))
+            .chain(self.by_name.get(name).copied())
+            .collect();
+        at.sort_unstable();
+        at
     }
 
     /// Brings the subscriptions in line with the registry's `current`
     /// ones; `head` is the log's head now, `floor` the registry's floor of
-    /// a pattern.
+    /// a pattern. Patterns are matched up by hashing, so a client with
+    /// thousands of subscriptions is brought in line in one pass over
+    /// them.
     fn sync(
         &mut self,
         current: Arc<[Subscription]>,
@@ -247,36 +274,49 @@ impl State {
         {
             return;
         }
-        self.subs
-            .retain(|s| current.iter().any(|c| c.pattern == s.pattern));
+        let by_pattern: HashMap<&Pattern, &Subscription> =
+            current.iter().map(|sub| (&sub.pattern, sub)).collect();
         // Whether a subscription came or continued: replayed deliveries
         // passed over for want of one can go now.
         let mut opened = false;
-        for sub in current.iter() {
-            match self.subs.iter_mut().find(|s| s.pattern == sub.pattern) {
-                Some(state) => {
+        let mut held = HashSet::with_capacity(self.subs.len());
+        self.subs
+            .retain_mut(|state| match by_pattern.get_key_value(&state.pattern) {
+                Some((&pattern, sub)) => {
                     opened |= state.paused && !sub.paused;
                     state.paused = sub.paused;
+                    held.insert(pattern);
+                    true
                 }
-                None => {
-                    opened = true;
-                    self.next_sub += 1;
-                    let floor = floor(&sub.pattern).unwrap_or(sub.floor);
-                    self.subs.push(SubState {
-                        id: self.next_sub,
-                        pattern: sub.pattern.clone(),
-                        since: sub.since,
-                        paused: sub.paused,
-                        cursor: floor,
-                        stored_floor: floor,
-                        settled_mark: head,
-                        owned: BTreeSet::new(),
-                        overlapped: false,
-                    });
+                None => false,
+            });
+        for sub in current.iter().filter(|sub| !held.contains(&sub.pattern)) {
+            opened = true;
+            self.next_sub += 1;
+            let floor = floor(&sub.pattern).unwrap_or(sub.floor);
+            self.subs.push(SubState {
+                id: self.next_sub,
+                pattern: sub.pattern.clone(),
+                since: sub.since,
+                paused: sub.paused,
+                cursor: floor,
+                stored_floor: floor,
+                settled_mark: head,
+                owned: BTreeSet::new(),
+                overlapped: false,
+            });
+        }
+        self.by_name.clear();
+        self.wide.clear();
+        for (at, sub) in self.subs.iter().enumerate() {
+            match &sub.pattern {
+                Pattern::Exact(name) => {
+                    self.by_name.insert(name.as_str().to_owned(), at);
                 }
+                _ => self.wide.push(at),
             }
         }
-        mark_overlaps(&mut self.subs);
+        mark_overlaps(&mut self.subs, &self.wide);
         self.source = Some(current);
         if opened {
             self.replay_more = true;
@@ -383,12 +423,9 @@ impl State {
 /// Marks each subscription that shares a name with another. Two patterns
 /// share a name only when one covers the other, and an exact name covers
 /// no other pattern, so each subscription is compared with the wider ones
-/// alone: a client's many subscriptions to names cost a look at its few
-/// patterns each.
-fn mark_overlaps(subs: &mut [SubState]) {
-    let wide: Vec<usize> = (0..subs.len())
-        .filter(|&i| !matches!(subs[i].pattern, Pattern::Exact(_)))
-        .collect();
+/// alone (at `wide` in `subs`, in order): a client's many subscriptions to
+/// names cost a look at its few patterns each.
+fn mark_overlaps(subs: &mut [SubState], wide: &[usize]) {
     for i in 0..subs.len() {
         let pattern = &subs[i].pattern;
         let shares = |j: usize| {
@@ -510,10 +547,9 @@ impl Hub {
         let Some(addressing) = view.addressing(&ids) else {
             return Ok(None);
         };
-        let sub = state.subs.iter().find(|s| {
-            s.pattern.matches(view.name)
-                && (queued || addressing == Addressing::Direct || seq > s.since)
-        });
+        let sub = (state.matching(view.name).into_iter())
+            .map(|at| &state.subs[at])
+            .find(|s| queued || addressing == Addressing::Direct || seq > s.since);
         let Some(sub) = sub else {
             return Ok(None);
         };
@@ -671,7 +707,7 @@ impl Hub {
                 continue;
             };
             let view = event.view()?;
-            let Some(sub) = state.subs.iter().find(|s| s.pattern.matches(view.name)) else {
+            let Some(sub) = state.matching(view.name).first().map(|&at| &state.subs[at]) else {
                 dropped.push(seq);
                 state.replay_from = seq;
                 continue;
@@ -785,12 +821,13 @@ impl Hub {
         out: &mut BytesMut,
     ) -> Result<(bool, Option<Cold>)> {
         let cap = self.settings.max_unsettled;
-        let active: Vec<usize> = (0..state.subs.len())
+        let mut active: Vec<usize> = (0..state.subs.len())
             .filter(|&i| {
                 let s = &state.subs[i];
                 !s.paused && s.cursor < head && s.owned.len() < cap
             })
             .collect();
+        self.pass_over_quiet(state, &mut active, head)?;
         if active.is_empty() {
             return Ok((false, None));
         }
@@ -902,6 +939,58 @@ impl Hub {
         Ok((more, cold))
     }
 
+    /// Moves the `active` subscriptions that no new event concerns to the
+    /// head and drops them from `active`, when they outnumber the events
+    /// to look at: a client subscribed to thousands of names, woken for
+    /// one event, then scans the one subscription that matches it instead
+    /// of every one. The names are read from the page cache; when a read
+    /// would wait, every subscription is scanned as usual.
+    fn pass_over_quiet(&self, state: &mut State, active: &mut Vec<usize>, head: u64) -> Result<()> {
+        let Some(from) = active.iter().map(|&i| state.subs[i].cursor).min() else {
+            return Ok(());
+        };
+        if active.len() < NAMES_FIRST_SUBS
+            || (head - from).saturating_mul(NAMES_FIRST_RATIO) > active.len() as u64
+        {
+            return Ok(());
+        }
+        let mut names: HashSet<String> = HashSet::new();
+        let scanned = self.store.scan_expecting(
+            &Pattern::All,
+            from + 1..=head,
+            u64::MAX,
+            Reads::Cached,
+            &mut |event| {
+                if !names.contains(event.name) {
+                    names.insert(event.name.to_owned());
+                }
+                ControlFlow::Continue(())
+            },
+        );
+        match scanned {
+            Err(StoreError::Uncached) => return Ok(()),
+            scanned => scanned?,
+        }
+        // The subscriptions one of the names concerns, found from the names.
+        let mut concerned: Vec<usize> = names
+            .iter()
+            .filter_map(|name| state.by_name.get(name.as_str()).copied())
+            .chain(state.wide.iter().copied().filter(|&at| {
+                let pattern = &state.subs[at].pattern;
+                names.iter().any(|name| pattern.matches(name))
+            }))
+            .collect();
+        concerned.sort_unstable();
+        active.retain(|&i| {
+            let quiet = concerned.binary_search(&i).is_err();
+            if quiet {
+                state.subs[i].cursor = head;
+            }
+            !quiet
+        });
+        Ok(())
+    }
+
     /// Reads what a pull's scan of `pattern` in `seqs` stopped short of,
     /// as far as one pull reads, waiting for the disk: on a blocking
     /// thread, with no lock held, so that the next pull finds it in the
@@ -939,15 +1028,7 @@ impl Hub {
         }
         // Settled before: possible only for what an earlier state may have
         // delivered, or what another subscription also covers.
-        let overlaps = || {
-            sub.overlapped
-                && state
-                    .subs
-                    .iter()
-                    .filter(|s| s.pattern.matches(event.name))
-                    .nth(1)
-                    .is_some()
-        };
+        let overlaps = || sub.overlapped && state.matching(event.name).len() > 1;
         if check_settled && (event.seq <= sub.settled_mark || overlaps()) {
             return Ok(!self.is_settled(&client.id, event.seq)?);
         }

@@ -4,7 +4,7 @@
 //! name concerns, so that a commit wakes those clients only.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use ensync_protocol::field::{ClientId, Pattern};
 
@@ -18,14 +18,74 @@ pub struct Registry {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Each client's subscriptions, handed out as snapshots.
-    by_client: HashMap<ClientId, Arc<[Subscription]>>,
+    by_client: HashMap<ClientId, ClientSubs>,
+    subscribers: Subscribers,
+}
+
+/// One client's subscriptions. A change costs the same however many the
+/// client holds: the list handed out as a snapshot is built again only
+/// when someone asks for it after a change, not at every change, so a
+/// client subscribing to thousands of names one `SUB` at a time does not
+/// copy them all at each.
+#[derive(Debug, Default)]
+struct ClientSubs {
+    subs: Vec<Subscription>,
+    /// Where each pattern is in `subs`.
+    at: HashMap<Pattern, usize>,
+    /// The patterns that are not an exact name: only these can cover
+    /// another pattern.
+    wide: Vec<Pattern>,
     /// Each subscription's delivery floor. Settlements raise floors at
-    /// every ACK, so they are kept apart from the snapshots: raising one
+    /// every ACK, so they are kept apart from the snapshot: raising one
     /// copies nothing, and a connection's delivery state sees no change
     /// of subscriptions to bring itself in line with.
-    floors: HashMap<ClientId, HashMap<Pattern, u64>>,
-    subscribers: Subscribers,
+    floors: HashMap<Pattern, u64>,
+    /// `subs` as last handed out; empty after a change.
+    snapshot: OnceLock<Arc<[Subscription]>>,
+}
+
+impl ClientSubs {
+    /// Records `sub`, replacing the one with the same pattern; whether the
+    /// pattern is new.
+    fn put(&mut self, sub: Subscription) -> bool {
+        self.snapshot = OnceLock::new();
+        self.floors.insert(sub.pattern.clone(), sub.floor);
+        if let Some(&at) = self.at.get(&sub.pattern) {
+            self.subs[at] = sub;
+            return false;
+        }
+        if !matches!(sub.pattern, Pattern::Exact(_)) {
+            self.wide.push(sub.pattern.clone());
+        }
+        self.at.insert(sub.pattern.clone(), self.subs.len());
+        self.subs.push(sub);
+        true
+    }
+
+    /// Forgets the subscription to `pattern`; whether there was one.
+    fn remove(&mut self, pattern: &Pattern) -> bool {
+        let Some(at) = self.at.remove(pattern) else {
+            return false;
+        };
+        self.snapshot = OnceLock::new();
+        self.floors.remove(pattern);
+        self.wide.retain(|wide| wide != pattern);
+        self.subs.swap_remove(at);
+        if let Some(moved) = self.subs.get(at) {
+            self.at.insert(moved.pattern.clone(), at);
+        }
+        true
+    }
+
+    fn snapshot(&self) -> Arc<[Subscription]> {
+        Arc::clone(self.snapshot.get_or_init(|| self.subs.as_slice().into()))
+    }
+
+    /// Whether one of the subscriptions covers every name `pattern` can
+    /// match: the same pattern, or a wider one.
+    fn covers(&self, pattern: &Pattern) -> bool {
+        self.at.contains_key(pattern) || self.wide.iter().any(|wide| wide.covers(pattern))
+    }
 }
 
 /// Who subscribes to what, for finding the clients a name concerns
@@ -100,40 +160,46 @@ impl Registry {
     }
 
     /// Records a subscription as stored, with its stored floor, replacing
-    /// the one with the same pattern.
+    /// the one with the same pattern. Snapshots already handed out stay as
+    /// they were.
     pub fn put(&self, sub: Subscription) {
-        let client = sub.client.clone();
-        self.change(&client, |subs, subscribers, floors| {
-            floors.insert(sub.pattern.clone(), sub.floor);
-            match subs.iter_mut().find(|s| s.pattern == sub.pattern) {
-                Some(existing) => *existing = sub,
-                None => {
-                    subscribers.add(&client, &sub.pattern);
-                    subs.push(sub);
-                }
-            }
-        });
+        let mut inner = self.write();
+        let Inner {
+            by_client,
+            subscribers,
+        } = &mut *inner;
+        let (client, pattern) = (sub.client.clone(), sub.pattern.clone());
+        if by_client.entry(client.clone()).or_default().put(sub) {
+            subscribers.add(&client, &pattern);
+        }
     }
 
     /// Forgets a subscription.
     pub fn remove(&self, client: &ClientId, pattern: &Pattern) {
-        self.change(client, |subs, subscribers, floors| {
-            if let Some(at) = subs.iter().position(|s| s.pattern == *pattern) {
-                subscribers.remove(client, pattern);
-                floors.remove(pattern);
-                subs.remove(at);
+        let mut inner = self.write();
+        let Inner {
+            by_client,
+            subscribers,
+        } = &mut *inner;
+        let Some(subs) = by_client.get_mut(client) else {
+            return;
+        };
+        if subs.remove(pattern) {
+            subscribers.remove(client, pattern);
+            if subs.subs.is_empty() {
+                by_client.remove(client);
             }
-        });
+        }
     }
 
     /// Moves delivery floors forward.
     pub fn raise_floors(&self, client: &ClientId, raised: &[(Pattern, u64)]) {
         let mut inner = self.write();
-        let Some(floors) = inner.floors.get_mut(client) else {
+        let Some(subs) = inner.by_client.get_mut(client) else {
             return;
         };
         for (pattern, floor) in raised {
-            if let Some(current) = floors.get_mut(pattern) {
+            if let Some(current) = subs.floors.get_mut(pattern) {
                 *current = (*current).max(*floor);
             }
         }
@@ -142,58 +208,40 @@ impl Registry {
     /// The delivery floor of the client's subscription to `pattern`:
     /// every event up to it that the subscription delivers is settled.
     pub fn floor(&self, client: &ClientId, pattern: &Pattern) -> Option<u64> {
-        self.read().floors.get(client)?.get(pattern).copied()
+        self.read()
+            .by_client
+            .get(client)?
+            .floors
+            .get(pattern)
+            .copied()
     }
 
-    /// Replaces the client's subscriptions with an edited copy, so that
-    /// snapshots already handed out stay as they were. The edit keeps the
-    /// index of subscribers and the floors up to date with the patterns it
-    /// adds or removes.
-    fn change(
-        &self,
-        client: &ClientId,
-        edit: impl FnOnce(&mut Vec<Subscription>, &mut Subscribers, &mut HashMap<Pattern, u64>),
-    ) {
-        let mut inner = self.write();
-        let Inner {
-            by_client,
-            floors,
-            subscribers,
-        } = &mut *inner;
-        let mut subs = by_client
-            .get(client)
-            .map(|s| s.to_vec())
-            .unwrap_or_default();
-        let mut client_floors = floors.remove(client).unwrap_or_default();
-        edit(&mut subs, subscribers, &mut client_floors);
-        if subs.is_empty() {
-            by_client.remove(client);
-        } else {
-            by_client.insert(client.clone(), subs.into());
-            floors.insert(client.clone(), client_floors);
-        }
-    }
-
-    /// The client's subscriptions (a cheap snapshot). Each one's `floor`
-    /// is the one it was stored with; [`Registry::floor`] has it as
-    /// settlements have raised it since.
+    /// The client's subscriptions (a snapshot, built again only after a
+    /// change). Each one's `floor` is the one it was stored with;
+    /// [`Registry::floor`] has it as settlements have raised it since.
     pub fn of(&self, client: &ClientId) -> Arc<[Subscription]> {
         self.read()
             .by_client
             .get(client)
-            .cloned()
-            .unwrap_or_else(|| Arc::new([]))
+            .map_or_else(|| Arc::new([]) as Arc<[Subscription]>, ClientSubs::snapshot)
     }
 
     /// Every client's subscriptions (a snapshot).
     pub fn all(&self) -> Vec<Arc<[Subscription]>> {
-        self.read().by_client.values().cloned().collect()
+        self.read()
+            .by_client
+            .values()
+            .map(ClientSubs::snapshot)
+            .collect()
     }
 
     /// Whether one of the client's subscriptions covers every name
     /// `pattern` can match.
     pub fn covers(&self, client: &ClientId, pattern: &Pattern) -> bool {
-        self.of(client).iter().any(|s| s.pattern.covers(pattern))
+        self.read()
+            .by_client
+            .get(client)
+            .is_some_and(|subs| subs.covers(pattern))
     }
 
     /// Adds to `out` every client with a subscription matching one of
