@@ -140,7 +140,7 @@ impl Metrics {
         .expect("valid metric");
         let deliveries_from_disk = IntCounter::new(
             "deliveries_read_from_disk_total",
-            "Deliveries to subscribers whose new events were not all in memory, read from the disk on a blocking thread instead of the connection's",
+            "Deliveries to subscribers whose events (new, replayed or delivered again) were not all in memory, read from the disk on a blocking thread instead of the connection's",
         )
         .expect("valid metric");
         let publish_latency = Histogram::with_opts(

@@ -626,6 +626,67 @@ async fn a_disconnected_subscriber_gets_its_replayed_deliveries_when_it_connects
     srv.stop().await;
 }
 
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_deliveries_of_history_paged_out_arrive_in_order_and_again_until_acked() {
+    const N: usize = 300;
+    let (dir, mut config) = setup();
+    config.delivery.ack_wait = Duration::from_secs(1);
+    let srv = start_server_with(config).await;
+    let admin = Admin::new(srv.http_addr);
+    let mut p = connected(&srv, "p").await;
+    let from_disk = || async {
+        scrape(srv.http_addr)
+            .await
+            .must("ensync_deliveries_read_from_disk_total", &[])
+    };
+    let pad = "x".repeat(400);
+    let (mut replays_cold, mut again_cold) = (false, false);
+    // The kernel may keep a page another CPU still holds a reference to:
+    // rounds go on, each with history of its own, until both the replayed
+    // deliveries and their second delivery were read from the disk.
+    for round in 0..20 {
+        let name = format!("r{round}/x");
+        let evs: Vec<String> = p
+            .publish_many("p", N, |i| {
+                (name.clone(), format!("{{\"i\":{i},\"pad\":\"{pad}\"}}"))
+            })
+            .await
+            .into_iter()
+            .map(|e| e.idem)
+            .collect();
+        // Subscribed after them, and gone: only the replay brings them,
+        // from the queue, when the client connects.
+        let pattern = format!("r{round}/*");
+        drop(subscriber(&srv, "c", &[&pattern]).await);
+        let op = admin.run(&json!({ "eventName": pattern })).await;
+        assert_eq!(num(&op, "deliveries"), N as u64, "{op}");
+        page_out(dir.path());
+        let before = from_disk().await;
+        let mut c = connected(&srv, "c").await;
+        assert_eq!(replayed_idems(&mut c, N).await, evs, "round {round}");
+        let replayed_at = from_disk().await;
+        replays_cold |= replayed_at > before;
+        // Left unacked, they come again after the ack wait.
+        page_out(dir.path());
+        assert_eq!(replayed_idems(&mut c, N).await, evs, "round {round}, again");
+        again_cold |= from_disk().await > replayed_at;
+        let acks: Vec<String> = evs
+            .iter()
+            .map(|id| format!("ACK;CLIENT_ID=c;EVENT_IDEM={id}"))
+            .collect();
+        for reply in c.pipeline(&acks, N).await {
+            assert!(reply.starts_with("+PASS:ACKNOWLEDGED"), "{reply}");
+        }
+        if replays_cold && again_cold {
+            break;
+        }
+    }
+    assert!(replays_cold, "replayed deliveries read from the disk");
+    assert!(again_cold, "deliveries made again read from the disk");
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaying_an_unsettled_event_sends_it_again_and_one_ack_settles_it() {
     let (_dir, config) = setup();

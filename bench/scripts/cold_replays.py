@@ -1,7 +1,7 @@
 """What one client's replays of history the page cache no longer holds
 cost the other clients of a server given one CPU, outside the bench:
 
-    python3 bench/scripts/cold_replays.py BINARY [EVENTS] [SECONDS] [catch-up]
+    python3 bench/scripts/cold_replays.py BINARY [EVENTS] [SECONDS] [catch-up|operator]
 
 The server runs pinned to CPU 1 on a fresh data directory. The script
 loads EVENTS events of one name (default 300,000). Then, for SECONDS
@@ -13,11 +13,17 @@ times each answer. It prints the PINGs' p50, p99 and worst, and how many
 replays were made. With `catch-up`, the client is a subscriber instead,
 away while the events are published, that then takes them as deliveries
 and acknowledges each, as after an outage (it prints how many it took).
+With `operator`, the subscriber subscribes after the events are published
+and goes away; an operator replay (`POST /replays`) queues them all for
+it, and it then connects and takes and acknowledges them as replayed
+deliveries.
 Run it under a read limit (cgroup v1
 `blkio.throttle.read_iops_device`) to stand for a slower disk, and run
 two builds in turns.
 """
 
+import http.client
+import json
 import multiprocessing
 import os
 import random
@@ -76,22 +82,50 @@ def catch_up(server, until, done):
             done.value += 1
 
 
+def operator_replay(server, name):
+    """Replays every event of `name` to its subscribers; waits until the
+    operation has queued them all."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.http_port)
+    conn.request("POST", "/replays", json.dumps({"eventName": name}),
+                 {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    body = json.loads(response.read())
+    if response.status != 202:
+        raise SystemExit(f"replay refused: {response.status} {body}")
+    while True:
+        conn.request("GET", f"/asyncOperations/{body['asyncOperationId']}")
+        op = json.loads(conn.getresponse().read())
+        if op["status"] == "SUCCEEDED":
+            return op
+        if op["status"] not in ("PENDING", "RUNNING"):
+            raise SystemExit(f"replay ended {op['status']}: {op}")
+        time.sleep(0.1)
+
+
 def main():
     binary = sys.argv[1]
     events = int(sys.argv[2]) if len(sys.argv) > 2 else 300_000
     seconds = float(sys.argv[3]) if len(sys.argv) > 3 else 10.0
-    catching_up = sys.argv[4:5] == ["catch-up"]
+    mode = sys.argv[4] if len(sys.argv) > 4 else "replays"
+    catching_up = mode in ("catch-up", "operator")
     server = Server(binary)
     try:
-        if catching_up:
+        def subscribe_and_leave():
             s, f = server.connect("reader")
             subscribe(s, f, "reader", ["cold"])
             f.close()
             s.close()
+        if mode == "catch-up":
+            subscribe_and_leave()
         pub, pf = server.connect("pub")
         first_ms = int(time.time() * 1000)
         publish(pub, pf, "cold", events, 200)
         last_ms = int(time.time() * 1000)
+        if mode == "operator":
+            subscribe_and_leave()
+            op = operator_replay(server, "cold")
+            if op["deliveries"] != events:
+                raise SystemExit(f"the replay queued {op['deliveries']} of {events}")
         pinger, pingf = server.connect("pinger")
         until = time.monotonic() + seconds
         # A process of its own: a thread would hold the pinger up on the

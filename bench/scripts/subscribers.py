@@ -42,10 +42,11 @@ def free_port():
 class Server:
     def __init__(self, binary):
         self.port = free_port()
+        self.http_port = free_port()
         self.dir = tempfile.mkdtemp(prefix="ensync-subscribers-")
         self.proc = subprocess.Popen(
             ["taskset", "-c", "1", binary, "--listen", f"127.0.0.1:{self.port}",
-             "--http-listen", f"127.0.0.1:{free_port()}", "--data-dir", self.dir],
+             "--http-listen", f"127.0.0.1:{self.http_port}", "--data-dir", self.dir],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for _ in range(100):
             try:

@@ -22,12 +22,14 @@
 //! may be long settled. The hub reads that queue lazily, in seq order, and
 //! delivers its events marked replayed ahead of new events.
 //!
-//! A pull runs on its connection's task, and reads new events only as far
-//! as the page cache holds them. Where a read would wait for the disk (a
-//! subscriber catching up on history the kernel has paged out), a blocking
-//! thread reads them into the page cache, with no lock held, and the pull
-//! is made again: the wait holds up neither the other connections that
-//! task's thread serves nor the client's own settlements.
+//! A pull runs on its connection's task, and reads events (new ones,
+//! replayed ones, ones delivered again) only as far as the page cache
+//! holds them. Where a read would wait for the disk (a subscriber catching
+//! up on history the kernel has paged out, an operator replay of old
+//! events), a blocking thread reads them into the page cache, with no lock
+//! held, and the pull is made again: the wait holds up neither the other
+//! connections that task's thread serves nor the client's own
+//! settlements.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::{ControlFlow, RangeInclusive};
@@ -224,13 +226,34 @@ pub struct Pulled {
     pub lines: Option<Bytes>,
     /// Whether more is ready right away.
     pub more: bool,
-    /// New events the page cache did not hold: the pull stopped before
-    /// the first read that would wait.
+    /// Events the page cache did not hold: the pull stopped before the
+    /// first read that would wait.
     pub cold: Option<Cold>,
 }
 
-/// A pattern's new events in a range of seqs, not all in the page cache.
-pub type Cold = (Pattern, RangeInclusive<u64>);
+/// Events a pull needed that the page cache did not hold, for a blocking
+/// thread to read in.
+#[derive(Debug)]
+pub enum Cold {
+    /// A pattern's new events in a range of seqs.
+    Scan(Pattern, RangeInclusive<u64>),
+    /// Events to deliver again or replayed, by seq, in order.
+    Events(Vec<u64>),
+}
+
+/// Events a blocking thread reads into the page cache at a time for
+/// redeliveries and replayed deliveries: about what one pull sends.
+const WARM_EVENTS: usize = 256;
+
+/// `Ok(None)` for a read that would wait for the disk, so that the caller
+/// can set the event aside for a blocking thread.
+fn unless_uncached<T>(read: Result<T>) -> Result<Option<T>> {
+    match read {
+        Ok(value) => Ok(Some(value)),
+        Err(StoreError::Uncached) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
 
 impl State {
     /// `subs` is in the order of `id`: a state is added with the next id,
@@ -539,7 +562,7 @@ impl Hub {
             // existed: it would be in the queue.
             return Ok(None);
         }
-        let Some(event) = self.store.event_at(seq)? else {
+        let Some(event) = self.store.event_at(seq, Reads::Waiting)? else {
             return Ok(None);
         };
         let view = event.view()?;
@@ -643,12 +666,18 @@ impl Hub {
         // Queued replays first: one may mark an event that is in flight to
         // be sent again, which the redelivery pass then does.
         let mut dropped = Vec::new();
+        let mut cold = None;
         if state.replay_more {
-            self.deliver_replayed(client, &mut state, conn, deadline, &mut out, &mut dropped)?;
+            cold =
+                self.deliver_replayed(client, &mut state, conn, deadline, &mut out, &mut dropped)?;
         }
-        self.redeliver(client, &mut state, conn, deadline, &mut out)?;
-        let (mut more, mut cold) = (out.len() >= PULL_BYTES, None);
-        if !more {
+        if cold.is_none() {
+            cold = self.redeliver(client, &mut state, conn, deadline, &mut out)?;
+        }
+        // Past an older event the page cache did not hold, nothing newer
+        // goes out before it.
+        let mut more = out.len() >= PULL_BYTES;
+        if !more && cold.is_none() {
             (more, cold) = self.deliver_new(client, &mut state, conn, deadline, head, &mut out)?;
         }
         drop(state);
@@ -677,15 +706,15 @@ impl Hub {
         deadline: u64,
         out: &mut BytesMut,
         dropped: &mut Vec<u64>,
-    ) -> Result<()> {
+    ) -> Result<Option<Cold>> {
         let cap = self.settings.max_unsettled;
         let entries = self
             .store
             .replay_queue(&client.id, state.replay_from, PULL_VISITS)?;
         let complete = entries.len() < PULL_VISITS;
-        for (seq, replayed_at) in entries {
+        for (at, &(seq, replayed_at)) in entries.iter().enumerate() {
             if out.len() >= PULL_BYTES {
-                return Ok(());
+                return Ok(None);
             }
             if let Some(entry) = state.queue.get_mut(&seq) {
                 // Already unsettled: one delivery stands for both. It is
@@ -700,7 +729,11 @@ impl Hub {
                 }
                 continue;
             }
-            let Some(event) = self.store.event_at(seq)? else {
+            let Some(event) = unless_uncached(self.store.event_at(seq, Reads::Cached))? else {
+                let seqs = entries[at..].iter().map(|(seq, _)| *seq);
+                return Ok(Some(Cold::Events(seqs.take(WARM_EVENTS).collect())));
+            };
+            let Some(event) = event else {
                 debug!(client = %client.id, seq, "replayed event expired by retention");
                 dropped.push(seq);
                 state.replay_from = seq;
@@ -714,7 +747,7 @@ impl Hub {
             };
             if sub.owned.len() >= cap {
                 // Taken up again when the client settles something.
-                return Ok(());
+                return Ok(None);
             }
             state.replay_from = seq;
             if sub.paused {
@@ -734,7 +767,7 @@ impl Hub {
         if complete {
             state.replay_more = false;
         }
-        Ok(())
+        Ok(None)
     }
 
     /// The marks of a replayed delivery of `seq`.
@@ -771,9 +804,9 @@ impl Hub {
         conn: u64,
         deadline: u64,
         out: &mut BytesMut,
-    ) -> Result<()> {
+    ) -> Result<Option<Cold>> {
         let waiting: Vec<u64> = state.retry.iter().copied().collect();
-        for seq in waiting {
+        for (at, &seq) in waiting.iter().enumerate() {
             if out.len() >= PULL_BYTES {
                 break;
             }
@@ -789,7 +822,11 @@ impl Hub {
                 Some(sub) if sub.paused => continue,
                 Some(_) => {}
             }
-            match self.store.event_at(seq)? {
+            let Some(event) = unless_uncached(self.store.event_at(seq, Reads::Cached))? else {
+                let seqs = waiting[at..].iter().copied();
+                return Ok(Some(Cold::Events(seqs.take(WARM_EVENTS).collect())));
+            };
+            match event {
                 Some(event) => {
                     let marks = match entry.replayed_at {
                         Some(at) => self.replay_marks(&client.id, seq, at)?,
@@ -805,7 +842,7 @@ impl Hub {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 
     /// Delivers new events of the running subscriptions, merged in
@@ -893,7 +930,9 @@ impl Hub {
                 Err(StoreError::Uncached) => {
                     end = seen;
                     if seen < head {
-                        cold.get_or_insert_with(|| (sub.pattern.clone(), seen + 1..=head));
+                        cold.get_or_insert_with(|| {
+                            Cold::Scan(sub.pattern.clone(), seen + 1..=head)
+                        });
                     }
                 }
                 scanned => scanned?,
@@ -991,20 +1030,29 @@ impl Hub {
         Ok(())
     }
 
-    /// Reads what a pull's scan of `pattern` in `seqs` stopped short of,
-    /// as far as one pull reads, waiting for the disk: on a blocking
-    /// thread, with no lock held, so that the next pull finds it in the
-    /// page cache.
-    fn warm(&self, pattern: &Pattern, seqs: RangeInclusive<u64>) -> Result<()> {
-        let mut visited = 0;
-        self.store
-            .scan_expecting(pattern, seqs, u64::MAX, Reads::Waiting, &mut |_| {
-                visited += 1;
-                if visited == PULL_VISITS {
-                    return ControlFlow::Break(());
+    /// Reads what a pull stopped short of, as far as one pull reads,
+    /// waiting for the disk: on a blocking thread, with no lock held, so
+    /// that the next pull finds it in the page cache.
+    fn warm(&self, cold: Cold) -> Result<()> {
+        match cold {
+            Cold::Scan(pattern, seqs) => {
+                let mut visited = 0;
+                self.store
+                    .scan_expecting(&pattern, seqs, u64::MAX, Reads::Waiting, &mut |_| {
+                        visited += 1;
+                        if visited == PULL_VISITS {
+                            return ControlFlow::Break(());
+                        }
+                        ControlFlow::Continue(())
+                    })
+            }
+            Cold::Events(seqs) => {
+                for seq in seqs {
+                    self.store.event_at(seq, Reads::Waiting)?;
                 }
-                ControlFlow::Continue(())
-            })
+                Ok(())
+            }
+        }
     }
 
     /// Whether `sub` should deliver `event` now.
@@ -1084,7 +1132,7 @@ impl Attachment {
             let mut pulled = self.hub.pull(&self.client, self.conn);
             if let Ok(Pulled {
                 lines: None,
-                cold: Some((pattern, seqs)),
+                cold: Some(cold),
                 ..
             }) = pulled
             {
@@ -1092,7 +1140,7 @@ impl Attachment {
                 // this thread serves: a blocking thread brings the events
                 // into the page cache, and the pull is made again.
                 let hub = Arc::clone(&self.hub);
-                let warmed = tokio::task::spawn_blocking(move || hub.warm(&pattern, seqs)).await;
+                let warmed = tokio::task::spawn_blocking(move || hub.warm(cold)).await;
                 from_disk = true;
                 pulled = match warmed {
                     Ok(Ok(())) => continue,

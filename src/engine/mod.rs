@@ -19,7 +19,7 @@ use crate::config::{Config, Invalid};
 use crate::limits::{ClientSlot, ClientSlots};
 use crate::metrics::{Metrics, Scrape};
 use crate::store::{
-    Applied, EventLog, NewEvent, PauseRefused, Settlement, SledLog, StoreError, WriteOp,
+    Applied, EventLog, NewEvent, PauseRefused, Reads, Settlement, SledLog, StoreError, WriteOp,
 };
 
 mod commit;
@@ -608,7 +608,7 @@ async fn unqueue_uncovered(
                 .flatten();
             let mut uncovered = Vec::new();
             for (seq, _) in entries {
-                let covered = match store.event_at(seq)? {
+                let covered = match store.event_at(seq, Reads::Waiting)? {
                     Some(event) => patterns.iter().any(|s| s.pattern.matches(&event.name)),
                     None => false,
                 };

@@ -580,8 +580,9 @@ pub trait EventLog: Send + Sync + 'static {
     /// Looks one event up by sequence number.
     ///
     /// # Errors
-    /// When the database fails.
-    fn event_at(&self, seq: u64) -> Result<Option<OwnedEvent>>;
+    /// When the database fails; with [`Reads::Cached`],
+    /// [`StoreError::Uncached`] where a read would wait.
+    fn event_at(&self, seq: u64, reads: Reads) -> Result<Option<OwnedEvent>>;
 
     /// The sequence number an id of this store names, if it names one.
     fn seq_of(&self, id: &EventId) -> Option<u64>;

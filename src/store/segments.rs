@@ -556,8 +556,14 @@ impl Segments {
 
     /// Reads the chunk at `loc` into `buf` (replacing what it held).
     pub fn read(&self, loc: Loc, buf: &mut Vec<u8>) -> Result<()> {
+        self.read_with(loc, buf, Reads::Waiting)
+    }
+
+    /// [`Segments::read`], with [`Reads::Cached`] failing with
+    /// [`StoreError::Uncached`] where the read would wait for the disk.
+    pub fn read_with(&self, loc: Loc, buf: &mut Vec<u8>, reads: Reads) -> Result<()> {
         let mut into = ReadBuf::from(std::mem::take(buf));
-        let read = self.read_ahead(loc, 0, &mut into, Reads::Waiting);
+        let read = self.read_ahead(loc, 0, &mut into, reads);
         *buf = into.into_filled();
         read
     }

@@ -1807,7 +1807,14 @@ impl SledLog {
     /// The bytes of the chunk of `name` that starts at `first`, from its
     /// last entry with an offset at or before `from`, as far as its first
     /// `want` entries from `from` on need (`u64::MAX`: to its end).
-    fn chunk(&self, name: &str, first: u64, from: u64, want: u64) -> Result<Option<Vec<u8>>> {
+    fn chunk(
+        &self,
+        name: &str,
+        first: u64,
+        from: u64,
+        want: u64,
+        reads: Reads,
+    ) -> Result<Option<Vec<u8>>> {
         let key = chunk_key(name, first);
         let Some(value) = self.tree.get(&key)? else {
             return Ok(None);
@@ -1816,7 +1823,11 @@ impl SledLog {
         let to = mark_at_or_past(&value, first, index.saturating_add(want));
         let loc = between(Loc::decode(&value)?, start, to);
         let mut chunk = Vec::new();
-        let kept = or_gone(&self.tree, &key, self.segments.read(loc, &mut chunk))?;
+        let kept = or_gone(
+            &self.tree,
+            &key,
+            self.segments.read_with(loc, &mut chunk, reads),
+        )?;
         Ok(kept.then_some(chunk))
     }
 
@@ -2016,7 +2027,7 @@ impl SledLog {
     }
 
     /// Finds the stored event `seq`: its name and value.
-    fn locate(&self, seq: u64) -> Result<Option<(String, Vec<u8>)>> {
+    fn locate(&self, seq: u64, reads: Reads) -> Result<Option<(String, Vec<u8>)>> {
         let Some(entry) = self
             .tree
             .range(num_key(COMMIT, 0)..=num_key(COMMIT, seq))
@@ -2029,7 +2040,7 @@ impl SledLog {
             if first > seq {
                 continue;
             }
-            let Some(chunk) = self.chunk(name, first, seq, 1)? else {
+            let Some(chunk) = self.chunk(name, first, seq, 1, reads)? else {
                 continue;
             };
             for entry in entries(&chunk) {
@@ -2096,7 +2107,7 @@ impl SledLog {
                     }
                 }
             }
-            let Some(chunk) = self.chunk(name, first, start, u64::MAX)? else {
+            let Some(chunk) = self.chunk(name, first, start, u64::MAX, Reads::Waiting)? else {
                 return Err(StoreError::Damaged(format!(
                     "the chunk of {name} from {first} has a summary but no events"
                 )));
@@ -2845,7 +2856,7 @@ impl EventLog for SledLog {
             return Ok(None);
         };
         Ok(self
-            .locate(seq)?
+            .locate(seq, Reads::Waiting)?
             .map(|(name, value)| OwnedEvent { seq, name, value }))
     }
 
@@ -2867,9 +2878,9 @@ impl EventLog for SledLog {
         Ok(subs)
     }
 
-    fn event_at(&self, seq: u64) -> Result<Option<OwnedEvent>> {
+    fn event_at(&self, seq: u64, reads: Reads) -> Result<Option<OwnedEvent>> {
         Ok(self
-            .locate(seq)?
+            .locate(seq, reads)?
             .map(|(name, value)| OwnedEvent { seq, name, value }))
     }
 
