@@ -16,7 +16,9 @@ and acknowledges each, as after an outage (it prints how many it took).
 With `operator`, the subscriber subscribes after the events are published
 and goes away; an operator replay (`POST /replays`) queues them all for
 it, and it then connects and takes and acknowledges them as replayed
-deliveries.
+deliveries. PACE=N in the environment keeps such a subscriber to N
+deliveries a second, so that the server's CPU is not what the PINGs
+wait for.
 Run it under a read limit (cgroup v1
 `blkio.throttle.read_iops_device`) to stand for a slower disk, and run
 two builds in turns.
@@ -66,10 +68,14 @@ def replays(server, first_ms, last_ms, until, done):
 
 
 def catch_up(server, until, done):
-    """Takes the backlog as deliveries, acknowledging each."""
+    """Takes the backlog as deliveries, acknowledging each; no faster than
+    $PACE a second when that is set."""
+    pace = float(os.environ.get("PACE", "0"))
     s, f = server.connect("reader")
-    dropped = 0.0
+    dropped, started, taken = 0.0, time.monotonic(), 0
     while time.monotonic() < until:
+        if pace:
+            time.sleep(max(0.0, taken / pace - (time.monotonic() - started)))
         if time.monotonic() - dropped >= 1.0:
             drop_cache(server.dir)
             dropped = time.monotonic()
@@ -78,6 +84,7 @@ def catch_up(server, until, done):
             continue
         idem = line.split(b'"idem":"', 1)[1].split(b'"', 1)[0].decode()
         s.sendall(f"ACK;CLIENT_ID=reader;EVENT_IDEM={idem}\n".encode())
+        taken += 1
         with done.get_lock():
             done.value += 1
 
