@@ -21,6 +21,9 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// Default cap on one client's connections: room for a pool per process
 /// of a few processes, not for a leak that opens one per request.
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
+/// Default cap on one client's subscriptions: each is held in memory, so
+/// the cap bounds what one client's `SUB`s can take (some tens of MiB).
+pub const DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT: usize = 100_000;
 /// Default commands per second per connection: above what a pipelining
 /// SDK client sends, below what a runaway loop does.
 pub const DEFAULT_COMMANDS_PER_SECOND: u32 = 100_000;
@@ -131,6 +134,8 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most connections one client may have open at once.
     pub max_connections_per_client: usize,
+    /// Most subscriptions one client may hold.
+    pub max_subscriptions_per_client: usize,
     /// Commands one connection may send per second (bursts up to one
     /// second's worth); past it, `RATE_LIMITED`. 0: no limit.
     pub commands_per_second: u32,
@@ -163,6 +168,7 @@ impl Default for Limits {
             max_replay_limit: DEFAULT_MAX_REPLAY_LIMIT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            max_subscriptions_per_client: DEFAULT_MAX_SUBSCRIPTIONS_PER_CLIENT,
             commands_per_second: DEFAULT_COMMANDS_PER_SECOND,
             replay_events_per_second: 0,
             max_replays_in_flight: DEFAULT_MAX_REPLAYS_IN_FLIGHT,
@@ -488,6 +494,10 @@ impl Config {
             (
                 "limits.max_connections_per_client",
                 limits.max_connections_per_client as u64,
+            ),
+            (
+                "limits.max_subscriptions_per_client",
+                limits.max_subscriptions_per_client as u64,
             ),
             (
                 "limits.max_replays_in_flight",

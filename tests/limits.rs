@@ -104,6 +104,48 @@ async fn a_client_past_its_connections_is_refused_at_conn_and_others_are_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_past_its_subscriptions_is_refused_and_an_unsub_makes_room() {
+    let (dir, srv) = server_with(|c| c.limits.max_subscriptions_per_client = 3).await;
+    let mut a = srv.client().await;
+    a.conn("a").await;
+    for name in ["a/1", "a/2", "a/*"] {
+        a.sub("a", name).await;
+    }
+    let full = "-FAIL:TOO_MANY_SUBSCRIPTIONS;MESSAGE=a holds 3 subscriptions (limits.max_subscriptions_per_client is 3): UNSUB one first, or subscribe to a pattern that covers several";
+    a.expect("SUB;CLIENT_ID=a;EVENT_NAME=a/4", full).await;
+    // Subscribing again to a pattern it holds is not a new one.
+    a.sub("a", "a/2").await;
+    // Another client is not counted against a's.
+    let mut b = srv.client().await;
+    b.conn("b").await;
+    b.sub("b", "a/4").await;
+    a.expect(
+        "UNSUB;CLIENT_ID=a;EVENT_NAME=a/1",
+        "+PASS:UNSUBSCRIBED;EVENT_NAME=a/1;CLIENT_ID=a",
+    )
+    .await;
+    a.sub("a", "a/4").await;
+    a.expect("SUB;CLIENT_ID=a;EVENT_NAME=a/5", full).await;
+    // The refused SUB took no effect: a/5 is not a's after a restart.
+    drop((a, b));
+    let srv = restart(srv, {
+        let mut config = config_in(dir.path());
+        config.limits.max_subscriptions_per_client = 3;
+        config
+    })
+    .await;
+    let mut a = srv.client().await;
+    a.conn("a").await;
+    a.expect_prefix(
+        "UNSUB;CLIENT_ID=a;EVENT_NAME=a/5",
+        "-FAIL:NOT_FOUND;MESSAGE=",
+    )
+    .await;
+    a.expect("SUB;CLIENT_ID=a;EVENT_NAME=a/5", full).await;
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_past_the_rate_are_refused_one_reply_each_and_then_allowed_again() {
     let (_dir, srv) = server_with(|c| c.limits.commands_per_second = 50).await;
     let mut c = srv.client().await;

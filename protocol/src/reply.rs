@@ -47,6 +47,8 @@ pub enum ErrorCode {
     RateLimited,
     /// The server or the client is at its connection limit.
     TooManyConnections,
+    /// The client holds as many subscriptions as it may.
+    TooManySubscriptions,
     /// The connection waited too long for the client (to CONN, or idle).
     Timeout,
     /// The server could not carry out the command (storage failure).
@@ -75,6 +77,7 @@ impl ErrorCode {
             ErrorCode::NotImplemented => "NOT_IMPLEMENTED",
             ErrorCode::RateLimited => "RATE_LIMITED",
             ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
+            ErrorCode::TooManySubscriptions => "TOO_MANY_SUBSCRIPTIONS",
             ErrorCode::Timeout => "TIMEOUT",
             ErrorCode::Internal => "INTERNAL",
         }

@@ -339,6 +339,17 @@ impl Engine {
                 .await
             }
             Command::Sub(s) => {
+                // Checked as the SUB arrives, against the subscriptions
+                // committed: SUBs of the client still waiting for their
+                // commit can pass it by as many.
+                let max = self.config.limits.max_subscriptions_per_client;
+                let (held, again) = self.subs.held(client, &s.event_name);
+                if held >= max && !again {
+                    return Outcome::Reply(Reply::fail(
+                        ErrorCode::TooManySubscriptions,
+                        format!("{client} holds {held} subscriptions (limits.max_subscriptions_per_client is {max}): UNSUB one first, or subscribe to a pattern that covers several"),
+                    ));
+                }
                 let op = WriteOp::Subscribe {
                     client: client.clone(),
                     pattern: s.event_name,

@@ -235,6 +235,17 @@ impl Registry {
             .collect()
     }
 
+    /// How many subscriptions the client holds, and whether one of them
+    /// is to `pattern`.
+    pub fn held(&self, client: &ClientId, pattern: &Pattern) -> (usize, bool) {
+        self.read()
+            .by_client
+            .get(client)
+            .map_or((0, false), |subs| {
+                (subs.subs.len(), subs.at.contains_key(pattern))
+            })
+    }
+
     /// Whether one of the client's subscriptions covers every name
     /// `pattern` can match.
     pub fn covers(&self, client: &ClientId, pattern: &Pattern) -> bool {
