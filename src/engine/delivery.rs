@@ -1006,9 +1006,8 @@ impl Hub {
                 ControlFlow::Continue(())
             },
         );
-        match scanned {
-            Err(StoreError::Uncached) => return Ok(()),
-            scanned => scanned?,
+        if unless_uncached(scanned)?.is_none() {
+            return Ok(());
         }
         // The subscriptions one of the names concerns, found from the names.
         let mut concerned: Vec<usize> = names
