@@ -653,6 +653,94 @@ async fn wildcard_replay_merges_matching_names_in_publication_order() {
     srv.stop().await;
 }
 
+/// A pattern over thousands of names, most with an event or two, one
+/// with many, published in bursts so that a commit holds a chunk for each
+/// name: LIMIT replays from ids and timestamps anywhere in it start where
+/// asked and go on in publication order, and a full replay gets them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limit_replays_of_a_pattern_over_thousands_of_names_start_where_asked() {
+    let (_dir, srv) = temp_server().await;
+    let mut p = publisher(&srv).await;
+    let first = p
+        .publish_many("pub", 2_400, |i| {
+            let name = match i {
+                _ if i % 12 == 0 => "other/x".to_string(),
+                _ if i % 5 == 0 => "t/hot".to_string(),
+                _ => format!("t/{i}"),
+            };
+            (name, format!("{{\"i\":{i}}}"))
+        })
+        .await;
+    // Some names again, in commits of their own, and new ones.
+    let second = p
+        .publish_many("pub", 600, |i| {
+            let name = match i {
+                _ if i % 3 == 0 => format!("t/{}", i + 1),
+                _ => format!("t/new{i}"),
+            };
+            (name, format!("{{\"j\":{i}}}"))
+        })
+        .await;
+    let under = |i: usize| i % 12 != 0;
+    let want: Vec<&Published> = (first.iter().enumerate())
+        .filter(|(i, _)| under(*i))
+        .map(|(_, e)| e)
+        .chain(&second)
+        .collect();
+
+    let mut r = srv.client().await;
+    r.conn("reader").await;
+    r.sub("reader", "t/*").await;
+    let rep = r
+        .replay("reader", "t/*", "FROM_POSITION=earliest;LIMIT=10000")
+        .await;
+    let idems: Vec<&str> = want.iter().map(|e| e.idem.as_str()).collect();
+    assert_eq!(rep.idems(), idems, "the whole pattern, in order");
+
+    for k in [
+        0,
+        1,
+        37,
+        499,
+        1_000,
+        1_998,
+        2_199,
+        2_200,
+        2_500,
+        want.len() - 10,
+    ] {
+        let from = &want[k];
+        let rep = r
+            .replay(
+                "reader",
+                "t/*",
+                &format!("FROM_POSITION={};LIMIT=50", from.idem),
+            )
+            .await;
+        let end = (k + 50).min(want.len());
+        assert_eq!(rep.header, header("t/*", end - k), "from event {k}");
+        assert_eq!(rep.idems(), idems[k..end], "from event {k}");
+
+        // From its timestamp: from the first event logged at it.
+        let at = want.partition_point(|e| e.timestamp < from.timestamp);
+        let rep = r
+            .replay(
+                "reader",
+                "t/*",
+                &format!("FROM_POSITION={};LIMIT=50", from.timestamp),
+            )
+            .await;
+        let end = (at + 50).min(want.len());
+        assert_eq!(
+            rep.idems(),
+            idems[at..end],
+            "from the timestamp of event {k}"
+        );
+    }
+    r.ping().await;
+    srv.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replay_returns_only_events_addressed_to_the_client() {
     let (_dir, srv) = temp_server().await;

@@ -38,8 +38,9 @@ pub(super) struct Directory<V> {
 struct Lists<V> {
     /// Each name's chunks by first seq, oldest first.
     chunks: HashMap<Arc<str>, VecDeque<Listed<V>>>,
-    /// Every chunk listed, oldest first: the order they are dropped in.
-    order: VecDeque<(u64, Arc<str>)>,
+    /// Every chunk listed, oldest first: the order they are dropped in,
+    /// and the order of first seqs (a commit lists its chunks so).
+    order: VecDeque<Ordered>,
     /// Each logged millisecond with the first seq logged at it, oldest
     /// first.
     times: VecDeque<(u64, u64)>,
@@ -67,6 +68,13 @@ pub(super) enum Found<V> {
     Unknown,
 }
 
+/// A chunk in the order of all of them.
+struct Ordered {
+    first: u64,
+    last: u64,
+    name: Arc<str>,
+}
+
 /// A chunk in its name's list.
 struct Listed<V> {
     first: u64,
@@ -82,7 +90,7 @@ const TIME_COST: usize = size_of::<(u64, u64)>();
 /// Bytes a chunk's entry takes: in its name's list, in the order, and its
 /// value.
 fn chunk_cost<V: AsRef<[u8]>>(value: &V) -> usize {
-    size_of::<Listed<V>>() + size_of::<(u64, Arc<str>)>() + value.as_ref().len()
+    size_of::<Listed<V>>() + size_of::<Ordered>() + value.as_ref().len()
 }
 
 impl<V: Clone + AsRef<[u8]>> Directory<V> {
@@ -132,23 +140,54 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
         Some((chunk.first, chunk.value.clone()))
     }
 
-    /// The last seq of the chunk of `name` that starts at `first`, when it
-    /// is listed.
-    pub fn chunk_last(&self, name: &str, first: u64) -> Option<u64> {
+    /// The last seq of each listed chunk that starts at one of `firsts`
+    /// (in increasing order), in that order: `None` for a chunk not
+    /// listed.
+    ///
+    /// A first seq names one chunk (its first event's), so a commit's
+    /// chunks are found side by side in the order of all chunks, a walk
+    /// over them after one search: where a look in each name's list
+    /// misses the cache twice per chunk (the name's entry, then its text)
+    /// in a log of many names.
+    pub fn chunk_lasts(&self, firsts: &[u64]) -> Vec<Option<u64>> {
         let lists = self.lists.read().expect("directory lock is never poisoned");
-        let chunk = holding(lists.chunks.get(name)?, first)?;
-        (chunk.first == first).then_some(chunk.last)
+        let order = &lists.order;
+        // Past every chunk that starts before the lowest.
+        let mut at = (firsts.first().and_then(|lowest| lowest.checked_sub(1)))
+            .map_or(0, |before| at_or_below(order, before, |c| c.first));
+        firsts
+            .iter()
+            .map(|&first| {
+                while order.get(at).is_some_and(|c| c.first < first) {
+                    at += 1;
+                }
+                order.get(at).filter(|c| c.first == first).map(|c| c.last)
+            })
+            .collect()
     }
 
     /// The chunk of `name` after the one starting at `first`, when both
-    /// are listed.
-    pub fn chunk_after(&self, name: &str, first: u64) -> Option<(u64, V)> {
+    /// are listed; nowhere when that one is listed, it is the name's last
+    /// and a chunk after it would be listed too.
+    pub fn chunk_after(&self, name: &str, first: u64) -> Found<V> {
         let lists = self.lists.read().expect("directory lock is never poisoned");
-        let list = lists.chunks.get(name)?;
+        let Some(list) = lists.chunks.get(name) else {
+            return Found::Unknown;
+        };
         let at = at_or_below(list, first, |c| c.first);
-        let before = list.get(at.checked_sub(1)?)?;
-        let after = list.get(at).filter(|_| before.first == first)?;
-        Some((after.first, after.value.clone()))
+        let Some(chunk) = at.checked_sub(1).and_then(|i| list.get(i)) else {
+            return Found::Unknown;
+        };
+        if chunk.first != first {
+            return Found::Unknown;
+        }
+        match list.get(at) {
+            Some(after) => Found::Chunk(after.first, after.value.clone()),
+            // A later chunk holds seqs past this one's last, and so past
+            // `complete_after`: it would be listed.
+            None if lists.complete_after <= chunk.last => Found::Nowhere,
+            None => Found::Unknown,
+        }
     }
 
     /// The first seq logged at or after millisecond `ms`, when the list
@@ -168,9 +207,9 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
         lists.times.get(at).map(|(_, seq)| *seq)
     }
 
-    /// Adds a commit's chunks (name, first seq, last seq, value) and
-    /// milliseconds (ms, first seq), each newer than all listed, then
-    /// drops the oldest entries past the budget.
+    /// Adds a commit's chunks (name, first seq, last seq, value), in
+    /// order of first seq, and milliseconds (ms, first seq), each newer
+    /// than all listed, then drops the oldest entries past the budget.
     pub fn add<'a>(
         &self,
         chunks: impl IntoIterator<Item = (&'a str, u64, u64, V)>,
@@ -184,7 +223,7 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
             lists.bytes += chunk_cost(&value);
             let (name, list) = lists.list_of(name);
             list.push_back(Listed { first, last, value });
-            lists.order.push_back((first, name));
+            lists.order.push_back(Ordered { first, last, name });
         }
         for time in times {
             lists.bytes += TIME_COST;
@@ -216,7 +255,7 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
         }
         let older = chunks
             .iter()
-            .all(|(_, first, ..)| lists.order.front().map_or(true, |(f, _)| first < f))
+            .all(|(_, first, ..)| lists.order.front().map_or(true, |c| *first < c.first))
             && times
                 .iter()
                 .all(|(ms, _)| lists.times.front().map_or(true, |(m, _)| ms < m));
@@ -252,7 +291,11 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
                 last: *last,
                 value: value.clone(),
             });
-            lists.order.push_front((*first, name));
+            lists.order.push_front(Ordered {
+                first: *first,
+                last: *last,
+                name,
+            });
         }
         let mut times = times.to_vec();
         times.sort_unstable_by_key(|(ms, _)| std::cmp::Reverse(*ms));
@@ -272,11 +315,7 @@ impl<V: Clone + AsRef<[u8]>> Directory<V> {
             .write()
             .expect("directory lock is never poisoned");
         lists.forgotten = lists.forgotten.max(through);
-        while lists
-            .order
-            .front()
-            .is_some_and(|(first, _)| *first <= through)
-        {
+        while lists.order.front().is_some_and(|c| c.first <= through) {
             lists.drop_oldest_chunk();
         }
         // A millisecond stays while an event logged at it is left: until
@@ -401,7 +440,7 @@ impl<V: AsRef<[u8]>> Lists<V> {
     /// Drops the oldest entry, chunk or millisecond; `false` when none is
     /// left.
     fn drop_oldest(&mut self) -> bool {
-        let chunk = self.order.front().map(|(first, _)| *first);
+        let chunk = self.order.front().map(|c| c.first);
         let time = self.times.front().map(|(_, seq)| *seq);
         match (chunk, time) {
             (Some(chunk), Some(time)) if time < chunk => self.drop_oldest_time(),
@@ -419,7 +458,7 @@ impl<V: AsRef<[u8]>> Lists<V> {
     }
 
     fn drop_oldest_chunk(&mut self) {
-        let Some((first, name)) = self.order.pop_front() else {
+        let Some(Ordered { first, name, .. }) = self.order.pop_front() else {
             return;
         };
         let Some(list) = self.chunks.get_mut(&name) else {
@@ -488,17 +527,24 @@ mod tests {
         assert_eq!(first(dir.chunk_holding("b", 24)), Some(15));
         assert_eq!(first(dir.chunk_holding("c", 24)), None, "an unlisted name");
 
-        assert_eq!(first(dir.chunk_after("a", 10)), Some(20));
-        assert_eq!(first(dir.chunk_after("b", 15)), Some(25));
-        assert_eq!(first(dir.chunk_after("a", 30)), None, "the last one");
-        assert_eq!(first(dir.chunk_after("a", 11)), None, "not a chunk's start");
+        assert_eq!(dir.chunk_after("a", 10), Found::Chunk(20, value(20)));
+        assert_eq!(dir.chunk_after("b", 15), Found::Chunk(25, value(25)));
+        assert_eq!(dir.chunk_after("a", 30), Found::Nowhere, "the last one");
+        assert_eq!(
+            dir.chunk_after("a", 11),
+            Found::Unknown,
+            "not a chunk's start"
+        );
+        assert_eq!(dir.chunk_after("c", 10), Found::Unknown, "an unlisted name");
 
-        assert_eq!(dir.chunk_last("a", 10), Some(12));
-        assert_eq!(dir.chunk_last("a", 30), Some(30));
-        assert_eq!(dir.chunk_last("b", 25), Some(27));
-        assert_eq!(dir.chunk_last("a", 11), None, "not a chunk's start");
-        assert_eq!(dir.chunk_last("a", 9), None, "before the list");
-        assert_eq!(dir.chunk_last("c", 10), None, "an unlisted name");
+        assert_eq!(
+            dir.chunk_lasts(&[9, 10, 11, 15, 25, 30, 31]),
+            [None, Some(12), None, Some(19), Some(27), Some(30), None],
+            "9 is before the list, 11 no chunk's start, 31 past the list"
+        );
+        assert_eq!(dir.chunk_lasts(&[30]), [Some(30)], "from the middle");
+        assert_eq!(dir.chunk_lasts(&[0, 20]), [None, Some(24)]);
+        assert!(dir.chunk_lasts(&[]).is_empty());
 
         assert_eq!(dir.first_seq_from(99), None, "before the list");
         assert_eq!(dir.first_seq_from(100), Some(10));
@@ -515,8 +561,7 @@ mod tests {
         // only by order: a chunk goes first on a tie).
         let dir = listed(whole - 1);
         assert_eq!(first(dir.chunk_holding("a", 15)), None);
-        assert_eq!(dir.chunk_last("a", 10), None, "dropped");
-        assert_eq!(dir.chunk_last("a", 20), Some(24));
+        assert_eq!(dir.chunk_lasts(&[10, 20]), [None, Some(24)], "10 dropped");
         assert_eq!(first(dir.chunk_holding("a", 20)), Some(20));
         assert_eq!(first(dir.chunk_holding("b", 15)), Some(15));
         assert!(dir.bytes() < whole);
@@ -580,8 +625,17 @@ mod tests {
         ));
         assert_eq!(first(dir.chunk_holding("a", 9)), Some(5));
         assert_eq!(first(dir.chunk_holding("a", 12)), Some(10));
-        assert_eq!(first(dir.chunk_after("a", 5)), Some(10));
-        assert_eq!(dir.chunk_last("c", 7), Some(8));
+        assert_eq!(dir.chunk_after("a", 5), Found::Chunk(10, value(10)));
+        assert_eq!(
+            dir.chunk_after("c", 7),
+            Found::Nowhere,
+            "c's only chunk, with every chunk listed from seq 5 on"
+        );
+        assert_eq!(
+            dir.chunk_lasts(&[5, 7, 10]),
+            [Some(9), Some(8), Some(12)],
+            "in the order of first seqs, whatever order the commit gave"
+        );
         assert_eq!(first(dir.chunk_holding("c", 100)), Some(7));
         assert_eq!(dir.first_seq_from(89), None, "before the list");
         assert_eq!(dir.first_seq_from(91), Some(7));

@@ -236,7 +236,14 @@ pub struct SledLog {
     directory: Arc<Directory<sled::IVec>>,
     /// How often commits sync the tree ([`INDEX_SYNC`]).
     sync_every: Option<Duration>,
+    /// Patterns known to match more names than the number each has:
+    /// [`SledLog::names_within`] counts them in sled's table of names, a
+    /// step of sled's iterator per name.
+    crowded: RwLock<HashMap<String, usize>>,
 }
+
+/// The most patterns [`SledLog::crowded`] holds; past it, it starts over.
+const CROWDED_PATTERNS: usize = 1024;
 
 fn chunk_key(name: &str, first_seq: u64) -> Vec<u8> {
     name_seq_key(CHUNK, name, first_seq)
@@ -455,7 +462,9 @@ fn put_entry(chunk: &mut Vec<u8>, seq: u64, value: &[u8]) {
 
 /// The chunks one commit wrote: `(first seq, name)` pairs.
 fn decode_commit(value: &[u8]) -> Result<Vec<(u64, &str)>> {
-    let mut chunks = Vec::new();
+    // An entry takes 11 bytes at least: room for all without growing (a
+    // commit to thousands of names grew and copied this list ten times).
+    let mut chunks = Vec::with_capacity(value.len() / 11);
     let mut pos = 0;
     while pos < value.len() {
         let damaged = || StoreError::Damaged("commit index entry is cut short".into());
@@ -1244,7 +1253,9 @@ fn merge<'n>(
     visit: &mut dyn FnMut(EventView<'_>) -> ControlFlow<()>,
 ) -> Result<ControlFlow<()>> {
     let mut pending = pending.into_iter().peekable();
-    let mut cursors = Vec::new();
+    // Room for the cursors a LIMIT replay of many names opens: a cursor is
+    // large, and growing the list copied them all each time.
+    let mut cursors = Vec::with_capacity(pending.size_hint().0.min(64));
     // Each open cursor's next seq.
     let mut heap = BinaryHeap::new();
     loop {
@@ -1468,12 +1479,16 @@ impl<'n> Cursor<'n> {
         if self.next_seq > self.end {
             return Ok(None);
         }
-        let listed = self
-            .held
-            .as_ref()
-            .and_then(|held| self.directory.chunk_after(self.name, held.first));
-        if let Some((first, value)) = listed {
-            return Ok((first <= self.end).then_some((first, value)));
+        let listed = match &self.held {
+            Some(held) => self.directory.chunk_after(self.name, held.first),
+            None => Found::Unknown,
+        };
+        match listed {
+            Found::Chunk(first, value) => return Ok((first <= self.end).then_some((first, value))),
+            // A name of one event, or whose last chunk this is, costs no
+            // look in sled (which copies a leaf) to learn it has no more.
+            Found::Nowhere => return Ok(None),
+            Found::Unknown => {}
         }
         let key = chunk_key(self.name, self.next_seq);
         if self.looked_up < LOOKS_BEFORE_WALK {
@@ -1801,6 +1816,7 @@ impl SledLog {
             settlers: RwLock::new(settlers),
             directory,
             sync_every,
+            crowded: RwLock::new(HashMap::new()),
         })
     }
 
@@ -2010,6 +2026,16 @@ impl SledLog {
         self.directory.forget_through(through, tail.last_seq);
         for name in &forgotten {
             tail.names.remove(name);
+        }
+        if !forgotten.is_empty() {
+            // A pattern may match fewer names now. (Were a look counting
+            // before this to note a pattern after it, the pattern would
+            // be walked where a merge might cost less, with the same
+            // events either way.)
+            self.crowded
+                .write()
+                .expect("crowded lock is never poisoned")
+                .clear();
         }
         for segment in retired {
             self.segments.retire(segment);
@@ -2256,6 +2282,12 @@ impl SledLog {
         if let Pattern::Exact(name) = pattern {
             return Ok(Some(vec![name.as_str().to_owned()]));
         }
+        let text = pattern.to_string();
+        let crowded =
+            |crowded: &HashMap<String, usize>| crowded.get(&text).is_some_and(|&over| over >= most);
+        if crowded(&self.crowded.read().expect("crowded lock is never poisoned")) {
+            return Ok(None);
+        }
         let mut prefix = vec![NAME];
         prefix.extend_from_slice(pattern.prefix().as_bytes());
         let mut names = Vec::new();
@@ -2264,6 +2296,17 @@ impl SledLog {
             let name = utf8(&key[1..])?;
             if pattern.matches(name) {
                 if names.len() == most {
+                    // Names leave the log only with retention, which
+                    // forgets what is noted here.
+                    let mut noted = self
+                        .crowded
+                        .write()
+                        .expect("crowded lock is never poisoned");
+                    if noted.len() >= CROWDED_PATTERNS && !noted.contains_key(&text) {
+                        noted.clear();
+                    }
+                    let over = noted.entry(text).or_insert(most);
+                    *over = (*over).max(most);
                     return Ok(None);
                 }
                 names.push(name.to_owned());
@@ -2352,19 +2395,19 @@ impl SledLog {
             if lo > hi {
                 continue;
             }
-            // A chunk that starts before the range and ends before it too
-            // (as far as the directory tells) has nothing in it to read.
-            let ends_before = |first: u64, name: &str| {
-                first < lo
-                    && self
-                        .directory
-                        .chunk_last(name, first)
-                        .is_some_and(|last| last < lo)
-            };
             let mut chunks: Vec<(u64, &str)> = decode_commit(&index)?
                 .into_iter()
-                .filter(|&(first, name)| pattern.matches(name) && !ends_before(first, name))
+                .filter(|&(_, name)| pattern.matches(name))
                 .collect();
+            chunks.sort_unstable();
+            // A chunk that starts before the range and ends before it too
+            // (as far as the directory tells) has nothing in it to read.
+            let before = chunks.partition_point(|&(first, _)| first < lo);
+            if before > 0 {
+                let firsts: Vec<u64> = chunks[..before].iter().map(|&(first, _)| first).collect();
+                let mut lasts = self.directory.chunk_lasts(&firsts).into_iter();
+                chunks.retain(|_| lasts.next().flatten().map_or(true, |last| last >= lo));
+            }
             // A name's cursor reads on through its later chunks in the
             // commit: one cursor per name, from its first chunk left.
             chunks.sort_unstable_by(|a, b| a.1.cmp(b.1).then(a.0.cmp(&b.0)));
@@ -3787,9 +3830,9 @@ mod chunked_log {
         }
         let whole = &logs[2];
         let (key, index) = whole.tree.scan_prefix([COMMIT]).next().expect("a commit")?;
-        let (first, name) = decode_commit(&index)?[0];
+        let (first, _) = decode_commit(&index)?[0];
         assert!(
-            whole.directory.chunk_last(name, first).is_some(),
+            whole.directory.chunk_lasts(&[first])[0].is_some(),
             "the fill lists the oldest commit left ({}): {:?}",
             be_u64(&key[1..])?,
             whole.directory
