@@ -710,32 +710,22 @@ async fn limit_replays_of_a_pattern_over_thousands_of_names_start_where_asked() 
         want.len() - 10,
     ] {
         let from = &want[k];
-        let rep = r
-            .replay(
-                "reader",
-                "t/*",
-                &format!("FROM_POSITION={};LIMIT=50", from.idem),
-            )
-            .await;
-        let end = (k + 50).min(want.len());
-        assert_eq!(rep.header, header("t/*", end - k), "from event {k}");
-        assert_eq!(rep.idems(), idems[k..end], "from event {k}");
-
-        // From its timestamp: from the first event logged at it.
+        // From its id, and from its timestamp: from the first event
+        // logged at it.
         let at = want.partition_point(|e| e.timestamp < from.timestamp);
-        let rep = r
-            .replay(
-                "reader",
-                "t/*",
-                &format!("FROM_POSITION={};LIMIT=50", from.timestamp),
-            )
-            .await;
-        let end = (at + 50).min(want.len());
-        assert_eq!(
-            rep.idems(),
-            idems[at..end],
-            "from the timestamp of event {k}"
-        );
+        for (position, start) in [(from.idem.clone(), k), (from.timestamp.to_string(), at)] {
+            let rep = r
+                .replay(
+                    "reader",
+                    "t/*",
+                    &format!("FROM_POSITION={position};LIMIT=50"),
+                )
+                .await;
+            let end = (start + 50).min(want.len());
+            let what = format!("from {position} (event {k})");
+            assert_eq!(rep.header, header("t/*", end - start), "{what}");
+            assert_eq!(rep.idems(), idems[start..end], "{what}");
+        }
     }
     r.ping().await;
     srv.stop().await;
