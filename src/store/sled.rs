@@ -2283,9 +2283,11 @@ impl SledLog {
             return Ok(Some(vec![name.as_str().to_owned()]));
         }
         let text = pattern.to_string();
-        let crowded =
-            |crowded: &HashMap<String, usize>| crowded.get(&text).is_some_and(|&over| over >= most);
-        if crowded(&self.crowded.read().expect("crowded lock is never poisoned")) {
+        let noted = (self.crowded.read())
+            .expect("crowded lock is never poisoned")
+            .get(&text)
+            .is_some_and(|&over| over >= most);
+        if noted {
             return Ok(None);
         }
         let mut prefix = vec![NAME];
