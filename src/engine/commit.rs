@@ -53,8 +53,11 @@ struct Job {
 /// core with them, takes what has queued and syncs it while they go on.
 /// Without it, the commit thread, woken when its sync ended, often got
 /// the core back only once the connections had nothing left to read, and
-/// a single connection's burst went into one commit either way.
-const YIELD_EVERY: usize = 256;
+/// a single connection's burst went into one commit either way. A
+/// commit's sync can cost the core as much as 30 publishes do, so the
+/// yields come every 512 jobs: every 256 made more, smaller commits
+/// (BENCHMARKS.md, "Run 48, and fewer yields to the commit thread").
+const YIELD_EVERY: usize = 512;
 
 /// The handle connections commit through.
 pub struct Committer {
