@@ -50,9 +50,14 @@ async fn publisher(srv: &TestServer) -> Client {
 
 /// `reader`, connected and subscribed to NAME.
 async fn reader(srv: &TestServer) -> Client {
+    reader_of(srv, NAME).await
+}
+
+/// A client `reader`, connected and subscribed to `pattern`.
+async fn reader_of(srv: &TestServer, pattern: &str) -> Client {
     let mut r = srv.client().await;
     r.conn("reader").await;
-    r.sub("reader", NAME).await;
+    r.sub("reader", pattern).await;
     r
 }
 
@@ -628,9 +633,7 @@ async fn wildcard_replay_merges_matching_names_in_publication_order() {
             want.push(p.publish("pub", "user/b/y/deep", "{}").await.0);
         }
     }
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", "user/*").await;
+    let mut r = reader_of(&srv, "user/*").await;
     let rep = r
         .replay("reader", "user/*", "FROM_POSITION=earliest;LIMIT=1000")
         .await;
@@ -688,9 +691,7 @@ async fn limit_replays_of_a_pattern_over_thousands_of_names_start_where_asked() 
         .chain(&second)
         .collect();
 
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", "t/*").await;
+    let mut r = reader_of(&srv, "t/*").await;
     let rep = r
         .replay("reader", "t/*", "FROM_POSITION=earliest;LIMIT=10000")
         .await;
@@ -938,9 +939,7 @@ async fn single_event_replay_of_unknown_or_foreign_event_is_not_found() {
     let (mine, _) = p.publish("pub", NAME, "{}").await;
     let (other_name, _) = p.publish("pub", "user/profile/deleted", "{}").await;
     let (for_bob, _) = p.publish_to("pub", NAME, "{}", "bob").await;
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", "user/*").await;
+    let mut r = reader_of(&srv, "user/*").await;
 
     let q = |idem: &str, name: &str| {
         format!("REPLAY;CLIENT_ID=reader;EVENT_IDEM={idem};EVENT_NAME={name}")
@@ -1050,9 +1049,7 @@ async fn replay_is_a_snapshot_while_another_connection_publishes() {
         })
         .await;
 
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", "snap/*").await;
+    let mut r = reader_of(&srv, "snap/*").await;
 
     // A second publisher keeps publishing, one PUB at a time, noting for
     // each whether it was sent after the reader had the replay's header.
@@ -1239,9 +1236,7 @@ async fn replay_after_restart_is_identical_and_subscriptions_survive() {
         ids.push(published.idem);
         timestamps.push(published.timestamp);
     }
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", "user/*").await;
+    let mut r = reader_of(&srv, "user/*").await;
     let mut queries = vec![
         "FROM_POSITION=earliest;LIMIT=100".to_string(),
         format!("FROM_POSITION={};TO_POSITION={}", ids[5], ids[15]),
@@ -1330,9 +1325,7 @@ async fn replay_of_100000_events_delivers_exactly_count_records() {
             ("bulk/e/x".to_string(), format!("{{\"i\":{i}}}"))
         })
         .await;
-    let mut r = srv.client().await;
-    r.conn("reader").await;
-    r.sub("reader", "bulk/e/x").await;
+    let mut r = reader_of(&srv, "bulk/e/x").await;
     eprintln!("published {n} in {:?}", t0.elapsed());
     let t0 = Instant::now();
     r.send("REPLAY;CLIENT_ID=reader;EVENT_NAME=bulk/e/x;FROM_POSITION=earliest;LIMIT=100000")
