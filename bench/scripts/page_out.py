@@ -1,6 +1,6 @@
 """Drops random pages of running ensync-servers' segment files from the
 page cache at a steady rate, as the reclaim of some hosts does to file
-pages that nobody maps and nobody touched for a while (BENCHMARKS.md,
+pages that nobody maps and nobody touched for a while (bench/RUNS.md,
 "Seeks and the page cache"). Run it beside the bench to see what reads
 from the disk cost replays, the same way for every build:
 

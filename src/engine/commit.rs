@@ -56,7 +56,7 @@ struct Job {
 /// a single connection's burst went into one commit either way. A
 /// commit's sync can cost the core as much as 30 publishes do, so the
 /// yields come every 512 jobs: every 256 made more, smaller commits
-/// (BENCHMARKS.md, "Run 48, and fewer yields to the commit thread").
+/// (bench/RUNS.md, "Run 48, and fewer yields to the commit thread").
 const YIELD_EVERY: usize = 512;
 
 /// The handle connections commit through.
