@@ -2,7 +2,7 @@
 //! CPU) answering `R <start> <count>\n` with a header and a slice of
 //! pre-encoded ensync replay lines, in one write from memory.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, IoSlice, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,25 +43,50 @@ impl Records {
         Self { buf, offsets }
     }
 
-    /// Answers requests on one connection until it closes.
+    /// Answers requests on one connection until it closes: each answer,
+    /// header and records, in one vectored write, as ensync-server sends
+    /// it, so that the client is woken once.
     fn serve(&self, stream: TcpStream) -> std::io::Result<()> {
         stream.set_nodelay(true)?;
         let mut writer = stream.try_clone()?;
-        let mut lines = BufReader::new(stream).lines();
+        let mut reader = BufReader::new(stream);
+        let (mut line, mut header) = (String::new(), Vec::new());
         let n = self.offsets.len() - 1;
-        while let Some(line) = lines.next().transpose()? {
+        while reader.read_line(&mut line)? > 0 {
             let mut parts = line
+                .trim_end()
                 .split(' ')
                 .skip(1)
                 .map(|p| p.parse::<usize>().unwrap_or(0));
             let start = parts.next().unwrap_or(0).min(n);
             let count = parts.next().unwrap_or(0).min(n - start);
-            let header = format!("+PASS:REPLAY_STARTED;EVENT_NAME=bench/e0;COUNT={count}\n");
-            writer.write_all(header.as_bytes())?;
-            writer.write_all(&self.buf[self.offsets[start]..self.offsets[start + count]])?;
+            header.clear();
+            writeln!(
+                header,
+                "+PASS:REPLAY_STARTED;EVENT_NAME=bench/e0;COUNT={count}"
+            )?;
+            let records = &self.buf[self.offsets[start]..self.offsets[start + count]];
+            write_all_vectored(
+                &mut writer,
+                &mut [IoSlice::new(&header), IoSlice::new(records)],
+            )?;
+            line.clear();
         }
         Ok(())
     }
+}
+
+/// Writes all of `slices`, in as few system calls as the socket takes.
+fn write_all_vectored(out: &mut impl Write, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        match out.write_vectored(slices) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut slices, written),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// The ceiling server, started on a free port; its threads live as long
