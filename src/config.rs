@@ -52,6 +52,9 @@ pub const DEFAULT_RETENTION_CHECK: Duration = Duration::from_secs(10);
 
 /// Default memory for the store's index (`store.index_cache`).
 pub const DEFAULT_INDEX_CACHE: u64 = 256 * 1024 * 1024;
+/// Default page cache that replays may read through maps
+/// (`store.mapped_reads`).
+pub const DEFAULT_MAPPED_READS: u64 = 1024 * 1024 * 1024;
 
 /// Longest line a connection may send before its CONN succeeded.
 pub const MAX_LINE_BEFORE_CONN: usize = 4096;
@@ -274,12 +277,21 @@ pub struct Store {
     /// large index is a multiple of this setting.
     #[serde(deserialize_with = "byte_size")]
     pub index_cache: u64,
+    /// How much of the page cache small replays may read through maps of
+    /// the segment files, rather than with a system call per read (about
+    /// a fifth more replays a second). Pages read that way count in the
+    /// server's resident memory (as file pages, which the kernel reclaims
+    /// like the rest of the page cache); they are let go every 10 s. 0:
+    /// replays never read through maps.
+    #[serde(deserialize_with = "byte_size")]
+    pub mapped_reads: u64,
 }
 
 impl Default for Store {
     fn default() -> Self {
         Self {
             index_cache: DEFAULT_INDEX_CACHE,
+            mapped_reads: DEFAULT_MAPPED_READS,
         }
     }
 }
@@ -669,6 +681,9 @@ mod config_file {
         assert_eq!(config.retention.max_bytes, Some(512 << 20));
         let config: Config = toml::from_str("[store]\nindex_cache = \"1GiB\"\n").expect("parses");
         assert_eq!(config.store.index_cache, 1 << 30);
+        assert_eq!(config.store.mapped_reads, DEFAULT_MAPPED_READS);
+        let config: Config = toml::from_str("[store]\nmapped_reads = 0\n").expect("parses");
+        assert_eq!(config.store.mapped_reads, 0);
         assert_eq!(Config::default().store.index_cache, DEFAULT_INDEX_CACHE);
         assert_eq!(parse_size("1000"), Ok(1000));
         let refused = parse_size("5 parsecs").expect_err("not a unit");

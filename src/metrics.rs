@@ -36,6 +36,7 @@ pub struct Metrics {
     publish_latency: Histogram,
     replay_duration: Histogram,
     store_bytes: IntGauge,
+    mapped_read_bytes: IntGauge,
     log_head: IntGauge,
     operations: IntGaugeVec,
 }
@@ -161,6 +162,11 @@ impl Metrics {
         .expect("valid metric");
         let store_bytes =
             IntGauge::new("store_bytes", "Bytes of event data in the log").expect("valid metric");
+        let mapped_read_bytes = IntGauge::new(
+            "mapped_read_bytes",
+            "Bytes of the page cache that replays read through maps (resident in the server's memory)",
+        )
+        .expect("valid metric");
         let log_head = IntGauge::new("log_head", "Sequence number of the newest durable event")
             .expect("valid metric");
         let operations = IntGaugeVec::new(
@@ -182,6 +188,7 @@ impl Metrics {
             publish_latency,
             replay_duration,
             store_bytes,
+            mapped_read_bytes,
             log_head,
             operations,
         };
@@ -191,7 +198,7 @@ impl Metrics {
 
     #[allow(clippy::expect_used)]
     fn register(&self) {
-        let collectors: [Box<dyn prometheus::core::Collector>; 13] = [
+        let collectors: [Box<dyn prometheus::core::Collector>; 14] = [
             Box::new(self.connections.clone()),
             Box::new(self.closed.clone()),
             Box::new(self.commands.clone()),
@@ -203,6 +210,7 @@ impl Metrics {
             Box::new(self.publish_latency.clone()),
             Box::new(self.replay_duration.clone()),
             Box::new(self.store_bytes.clone()),
+            Box::new(self.mapped_read_bytes.clone()),
             Box::new(self.log_head.clone()),
             Box::new(self.operations.clone()),
         ];
@@ -277,6 +285,8 @@ impl Metrics {
     pub fn render(&self, scrape: &Scrape) -> String {
         self.store_bytes
             .set(i64::try_from(scrape.store_bytes).unwrap_or(i64::MAX));
+        self.mapped_read_bytes
+            .set(i64::try_from(scrape.mapped_read_bytes).unwrap_or(i64::MAX));
         self.log_head
             .set(i64::try_from(scrape.log_head).unwrap_or(i64::MAX));
         for (status, count) in &scrape.operations {
@@ -303,6 +313,8 @@ impl Default for Metrics {
 pub struct Scrape {
     /// Bytes of event data stored.
     pub store_bytes: u64,
+    /// Bytes of the page cache replays read through maps.
+    pub mapped_read_bytes: u64,
     /// The newest durable sequence number.
     pub log_head: u64,
     /// Operator replays by status.

@@ -336,55 +336,97 @@ async fn small_replays_of_large_events_are_complete_and_in_order() {
 /// here with `posix_fadvise`, as the kernel's reclaim drops a log left
 /// untouched) is read by a thread that may wait for the disk, so the
 /// connections that share its runtime thread do not wait with it. It sends
-/// the same records; once they are in memory again, the connection's task
-/// serves the same replay itself.
+/// the same records as the same replay once they are in memory again,
+/// which the connection's task serves itself: through maps of the log's
+/// files, or with system calls when `mapped_reads` is 0 or its budget is
+/// spent. The maps hold no more than that budget.
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_replays_of_events_paged_out_are_read_from_the_disk_alike() {
-    let (dir, srv) = temp_server().await;
-    let (_p, mut r, evs) = burst_setup(&srv, 300).await;
-    let ids = pub_idems(&evs);
-    let from_disk = || async {
-        common::http::scrape(srv.http_addr)
-            .await
-            .must("ensync_replays_read_from_disk_total", &[])
-    };
-    let request = format!("FROM_POSITION={};LIMIT=50", ids[200]);
+    use ensync_server::config::{Store, DEFAULT_MAPPED_READS};
 
-    let warm = r.replay("reader", NAME, &request).await;
-    assert_eq!(warm.header, header(NAME, 50));
-    assert_eq!(warm.idems(), ids[200..250]);
-    assert_eq!(from_disk().await, 0.0, "served from memory");
-
-    let untimed = |lines: &[String]| -> Vec<String> {
-        let at = |line: &String| line.split("\"replayTimestamp\":").next().map(str::to_owned);
-        lines.iter().filter_map(at).collect()
-    };
-    // The kernel may keep a page another CPU still holds a reference to,
-    // and let go of it soon after: a replay served from memory is
-    // followed by another drop.
-    for _ in 0..20 {
-        page_out(dir.path());
-        let cold = r.replay("reader", NAME, &request).await;
-        assert_eq!(cold.header, header(NAME, 50));
-        assert_eq!(cold.idems(), ids[200..250]);
-        assert_eq!(
-            untimed(&cold.lines),
-            untimed(&warm.lines),
-            "the same records up to the replay's time"
-        );
-        if from_disk().await > 0.0 {
-            break;
+    for mapped_reads in [DEFAULT_MAPPED_READS, 256 * 1024, 0] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = config_in(dir.path());
+        config.store = Store {
+            mapped_reads,
+            ..Store::default()
+        };
+        let srv = start_server_with(config).await;
+        let mut p = publisher(&srv).await;
+        // A page or more each: the replays of one round share no page with
+        // the next round's, which a map once read would keep in memory
+        // (the kernel maps the 64 KiB around a page read through a map).
+        let pad = "x".repeat(4096);
+        let evs = p
+            .publish_many("pub", 300, |i| {
+                (NAME.to_string(), format!("{{\"i\":{i},\"pad\":\"{pad}\"}}"))
+            })
+            .await;
+        let ids = pub_idems(&evs);
+        let mut r = reader(&srv).await;
+        let from_disk = || async {
+            common::http::scrape(srv.http_addr)
+                .await
+                .must("ensync_replays_read_from_disk_total", &[])
+        };
+        let untimed = |lines: &[String]| -> Vec<String> {
+            let at = |line: &String| line.split("\"replayTimestamp\":").next().map(str::to_owned);
+            lines.iter().filter_map(at).collect()
+        };
+        // The kernel may keep a page another CPU still holds a reference
+        // to: rounds go on, each further into the log, until a replay was
+        // read from the disk.
+        let mut cold_seen = false;
+        for round in 0..10 {
+            let at = round * 30;
+            let request = format!("FROM_POSITION={};LIMIT=5", ids[at]);
+            page_out(dir.path());
+            let before = from_disk().await;
+            let cold = r.replay("reader", NAME, &request).await;
+            let after = from_disk().await;
+            let warm = r.replay("reader", NAME, &request).await;
+            assert_eq!(
+                from_disk().await,
+                after,
+                "the same replay again, from memory"
+            );
+            for got in [&cold, &warm] {
+                assert_eq!(got.header, header(NAME, 5));
+                assert_eq!(got.idems(), ids[at..at + 5]);
+            }
+            assert_eq!(
+                untimed(&cold.lines),
+                untimed(&warm.lines),
+                "the same records up to the replay's time (mapped_reads {mapped_reads})"
+            );
+            if after > before {
+                cold_seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(
+            cold_seen,
+            "a replay read from the disk (mapped_reads {mapped_reads})"
+        );
+        // All of it, in replays served in one pass (1.2 MB, past the
+        // smaller budget).
+        for at in (0..300).step_by(10) {
+            let request = format!("FROM_POSITION={};LIMIT=10", ids[at]);
+            let got = r.replay("reader", NAME, &request).await;
+            assert_eq!(got.idems(), ids[at..at + 10], "mapped_reads {mapped_reads}");
+        }
+        let mapped = common::http::scrape(srv.http_addr)
+            .await
+            .must("ensync_mapped_read_bytes", &[]);
+        assert!(
+            mapped <= mapped_reads as f64 && (mapped > 0.0) == (mapped_reads > 0),
+            "{mapped} bytes mapped, mapped_reads {mapped_reads}"
+        );
+        r.ping().await;
+        srv.stop().await;
     }
-    assert_eq!(from_disk().await, 1.0, "read from the disk");
-
-    let again = r.replay("reader", NAME, &request).await;
-    assert_eq!(again.idems(), ids[200..250]);
-    assert_eq!(from_disk().await, 1.0, "in memory again");
-    r.ping().await;
-    srv.stop().await;
 }
 
 /// A small replay whose matches lie far apart (here behind 3,000 events

@@ -148,7 +148,8 @@ impl Engine {
         };
         let store: Arc<dyn EventLog> = Arc::new(
             SledLog::open_with_cache(&config.data_dir, config.store.index_cache)
-                .map_err(open_err)?,
+                .map_err(open_err)?
+                .with_mapped_reads(config.store.mapped_reads),
         );
         let subs = Arc::new(Registry::new(store.subscriptions().map_err(open_err)?));
         let ops = operations::Operations::load(store.as_ref()).map_err(open_err)?;
@@ -205,6 +206,7 @@ impl Engine {
     pub fn render_metrics(&self) -> String {
         self.metrics.render(&Scrape {
             store_bytes: self.store.stored_bytes(),
+            mapped_read_bytes: self.store.mapped_bytes(),
             log_head: self.head(),
             operations: self.ops.counts(),
         })

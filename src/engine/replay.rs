@@ -389,7 +389,7 @@ fn one_pass(store: &dyn EventLog, job: &RangeJob) -> Result<OnePass, Reply> {
         &job.pattern,
         start..=end,
         job.limit,
-        Reads::Cached,
+        Reads::Mapped,
         &mut |event| {
             visited += 1;
             if visited > ONE_PASS_VISITS {

@@ -9,6 +9,8 @@ use ensync_protocol::field::{ClientId, EventId, EventName, Metadata, Pattern, Pa
 use ensync_protocol::StoredRecord;
 
 mod directory;
+#[cfg(target_os = "linux")]
+mod mapped;
 mod segments;
 mod sled;
 
@@ -39,6 +41,11 @@ pub enum Reads {
     /// [`StoreError::Uncached`] where a read would wait: for a
     /// connection's task, whose thread serves other connections too.
     Cached,
+    /// As `Cached`, with the bytes copied out of a map of the segment
+    /// where its pages are known to be in memory: for replays served on a
+    /// connection's task, which read the same pages again and again
+    /// (subscribers' deliveries mostly read the newest bytes, once).
+    Mapped,
 }
 
 /// Result of store operations.
@@ -595,6 +602,12 @@ pub trait EventLog: Send + Sync + 'static {
 
     /// Bytes of events the log holds.
     fn stored_bytes(&self) -> u64;
+
+    /// Bytes of the page cache that reads through maps know to be in
+    /// memory ([`Reads::Mapped`]).
+    fn mapped_bytes(&self) -> u64 {
+        0
+    }
 
     /// Every stored subscription.
     ///

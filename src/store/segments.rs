@@ -28,6 +28,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tracing::{error, info};
 
+#[cfg(target_os = "linux")]
+use super::mapped::{Map, Maps};
 use super::{Reads, Result, StoreError};
 
 /// A segment is closed once it holds this many bytes.
@@ -93,6 +95,9 @@ pub(crate) struct Segments {
     dir: PathBuf,
     files: RwLock<BTreeMap<u32, Arc<Segment>>>,
     writing: Mutex<Writing>,
+    /// What the maps of the segments share ([`Reads::Mapped`]).
+    #[cfg(target_os = "linux")]
+    maps: Maps,
     /// Positioned reads made (with or without reading ahead), for the
     /// tests.
     #[cfg(test)]
@@ -109,6 +114,12 @@ struct Segment {
     /// appends resume past the hole; reads of the hole give zeros,
     /// ahead or not.)
     written: AtomicU64,
+    /// Its map, made by the first read through one; `None` when maps are
+    /// off or the file could not be mapped. Unmapped when the last read
+    /// holding the segment lets go of it, so retention removes no bytes
+    /// from under a read.
+    #[cfg(target_os = "linux")]
+    map: std::sync::OnceLock<Option<Map>>,
 }
 
 impl Segment {
@@ -116,6 +127,8 @@ impl Segment {
         Arc::new(Self {
             file,
             written: AtomicU64::new(written),
+            #[cfg(target_os = "linux")]
+            map: std::sync::OnceLock::new(),
         })
     }
 }
@@ -294,6 +307,8 @@ impl Segments {
             #[cfg(test)]
             reads: AtomicU64::new(0),
             files: RwLock::new(files),
+            #[cfg(target_os = "linux")]
+            maps: Maps::new(0),
             writing: Mutex::new(Writing {
                 segment,
                 file,
@@ -344,6 +359,26 @@ impl Segments {
         }
         drop(w);
         self.remove_retired()
+    }
+
+    /// Lets reads through maps ([`Reads::Mapped`]) hold up to `budget`
+    /// bytes mapped at once; 0 (as opened): no maps.
+    pub fn map_reads(&mut self, budget: u64) {
+        #[cfg(target_os = "linux")]
+        {
+            self.maps = Maps::new(budget);
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = budget;
+    }
+
+    /// Bytes the maps may hold mapped: whole blocks around the pages read
+    /// through them.
+    pub fn mapped_bytes(&self) -> u64 {
+        #[cfg(target_os = "linux")]
+        return self.maps.mapped_bytes();
+        #[cfg(not(target_os = "linux"))]
+        0
     }
 
     fn writing(&self) -> MutexGuard<'_, Writing> {
@@ -585,6 +620,7 @@ impl Segments {
         let read = match reads {
             Reads::Waiting => segment.file.read_exact_at(into, loc.offset).map(|()| true),
             Reads::Cached => read_cached(&segment.file, into, loc.offset),
+            Reads::Mapped => self.read_mapped(&segment, into, loc.offset, written),
         };
         match read {
             Ok(true) => Ok(()),
@@ -600,6 +636,56 @@ impl Segments {
                 )))
             }
         }
+    }
+
+    /// A [`Reads::Mapped`] read of `into.len()` bytes at `offset`:
+    /// through the segment's map where it can serve it, else as
+    /// [`Reads::Cached`].
+    fn read_mapped(
+        &self,
+        segment: &Segment,
+        into: &mut [u8],
+        offset: u64,
+        written: u64,
+    ) -> std::io::Result<bool> {
+        #[cfg(target_os = "linux")]
+        {
+            if !self.maps.enabled() {
+                return read_cached(&segment.file, into, offset);
+            }
+            if self.maps.due() {
+                self.forget_mapped();
+            }
+            let map = segment
+                .map
+                .get_or_init(|| Map::new(&segment.file, written.max(SEGMENT_BYTES)));
+            // Only bytes written in full are read through the map: the
+            // file holds them, where a page past its end would kill the
+            // process with SIGBUS.
+            let within = offset
+                .checked_add(into.len() as u64)
+                .is_some_and(|end| end <= written);
+            if let Some(copied) = map
+                .as_ref()
+                .filter(|_| within)
+                .and_then(|map| map.copy(offset, into, &self.maps))
+            {
+                return Ok(copied);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = written;
+        read_cached(&segment.file, into, offset)
+    }
+
+    /// Has every map forget the pages it knows ([`Map::forget`]).
+    #[cfg(target_os = "linux")]
+    fn forget_mapped(&self) {
+        let files = self.files.read().expect("segment lock is never poisoned");
+        for map in files.values().filter_map(|s| s.map.get()?.as_ref()) {
+            map.forget();
+        }
+        self.maps.forgotten();
     }
 
     /// Positioned reads made so far.
@@ -773,6 +859,106 @@ mod tests {
         assert!(*buf == chunk[..], "read from the disk");
         segments.read_ahead(loc, 0, &mut buf, Reads::Cached)?;
         assert!(*buf == chunk[..], "in memory again");
+        Ok(())
+    }
+
+    /// Reads `loc` as `reads` until one is refused for want of memory,
+    /// dropping the segments from the page cache before each.
+    #[cfg(target_os = "linux")]
+    fn refused_once_paged_out(
+        dir: &Path,
+        segments: &Segments,
+        loc: Loc,
+        reads: Reads,
+    ) -> Result<()> {
+        let mut buf = ReadBuf::default();
+        // The kernel may keep a page another CPU still holds a reference
+        // to; it lets go soon after.
+        let mut refused = Ok(());
+        for _ in 0..20 {
+            page_out(dir);
+            refused = segments.read_ahead(loc, 0, &mut buf, reads);
+            if refused.is_err() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        match refused {
+            Err(StoreError::Uncached) => Ok(()),
+            other => panic!("{reads:?} read after a page-out: {other:?}"),
+        }
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn mapped_reads_copy_pages_known_in_memory_and_leave_the_rest_to_the_disk() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut segments = Segments::open(dir.path())?;
+        segments.map_reads(1 << 20);
+        let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
+        let loc = segments.append(&chunk)?;
+        let after = segments.append(&[7; 5_000])?;
+        segments.sync()?;
+        refused_once_paged_out(dir.path(), &segments, loc, Reads::Mapped)?;
+        assert_eq!(segments.mapped_bytes(), 0, "no page known");
+
+        let mut buf = ReadBuf::default();
+        segments.read_ahead(loc, 0, &mut buf, Reads::Waiting)?;
+        segments.read_ahead(loc, 0, &mut buf, Reads::Mapped)?;
+        assert!(*buf == chunk[..], "read through the map");
+        assert_eq!(segments.mapped_bytes(), 64 * 1024, "its 16 pages known");
+        let mut waited = ReadBuf::default();
+        for (at, ahead) in [(loc, 100_000), (loc.part(1_000, 3_000), 0), (after, 10)] {
+            segments.read_ahead(at, ahead, &mut buf, Reads::Mapped)?;
+            segments.read_ahead(at, ahead, &mut waited, Reads::Waiting)?;
+            assert!(
+                *buf == *waited,
+                "{at:?} and {ahead} ahead, as read with pread"
+            );
+        }
+        assert_eq!(*buf, [7; 5_000]);
+
+        // Bytes past what was written are not in the file: refused as
+        // damaged, where a map would have killed the process.
+        let past = Loc {
+            len: 10_000,
+            ..after
+        };
+        let damaged = segments.read_ahead(past, 0, &mut buf, Reads::Mapped);
+        assert!(
+            matches!(damaged, Err(StoreError::Damaged(_))),
+            "{damaged:?}"
+        );
+
+        // Forgotten at renewal, pages are asked about again.
+        segments.forget_mapped();
+        assert_eq!(segments.mapped_bytes(), 0);
+        refused_once_paged_out(dir.path(), &segments, loc, Reads::Mapped)?;
+        Ok(())
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn mapped_reads_past_their_budget_or_turned_off_read_with_system_calls() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut segments = Segments::open(dir.path())?;
+        let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 249) as u8).collect();
+        let (a, b) = (segments.append(&chunk)?, segments.append(&chunk)?);
+        segments.sync()?;
+        let mut buf = ReadBuf::default();
+        segments.read_ahead(a, 0, &mut buf, Reads::Mapped)?;
+        assert!(*buf == chunk[..], "maps turned off");
+        assert_eq!(segments.mapped_bytes(), 0);
+
+        segments.map_reads(80 * 1024);
+        segments.read_ahead(a, 0, &mut buf, Reads::Mapped)?;
+        assert!(*buf == chunk[..]);
+        let known = segments.mapped_bytes();
+        segments.read_ahead(b, 0, &mut buf, Reads::Mapped)?;
+        assert!(*buf == chunk[..], "past the budget");
+        assert_eq!(segments.mapped_bytes(), known, "no more pages known");
+        // Past the budget, reads still refuse to wait for the disk.
+        refused_once_paged_out(dir.path(), &segments, b, Reads::Mapped)?;
         Ok(())
     }
 

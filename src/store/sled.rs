@@ -1690,7 +1690,19 @@ impl SledLog {
     /// When the directory cannot be opened (missing permissions, another
     /// process holding it) or its contents are damaged.
     pub fn open(dir: &Path) -> Result<Self> {
-        Self::open_with_cache(dir, crate::config::DEFAULT_INDEX_CACHE)
+        Ok(
+            Self::open_with_cache(dir, crate::config::DEFAULT_INDEX_CACHE)?
+                .with_mapped_reads(crate::config::DEFAULT_MAPPED_READS),
+        )
+    }
+
+    /// Lets replays served on a connection's task copy their bytes out of
+    /// maps of the segments, holding up to `budget` bytes mapped at once
+    /// (`store.mapped_reads`; 0, as opened: never).
+    #[must_use]
+    pub fn with_mapped_reads(mut self, budget: u64) -> Self {
+        self.segments.map_reads(budget);
+        self
     }
 
     /// Opens (or creates) the log in `dir`, with `cache` bytes of memory
@@ -2939,6 +2951,10 @@ impl EventLog for SledLog {
 
     fn stored_bytes(&self) -> u64 {
         self.bytes.load(Ordering::Acquire)
+    }
+
+    fn mapped_bytes(&self) -> u64 {
+        self.segments.mapped_bytes()
     }
 
     fn has_settlements(&self, client: &ClientId) -> bool {
