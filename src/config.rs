@@ -279,7 +279,8 @@ pub struct Store {
     pub index_cache: u64,
     /// How much of the page cache small replays may read through maps of
     /// the segment files, rather than with a system call per read (about
-    /// a fifth more replays a second). Pages read that way count in the
+    /// a fifth more replays a second), once they read a part of the log a
+    /// second time within 10 s. Pages read that way count in the
     /// server's resident memory (as file pages, which the kernel reclaims
     /// like the rest of the page cache); they are let go every 10 s. 0:
     /// replays never read through maps.

@@ -11,8 +11,10 @@
 //! disk, on the thread that serves the connection and others besides. So
 //! a read through a map takes only pages known to be in memory: `mincore`
 //! tells the first time, and a bit for each page remembers it. (Asking
-//! every time costs the whole gain.) Pages not in memory, and pages past
-//! the budget, are left to `preadv2`, which refuses to wait.
+//! every time costs the whole gain.) Pages not in memory, pages past the
+//! budget, and blocks read for the first time (a read that comes once
+//! gains nothing from a map) are left to `preadv2`, which refuses to
+//! wait.
 //!
 //! A page known once may still leave memory: the kernel's reclaim unmaps
 //! cold pages. A read of it then waits for the disk after all, for that
@@ -118,7 +120,10 @@ pub(crate) struct Map {
     addr: NonNull<u8>,
     len: usize,
     known: Bits,
-    /// A bit for each block of [`FAULT_AROUND`] bytes.
+    /// A bit for each block of [`FAULT_AROUND`] bytes read since the
+    /// last renewal.
+    seen: Bits,
+    /// A bit for each block of [`FAULT_AROUND`] bytes that may be mapped.
     mapped: Bits,
 }
 
@@ -165,6 +170,7 @@ impl Map {
             addr: NonNull::new(addr.cast())?,
             len,
             known: Bits::new(len / page),
+            seen: Bits::new(len.div_ceil(block_size())),
             mapped: Bits::new(len.div_ceil(block_size())),
         };
         // The kernel reads nothing ahead of a page that was not in memory.
@@ -174,8 +180,13 @@ impl Map {
 
     /// Copies the bytes at `offset` into `into`, when the pages they lie
     /// in are in memory: `Some(false)` when one is not, `None` when the
-    /// map cannot say (past its end, or past the budget of `maps`). The
-    /// caller makes sure the file holds those bytes.
+    /// map leaves the read to the caller (past its end, past the budget
+    /// of `maps`, or the first read of a block since the last renewal).
+    /// The caller makes sure the file holds those bytes.
+    ///
+    /// A block is mapped from its second read on: a read that comes once,
+    /// as a seek into old history does, costs a system call either way,
+    /// and mapped it would only take memory.
     pub fn copy(&self, offset: u64, into: &mut [u8], maps: &Maps) -> Option<bool> {
         let start = usize::try_from(offset).ok()?;
         let end = start
@@ -188,6 +199,9 @@ impl Map {
         let pages = start / page..end.div_ceil(page);
         if !self.known.all(pages.clone()) {
             let blocks = start / block..end.div_ceil(block);
+            if self.seen.set(blocks.clone()) > 0 {
+                return None;
+            }
             let more = self.mapped.unset(blocks.clone()) * (block / page);
             if maps.mapped.load(Ordering::Relaxed) + more > maps.budget {
                 return None;
@@ -217,6 +231,7 @@ impl Map {
     /// cache, and the next read asks about them again.
     pub fn forget(&self) {
         self.known.clear();
+        self.seen.clear();
         self.mapped.clear();
         self.advise(libc::MADV_DONTNEED);
     }

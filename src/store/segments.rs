@@ -904,9 +904,18 @@ mod tests {
 
         let mut buf = ReadBuf::default();
         segments.read_ahead(loc, 0, &mut buf, Reads::Waiting)?;
+        // The refused read was the first of these pages: this one maps them.
         segments.read_ahead(loc, 0, &mut buf, Reads::Mapped)?;
         assert!(*buf == chunk[..], "read through the map");
         assert_eq!(segments.mapped_bytes(), 64 * 1024, "its 16 pages known");
+        segments.read_ahead(after, 0, &mut buf, Reads::Mapped)?;
+        assert_eq!(
+            segments.mapped_bytes(),
+            64 * 1024,
+            "mapped from the second read on"
+        );
+        segments.read_ahead(after, 0, &mut buf, Reads::Mapped)?;
+        assert_eq!(segments.mapped_bytes(), 128 * 1024);
         let mut waited = ReadBuf::default();
         for (at, ahead) in [(loc, 100_000), (loc.part(1_000, 3_000), 0), (after, 10)] {
             segments.read_ahead(at, ahead, &mut buf, Reads::Mapped)?;
@@ -951,10 +960,15 @@ mod tests {
         assert_eq!(segments.mapped_bytes(), 0);
 
         segments.map_reads(80 * 1024);
-        segments.read_ahead(a, 0, &mut buf, Reads::Mapped)?;
-        assert!(*buf == chunk[..]);
+        for _ in 0..2 {
+            segments.read_ahead(a, 0, &mut buf, Reads::Mapped)?;
+            assert!(*buf == chunk[..]);
+        }
         let known = segments.mapped_bytes();
-        segments.read_ahead(b, 0, &mut buf, Reads::Mapped)?;
+        assert_eq!(known, 64 * 1024);
+        for _ in 0..2 {
+            segments.read_ahead(b, 0, &mut buf, Reads::Mapped)?;
+        }
         assert!(*buf == chunk[..], "past the budget");
         assert_eq!(segments.mapped_bytes(), known, "no more pages known");
         // Past the budget, reads still refuse to wait for the disk.
