@@ -603,8 +603,8 @@ pub trait EventLog: Send + Sync + 'static {
     /// Bytes of events the log holds.
     fn stored_bytes(&self) -> u64;
 
-    /// Bytes of the page cache that reads through maps know to be in
-    /// memory ([`Reads::Mapped`]).
+    /// Bytes of the page cache that reads through maps may hold mapped
+    /// ([`Reads::Mapped`]).
     fn mapped_bytes(&self) -> u64 {
         0
     }

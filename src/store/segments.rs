@@ -649,10 +649,7 @@ impl Segments {
         written: u64,
     ) -> std::io::Result<bool> {
         #[cfg(target_os = "linux")]
-        {
-            if !self.maps.enabled() {
-                return read_cached(&segment.file, into, offset);
-            }
+        if self.maps.enabled() {
             if self.maps.due() {
                 self.forget_mapped();
             }
