@@ -41,6 +41,21 @@ async fn burst_setup(srv: &TestServer, n: usize) -> (Client, Client, Vec<Publish
     (p, r, evs)
 }
 
+/// Publisher `pub` with `n` pipelined events on NAME of about `pad` bytes
+/// each (payload `{"i":i,"pad":"xx..."}`), their ids, and a connected,
+/// subscribed `reader`.
+async fn padded_setup(srv: &TestServer, n: usize, pad: usize) -> (Client, Client, Vec<String>) {
+    let mut p = publisher(srv).await;
+    let pad = "x".repeat(pad);
+    let evs = p
+        .publish_many("pub", n, |i| {
+            (NAME.to_string(), format!("{{\"i\":{i},\"pad\":\"{pad}\"}}"))
+        })
+        .await;
+    let r = reader(srv).await;
+    (p, r, pub_idems(&evs))
+}
+
 /// `pub`, connected.
 async fn publisher(srv: &TestServer) -> Client {
     let mut p = srv.client().await;
@@ -307,15 +322,7 @@ async fn replay_count_is_min_of_limit_and_matching_events() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_replays_of_large_events_are_complete_and_in_order() {
     let (_dir, srv) = temp_server().await;
-    let mut p = publisher(&srv).await;
-    let pad = "x".repeat(8 * 1024);
-    let evs = p
-        .publish_many("pub", 80, |i| {
-            (NAME.to_string(), format!("{{\"i\":{i},\"pad\":\"{pad}\"}}"))
-        })
-        .await;
-    let ids = pub_idems(&evs);
-    let mut r = reader(&srv).await;
+    let (_p, mut r, ids) = padded_setup(&srv, 80, 8 * 1024).await;
     for (from, limit) in [(0, 100), (5, 75), (40, 1)] {
         let rep = r
             .replay(
@@ -353,18 +360,10 @@ async fn small_replays_of_events_paged_out_are_read_from_the_disk_alike() {
             ..Store::default()
         };
         let srv = start_server_with(config).await;
-        let mut p = publisher(&srv).await;
         // A page or more each: the replays of one round share no page with
         // the next round's, which a map once read would keep in memory
         // (the kernel maps the 64 KiB around a page read through a map).
-        let pad = "x".repeat(4096);
-        let evs = p
-            .publish_many("pub", 300, |i| {
-                (NAME.to_string(), format!("{{\"i\":{i},\"pad\":\"{pad}\"}}"))
-            })
-            .await;
-        let ids = pub_idems(&evs);
-        let mut r = reader(&srv).await;
+        let (_p, mut r, ids) = padded_setup(&srv, 300, 4096).await;
         let from_disk = || async {
             common::http::scrape(srv.http_addr)
                 .await
