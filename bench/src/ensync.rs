@@ -534,7 +534,7 @@ fn names(cfg: &Cfg, server: &Server, port: u16, rng: &mut fastrand::Rng) -> Resu
         Some(&mut pool),
     )?;
     procs::settle();
-    let before = procs::rss_kib(server.pid())?;
+    let before = procs::Rss::of(server.pid())?;
     let rss = RssSampler::start(server.pid());
     let ids = &pool.got;
     let op = |conn: &mut LineConn, rng: &mut fastrand::Rng| -> Result<()> {
@@ -561,7 +561,6 @@ fn names(cfg: &Cfg, server: &Server, port: u16, rng: &mut fastrand::Rng) -> Resu
     )?;
     let live = live_deliveries(port, &names, cfg.live_samples, rng)?;
     let peak = rss.finish();
-    let mib = |kib: u64| kib as f64 / 1024.0;
     Ok(Names {
         names: cfg.names,
         limit_1,
@@ -569,8 +568,9 @@ fn names(cfg: &Cfg, server: &Server, port: u16, rng: &mut fastrand::Rng) -> Resu
         live_samples: live.len(),
         live_p50_us: percentile(&live, 50.0).unwrap_or(f64::NAN),
         live_p99_us: percentile(&live, 99.0).unwrap_or(f64::NAN),
-        rss_before_mib: mib(before),
-        rss_growth_mib: mib(peak.saturating_sub(before)),
+        rss_before_mib: report::mib(before.all_kib),
+        rss_growth_mib: report::growth_mib(before.all_kib, peak.all_kib),
+        anon_growth_mib: report::growth_mib(before.anon_kib, peak.anon_kib),
     })
 }
 
@@ -622,7 +622,7 @@ fn record_idem(line: &[u8]) -> Option<String> {
 /// Server RSS growth during a full replay to a fast and to a slow reader.
 fn memory(cfg: &Cfg, server: &Server, port: u16, full: &str) -> Result<Memory> {
     let pid = server.pid();
-    let before = procs::rss_kib(pid)?;
+    let before = procs::Rss::of(pid)?;
     let rss = RssSampler::start(pid);
     let fast = reader(port, "reader", "bench/e0")?.replay(full.as_bytes(), None)?;
     let fast_peak = rss.finish();
@@ -634,7 +634,7 @@ fn memory(cfg: &Cfg, server: &Server, port: u16, full: &str) -> Result<Memory> {
         );
     }
 
-    let slow_before = procs::rss_kib(pid)?;
+    let slow_before = procs::Rss::of(pid)?;
     let rss = RssSampler::start(pid);
     let mut pacer = Pacer::new(Duration::from_secs_f64(cfg.slow_secs));
     let mut conn = reader(port, "reader", "bench/e0")?;

@@ -134,11 +134,11 @@ async fn run_async(cfg: &Cfg, server: &Server, addr: &str) -> Result<Results> {
     }
     if cfg.runs("memory") {
         let pid = server.pid();
-        let before = procs::rss_kib(pid)?;
+        let before = procs::Rss::of(pid)?;
         let rss = RssSampler::start(pid);
         replay(&client, &bench, "bench.e0", n as u64, None).await?;
         let fast_peak = rss.finish();
-        let slow_before = procs::rss_kib(pid)?;
+        let slow_before = procs::Rss::of(pid)?;
         let rss = RssSampler::start(pid);
         let mut pacer = Pacer::new(Duration::from_secs_f64(cfg.slow_secs));
         let slow = replay(&client, &bench, "bench.e0", n as u64, Some(&mut pacer)).await?;

@@ -107,14 +107,42 @@ pub fn settle() {
     std::thread::sleep(std::time::Duration::from_secs(1));
 }
 
-/// Resident set size of process `pid` in KiB (VmRSS).
-pub fn rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmRSS in /proc/PID/status")
+/// A process's resident memory in KiB: all of it (`VmRSS`), and its
+/// anonymous part (`RssAnon`: its heap and stacks, without the pages of
+/// files it maps). ensync-server maps segment files for small replays
+/// (`store.mapped_reads`) and lets those pages go every 10 s, so its
+/// `VmRSS` can rise or fall by hundreds of MiB of page cache while what
+/// it holds itself stays put: the anonymous part tells the two apart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Rss {
+    pub all_kib: u64,
+    pub anon_kib: u64,
+}
+
+impl Rss {
+    /// Process `pid`'s, from /proc/PID/status.
+    pub fn of(pid: u32) -> Result<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .with_context(|| format!("no {name} in /proc/{pid}/status"))
+        };
+        Ok(Self {
+            all_kib: field("VmRSS:")?,
+            anon_kib: field("RssAnon:")?,
+        })
+    }
+
+    /// The larger of each part.
+    fn max(self, other: Self) -> Self {
+        Self {
+            all_kib: self.all_kib.max(other.all_kib),
+            anon_kib: self.anon_kib.max(other.anon_kib),
+        }
+    }
 }
 
 /// Each CPU's time counters from /proc/stat, in ticks: (stolen, all).
@@ -162,10 +190,11 @@ pub fn storage_read_bytes(pid: u32) -> Result<u64> {
         .context("no read_bytes in /proc/PID/io")
 }
 
-/// Samples a process's RSS every 10 ms on a thread, keeping the peak.
+/// Samples a process's RSS every 10 ms on a thread, keeping the peak of
+/// each part.
 pub struct RssSampler {
     stop: Arc<AtomicBool>,
-    handle: JoinHandle<u64>,
+    handle: JoinHandle<Rss>,
 }
 
 impl RssSampler {
@@ -173,20 +202,21 @@ impl RssSampler {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
-            let mut peak = 0;
+            let sample = || Rss::of(pid).unwrap_or_default();
+            let mut peak = Rss::default();
             while !flag.load(Ordering::Relaxed) {
-                peak = peak.max(rss_kib(pid).unwrap_or(0));
+                peak = peak.max(sample());
                 std::thread::sleep(Duration::from_millis(10));
             }
-            peak.max(rss_kib(pid).unwrap_or(0))
+            peak.max(sample())
         });
         Self { stop, handle }
     }
 
-    /// Stops sampling; returns the peak RSS in KiB.
-    pub fn finish(self) -> u64 {
+    /// Stops sampling; returns the peak of each part.
+    pub fn finish(self) -> Rss {
         self.stop.store(true, Ordering::Relaxed);
-        self.handle.join().unwrap_or(0)
+        self.handle.join().unwrap_or_default()
     }
 }
 

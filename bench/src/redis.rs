@@ -402,11 +402,11 @@ pub fn run(cfg: &Cfg, redis: Redis) -> Result<Results> {
     }
     if cfg.runs("memory") {
         let pid = server.pid();
-        let before = procs::rss_kib(pid)?;
+        let before = procs::Rss::of(pid)?;
         let rss = RssSampler::start(pid);
         replay(&mut Conn::connect(port)?, "bench:e0", None)?;
         let fast_peak = rss.finish();
-        let slow_before = procs::rss_kib(pid)?;
+        let slow_before = procs::Rss::of(pid)?;
         let rss = RssSampler::start(pid);
         let mut pacer = Pacer::new(Duration::from_secs_f64(cfg.slow_secs));
         let slow = replay(&mut Conn::connect(port)?, "bench:e0", Some(&mut pacer))?;

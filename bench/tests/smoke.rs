@@ -125,9 +125,17 @@ fn smoke_run_measures_every_system() {
             }
             assert!(num(r, &["memory", "fast_before_mib"]) > 0.0, "{system} rss");
             assert!(
-                num(r, &["memory", "fast_growth_mib"]) >= 0.0,
-                "{system} rss"
+                num(r, &["memory", "fast_anon_before_mib"]) > 0.0,
+                "{system} anonymous rss"
             );
+            for growth in [
+                "fast_growth_mib",
+                "slow_growth_mib",
+                "fast_anon_growth_mib",
+                "slow_anon_growth_mib",
+            ] {
+                assert!(num(r, &["memory", growth]) >= 0.0, "{system} {growth}");
+            }
             assert!(
                 num(r, &["memory", "slow_bytes_read"]) > 0.0,
                 "{system} slow"
