@@ -1,11 +1,13 @@
 //! Read-only maps of the segment files, for the reads of replays served
 //! on a connection's task ([`Reads::Mapped`](super::Reads::Mapped)).
 //!
-//! Such a read copies its bytes out of a map of the segment instead of
+//! Such a read takes its bytes from a map of the segment instead of
 //! asking the kernel with `preadv2`: no system call, and no lookup in the
 //! page cache for each page. Replays of 50 events from random positions,
 //! from 8 clients, are answered about a fifth faster that way
-//! (BENCHMARKS.md).
+//! (BENCHMARKS.md). A scan's cursor reads the bytes where they lie in the
+//! map ([`Segments::view`](super::segments::Segments::view)), so that they
+//! are copied once, into the answer; other reads copy them out.
 //!
 //! The catch: touching a mapped page that is not in memory waits for the
 //! disk, on the thread that serves the connection and others besides. So
@@ -113,6 +115,17 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// What a map holds of some bytes ([`Map::bytes`]).
+#[derive(Debug)]
+pub(crate) enum Paged<'m> {
+    /// The bytes, their pages in memory.
+    InMemory(&'m [u8]),
+    /// A page of them is not in memory: reading it would wait for the disk.
+    NotInMemory,
+    /// The map leaves the read to a system call.
+    Left,
+}
+
 /// A read-only map of one segment file: the pages of it known to be in
 /// memory, and the blocks it may hold mapped.
 #[derive(Debug)]
@@ -180,34 +193,53 @@ impl Map {
 
     /// Copies the bytes at `offset` into `into`, when the pages they lie
     /// in are in memory: `Some(false)` when one is not, `None` when the
-    /// map leaves the read to the caller (past its end, past the budget
-    /// of `maps`, or the first read of a block since the last renewal).
-    /// The caller makes sure the file holds those bytes.
+    /// map leaves the read to the caller ([`Map::bytes`]).
+    pub fn copy(&self, offset: u64, into: &mut [u8], maps: &Maps) -> Option<bool> {
+        match self.bytes(offset, into.len(), maps) {
+            Paged::InMemory(bytes) => {
+                into.copy_from_slice(bytes);
+                Some(true)
+            }
+            Paged::NotInMemory => Some(false),
+            Paged::Left => None,
+        }
+    }
+
+    /// The `len` bytes at `offset`, when the pages they lie in are in
+    /// memory. The map leaves the read to the caller ([`Paged::Left`])
+    /// past its end, past the budget of `maps`, or at the first read of a
+    /// block since the last renewal. The caller makes sure the file holds
+    /// those bytes.
     ///
     /// A block is mapped from its second read on: a read that comes once,
     /// as a seek into old history does, costs a system call either way,
     /// and mapped it would only take memory.
-    pub fn copy(&self, offset: u64, into: &mut [u8], maps: &Maps) -> Option<bool> {
-        let start = usize::try_from(offset).ok()?;
-        let end = start
-            .checked_add(into.len())
-            .filter(|end| *end <= self.len)?;
+    pub fn bytes(&self, offset: u64, len: usize, maps: &Maps) -> Paged<'_> {
+        let Some((start, end)) = usize::try_from(offset)
+            .ok()
+            .and_then(|start| Some((start, start.checked_add(len)?)))
+            .filter(|(_, end)| *end <= self.len)
+        else {
+            return Paged::Left;
+        };
         if start == end {
-            return Some(true);
+            return Paged::InMemory(&[]);
         }
         let (page, block) = (page_size(), block_size());
         let pages = start / page..end.div_ceil(page);
         if !self.known.all(pages.clone()) {
             let blocks = start / block..end.div_ceil(block);
             if self.seen.set(blocks.clone()) > 0 {
-                return None;
+                return Paged::Left;
             }
             let more = self.mapped.unset(blocks.clone()) * (block / page);
             if maps.mapped.load(Ordering::Relaxed) + more > maps.budget {
-                return None;
+                return Paged::Left;
             }
-            if !self.in_memory(pages.clone())? {
-                return Some(false);
+            match self.in_memory(pages.clone()) {
+                None => return Paged::Left,
+                Some(false) => return Paged::NotInMemory,
+                Some(true) => {}
             }
             self.known.set(pages);
             let charged = self.mapped.set(blocks) * (block / page);
@@ -215,16 +247,11 @@ impl Map {
         }
         // SAFETY: `start..end` lies inside the map, and in the file below
         // what was written (the caller's word), so every page of it has
-        // bytes behind it; nothing writes through this read-only map, and
-        // `into` is a separate, exclusively borrowed buffer.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.addr.as_ptr().add(start),
-                into.as_mut_ptr(),
-                end - start,
-            );
-        }
-        Some(true)
+        // bytes behind it, which the segments never rewrite; the map lives
+        // as long as `self`, and nothing writes through it (read-only).
+        Paged::InMemory(unsafe {
+            std::slice::from_raw_parts(self.addr.as_ptr().add(start), end - start)
+        })
     }
 
     /// Forgets the pages it knows, and unmaps them: they stay in the page

@@ -41,10 +41,11 @@ pub enum Reads {
     /// [`StoreError::Uncached`] where a read would wait: for a
     /// connection's task, whose thread serves other connections too.
     Cached,
-    /// As `Cached`, with the bytes copied out of a map of the segment
-    /// where its pages are known to be in memory: for replays served on a
-    /// connection's task, which read the same pages again and again
-    /// (subscribers' deliveries mostly read the newest bytes, once).
+    /// As `Cached`, with the bytes read from a map of the segment where
+    /// its pages are known to be in memory (a scan reads them where they
+    /// lie, without a copy): for replays served on a connection's task,
+    /// which read the same pages again and again (subscribers' deliveries
+    /// mostly read the newest bytes, once).
     Mapped,
 }
 

@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use tracing::{error, info};
 
 #[cfg(target_os = "linux")]
-use super::mapped::{Map, Maps};
+use super::mapped::{Map, Maps, Paged};
 use super::{Reads, Result, StoreError};
 
 /// A segment is closed once it holds this many bytes.
@@ -203,6 +203,37 @@ impl std::ops::Deref for ReadBuf {
     fn deref(&self) -> &[u8] {
         &self.bytes[..self.filled]
     }
+}
+
+/// Bytes of a segment in its map, read where they lie instead of copied
+/// ([`Segments::view`]). They hold the segment, so its map, and with it
+/// the bytes, outlive them even if retention removes the segment.
+pub struct MappedBytes {
+    /// Owns the map `bytes` points into.
+    #[cfg(target_os = "linux")]
+    _segment: Arc<Segment>,
+    bytes: std::ptr::NonNull<[u8]>,
+}
+
+impl std::ops::Deref for MappedBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `bytes` lies in the map of `_segment`, which this holds,
+        // below what the segment had written in full: the map is unmapped
+        // only when the segment is dropped, and those bytes never change.
+        unsafe { self.bytes.as_ref() }
+    }
+}
+
+/// What a segment's map gave for a chunk ([`Segments::view`]).
+pub enum View {
+    /// Its bytes, in memory.
+    Mapped(MappedBytes),
+    /// A page of them is not in memory.
+    Uncached,
+    /// No map serves them: read them with a system call.
+    Unmapped,
 }
 
 fn io_error(what: &str, path: &Path, e: &std::io::Error) -> StoreError {
@@ -638,6 +669,41 @@ impl Segments {
         }
     }
 
+    /// The bytes at `loc` where they lie in the segment's map, when they
+    /// are in memory ([`Reads::Mapped`] without the copy). With
+    /// [`View::Unmapped`], a read of them is left to the caller, with
+    /// [`Reads::Cached`]: the map already counted this one.
+    pub fn view(&self, loc: Loc) -> Result<View> {
+        #[cfg(target_os = "linux")]
+        if self.maps.enabled() {
+            let segment = self.segment(loc.segment)?;
+            let written = segment.written.load(Ordering::Acquire);
+            if loc.offset + u64::from(loc.len) > written {
+                return Ok(View::Unmapped);
+            }
+            if self.maps.due() {
+                self.forget_mapped();
+            }
+            let map = segment
+                .map
+                .get_or_init(|| Map::new(&segment.file, written.max(SEGMENT_BYTES)));
+            let bytes = match map
+                .as_ref()
+                .map(|map| map.bytes(loc.offset, loc.len as usize, &self.maps))
+            {
+                Some(Paged::InMemory(bytes)) => std::ptr::NonNull::from(bytes),
+                Some(Paged::NotInMemory) => return Ok(View::Uncached),
+                Some(Paged::Left) | None => return Ok(View::Unmapped),
+            };
+            return Ok(View::Mapped(MappedBytes {
+                _segment: segment,
+                bytes,
+            }));
+        }
+        let _ = loc;
+        Ok(View::Unmapped)
+    }
+
     /// A [`Reads::Mapped`] read of `into.len()` bytes at `offset`:
     /// through the segment's map where it can serve it, else as
     /// [`Reads::Cached`].
@@ -1004,6 +1070,53 @@ mod tests {
             .expect("write past the appends");
         segments.read_ahead(b, 1_000, &mut buf, Reads::Waiting)?;
         assert_eq!(*buf, [2; 200]);
+        Ok(())
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn views_read_bytes_in_the_map_and_outlive_a_renewal_and_their_segment() -> Result<()> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut segments = Segments::open(dir.path())?;
+        segments.map_reads(1 << 20);
+        let big: Vec<u8> = (0..40 << 20).map(|i| (i % 251) as u8).collect();
+        let first = segments.append(&big)?;
+        let second = segments.append(&big)?;
+        assert_ne!(first.segment, second.segment);
+        segments.sync()?;
+        let part = first.part(1_000, 9_000);
+        assert!(
+            matches!(segments.view(part)?, View::Unmapped),
+            "the block's first read is left to a system call"
+        );
+        let View::Mapped(bytes) = segments.view(part)? else {
+            panic!("the block's second read is not mapped");
+        };
+        assert!(*bytes == big[1_000..9_000]);
+        assert_eq!(segments.mapped_bytes(), 64 * 1024);
+
+        segments.forget_mapped();
+        assert!(*bytes == big[1_000..9_000], "read again once unmapped");
+        segments.retire(first.segment);
+        segments.remove_retired()?;
+        assert!(segments.view(part).is_err(), "the segment is gone");
+        assert!(*bytes == big[1_000..9_000], "the view holds the map");
+        drop(bytes);
+
+        // Pages not in memory are refused, not waited for.
+        let part = second.part(0, 8_000);
+        let mut refused = false;
+        for _ in 0..20 {
+            segments.forget_mapped();
+            assert!(matches!(segments.view(part)?, View::Unmapped));
+            page_out(dir.path());
+            if matches!(segments.view(part)?, View::Uncached) {
+                refused = true;
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(refused, "a view of pages the page cache dropped");
         Ok(())
     }
 

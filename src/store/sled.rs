@@ -91,7 +91,7 @@ use sled::{Batch, Db, Tree};
 use tracing::{error, info, warn};
 
 use super::directory::{Directory, Found};
-use super::segments::{Frame, Loc, ReadBuf, Segments};
+use super::segments::{Frame, Loc, MappedBytes, ReadBuf, Segments, View};
 use super::{
     addressing_of, count_by_scan, encode_recipients, recipients_of, Addressing, Appended, Applied,
     Counted, EventLog, EventView, OwnedEvent, PauseRefused, Queued, Reads, Resolved, Result,
@@ -1308,8 +1308,11 @@ struct Cursor<'n> {
     looked_up: u32,
     /// The chunk the cursor is in.
     held: Option<Held>,
-    /// What has been read of it.
+    /// What has been read of it, when copied.
     chunk: ReadBuf,
+    /// What has been read of it, when read where it lies in the
+    /// segment's map instead ([`Reads::Mapped`]).
+    mapped: Option<MappedBytes>,
     ahead: &'n RefCell<Ahead>,
     /// How many more entries the caller expects to take.
     want: u64,
@@ -1360,6 +1363,7 @@ impl<'n> Cursor<'n> {
             looked_up: 0,
             held: None,
             chunk: spare_buffer(),
+            mapped: None,
             ahead,
             want,
             batch,
@@ -1427,6 +1431,7 @@ impl<'n> Cursor<'n> {
         // The key is built only when the read failed, to see why.
         if read.is_err() && !or_gone(self.tree, &chunk_key(self.name, first), read)? {
             self.chunk.clear();
+            self.mapped = None;
             if let Some(held) = &mut self.held {
                 held.unread = None;
             }
@@ -1435,23 +1440,43 @@ impl<'n> Cursor<'n> {
     }
 
     /// Puts the bytes at `loc` into `chunk`: from what was read ahead if
-    /// they are there, else read, with `ahead` bytes more.
+    /// they are there, else read, with `ahead` bytes more; or, with
+    /// [`Reads::Mapped`], into `mapped` where the segment's map holds them
+    /// in memory. Read where they lie, they are copied once, into the
+    /// answer, instead of twice: a LIMIT-50 replay copied 24 KiB out of the
+    /// map before it copied them again.
     fn fill(&mut self, loc: Loc, ahead: u32) -> Result<()> {
+        self.mapped = None;
         let mut read_ahead = self.ahead.borrow_mut();
         if let Some(bytes) = read_ahead.get(loc) {
             self.chunk.copy_from(bytes);
             return Ok(());
         }
+        let mut reads = self.reads;
+        if reads == Reads::Mapped {
+            match self.segments.view(loc)? {
+                View::Mapped(bytes) => {
+                    self.chunk.clear();
+                    self.mapped = Some(bytes);
+                    return Ok(());
+                }
+                View::Uncached => {
+                    self.chunk.clear();
+                    return Err(StoreError::Uncached);
+                }
+                // The map counted this read: asked again, it would take
+                // it for the block's second.
+                View::Unmapped => reads = Reads::Cached,
+            }
+        }
         if ahead == 0 {
             // Over what `chunk` held: the read replaces all of it.
-            return self
-                .segments
-                .read_ahead(loc, 0, &mut self.chunk, self.reads);
+            return self.segments.read_ahead(loc, 0, &mut self.chunk, reads);
         }
         self.chunk.clear();
         read_ahead.at = None;
         self.segments
-            .read_ahead(loc, ahead, read_ahead.buffer(), self.reads)?;
+            .read_ahead(loc, ahead, read_ahead.buffer(), reads)?;
         read_ahead.at = Some((loc.segment, loc.offset));
         self.chunk.copy_from(&read_ahead.bytes[..loc.len as usize]);
         Ok(())
@@ -1509,7 +1534,7 @@ impl<'n> Cursor<'n> {
     fn settle(&mut self, pos: usize) -> Result<()> {
         // Most often the next entry is in what was read, and in range:
         // that is decided here, inline, and the loop is left out.
-        if pos < self.chunk.len() {
+        if pos < self.bytes().len() {
             return match self.step(pos)? {
                 None => Ok(()),
                 Some(next) => self.settle_on(next),
@@ -1522,12 +1547,13 @@ impl<'n> Cursor<'n> {
     /// it is in range (`None`), or says where the entry after it starts.
     #[inline(always)]
     fn step(&mut self, pos: usize) -> Result<Option<usize>> {
-        let (seq, value, next) = entry_at(&self.chunk, pos)?;
+        let (seq, value, next) = entry_at(self.bytes(), pos)?;
+        let value_start = next - value.len();
         self.next_seq = self.next_seq.max(seq.saturating_add(1));
         if seq < self.start {
             return Ok(Some(next));
         }
-        self.current = Some((seq, next - value.len()..next, next));
+        self.current = Some((seq, value_start..next, next));
         Ok(None)
     }
 
@@ -1536,7 +1562,7 @@ impl<'n> Cursor<'n> {
     #[inline(never)]
     fn settle_on(&mut self, mut pos: usize) -> Result<()> {
         loop {
-            while pos < self.chunk.len() {
+            while pos < self.bytes().len() {
                 match self.step(pos)? {
                     None => return Ok(()),
                     Some(next) => pos = next,
@@ -1559,6 +1585,15 @@ impl<'n> Cursor<'n> {
         }
     }
 
+    /// What has been read of the chunk the cursor is in.
+    #[inline(always)]
+    fn bytes(&self) -> &[u8] {
+        match &self.mapped {
+            Some(bytes) => bytes,
+            None => &self.chunk,
+        }
+    }
+
     /// The seq of the current entry, if one is left in range.
     fn seq(&self) -> Option<u64> {
         self.current
@@ -1576,7 +1611,7 @@ impl<'n> Cursor<'n> {
         let Some((seq, value, next)) = self.current.clone() else {
             return Ok(ControlFlow::Break(()));
         };
-        let flow = visit(EventView::decode(seq, self.name, &self.chunk[value])?);
+        let flow = visit(EventView::decode(seq, self.name, &self.bytes()[value])?);
         self.want = self.want.saturating_sub(1);
         if flow.is_break() {
             self.current = None;
